@@ -1,0 +1,55 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Without a GPU take the CPU wheel (~200 MB) instead of the multi-GB CUDA build pip picks by default.
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
+SWEEP_ROOT ?= multirun/rank_sweep
+
+.PHONY: help install demo test test-all lint format bench analyze clean distclean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install the suite (done by demo/test on first use)
+
+demo: install ## a small real rank sweep, offline (~2 min); prints where its plots and summary are
+	$(PY) experiments/rank_sweep.py -m experiment=demo
+
+test: install ## the default test suite (no slow tests, no network)
+	$(PY) -m pytest
+
+test-all: install ## every test, slow ones included
+	$(PY) -m pytest -m "slow or not slow"
+
+lint: install ## ruff check and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install ## speed benchmarks (tables and ratios)
+	$(PY) benchmarks/bench_ksmm.py
+
+analyze: install ## reports on the newest local outputs
+	@newest=$$(ls -1dt $(SWEEP_ROOT)/*/ 2>/dev/null | head -n 1); \
+	if [ -z "$$newest" ]; then echo "no rank sweep under $(SWEEP_ROOT): run 'make demo' first"; exit 1; fi; \
+	$(PY) analysis/plot_rank_results.py --results_dir "$$newest" --log_scale
+
+clean: ## remove outputs, caches and W&B offline files (keeps .venv)
+	rm -rf outputs multirun wandb .pytest_cache .ruff_cache bench_results
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+distclean: clean ## also remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,38 @@
+"""The suite's shared CLI error convention.
+
+A ``UserError`` is bad input the user can fix: the CLI prints ``error: <message>`` as one line on
+stderr and exits 2, with no traceback. Anything else is a bug and keeps its traceback. This module
+imports nothing heavy, so experiments can use it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+class UserError(Exception):
+    """Bad input a user can fix; the message is one sentence naming the problem."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ``UserError``, so flag errors are one line too (argparse adds usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> NoReturn:
+    """Run ``main(argv)`` and exit: 2 on ``UserError``, 130 on Ctrl-C, else main's return code."""
+    try:
+        code = main(argv)
+    except UserError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

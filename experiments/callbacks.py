@@ -1,0 +1,38 @@
+"""Hydra callbacks: thin callers of plain functions that also run by hand.
+
+Hydra 1.3 turns exceptions inside callbacks into warnings and passes no job results, so all
+the work lives in :mod:`analysis.rank_sweep_report`, which reads the sweep folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class RankSweepReport(Callback):
+    """At the end of a rank-sweep multirun, write the summary table and the plots."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from analysis.rank_sweep_report import collect_summary, format_summary_table, write_report
+
+        sweep_dir = config.hydra.sweep.dir
+        prefix, log_scale = config.report.save_prefix, config.report.log_scale
+        try:
+            paths = write_report(sweep_dir, prefix=prefix, log_scale=log_scale)
+        except Exception as exc:  # a report failure must not hide the jobs' own results
+            log.error("rank-sweep report failed: %s (re-run: python analysis/"
+                      "plot_rank_results.py --results_dir %s)", exc, sweep_dir)
+            return
+        summary = collect_summary(sweep_dir)
+        failed = summary[summary["status"] != "finished"]
+        print(format_summary_table(summary))
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        if len(failed):
+            print(f"{len(failed)} of {len(summary)} jobs did not finish: see the status column")

@@ -1,0 +1,284 @@
+"""Training a KS chain to approximate a dense weight: data, model, loop and loss curves.
+
+Kept apart from the entry point so that ``experiments/rank_sweep.py`` reads like a table of
+contents, and so tests and benchmarks can call the loop directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from analysis.cli import UserError
+from experiments import runstore
+from experiments.logger import ExperimentLogger
+from experiments.runtime import TrainingFailed
+from experiments.weights import INIT_METHODS, load_weight, make_weight
+from ksmm import KSLinearChain, expected_mse, loss_floor, zero_predictor_loss
+
+STRUCTURES = ("butterfly", "monarch", "lowrank")
+DATA_MODES = ("fresh", "fixed", "exact")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "rank", "floor", "loss_over_floor")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every check that needs no training, run before anything is written."""
+    checks = [
+        (cfg.rank > 0, f"rank must be a positive integer, got {cfg.rank}"),
+        (cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}"),
+        (cfg.train.batch_size > 0, f"train.batch_size must be positive, got {cfg.train.batch_size}"),
+        (cfg.train.num_epochs > 0, f"train.num_epochs must be positive, got {cfg.train.num_epochs}"),
+        (cfg.data.input_std > 0, f"data.input_std must be positive, got {cfg.data.input_std}"),
+        (0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}"),
+        (cfg.model.structure in STRUCTURES, f"model.structure must be one of {', '.join(STRUCTURES)}, got {cfg.model.structure!r}"),
+        (cfg.model.init in ("random", "svd"), f"model.init must be random or svd, got {cfg.model.init!r}"),
+        (cfg.data.mode in DATA_MODES, f"data.mode must be one of {', '.join(DATA_MODES)}, got {cfg.data.mode!r}"),
+        (cfg.train.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.train.schedule!r}"),
+        (cfg.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}"),
+        (cfg.weight.path is not None or cfg.weight.init in INIT_METHODS, f"weight.init must be one of {', '.join(INIT_METHODS)}, got {cfg.weight.init!r}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if cfg.data.mode == "fixed" and cfg.data.num_samples * (1 - cfg.data.val_fraction) < 1:
+        raise UserError(f"data.num_samples={cfg.data.num_samples} leaves no training samples")
+
+
+def build_weight(cfg: DictConfig) -> torch.Tensor:
+    """The target W (out x in), float32: loaded from ``weight.path`` or generated."""
+    w = cfg.weight
+    if w.path is not None:
+        return load_weight(Path(w.path).expanduser())
+    weight = make_weight(w.out_features, w.in_features, w.init, w.dtype, w.seed)
+    return weight.float()
+
+
+def check_rank(rank: int, weight: torch.Tensor) -> None:
+    limit = min(weight.shape)
+    if rank > limit:
+        raise UserError(f"rank {rank} is above min(shape) = {limit} of the {tuple(weight.shape)} weight")
+
+
+def build_chain(cfg: DictConfig, weight: torch.Tensor, device: torch.device) -> KSLinearChain:
+    out_features, in_features = weight.shape
+    try:
+        chain = KSLinearChain(
+            in_features,
+            out_features,
+            cfg.rank,
+            structure=cfg.model.structure,
+            nblocks=cfg.model.nblocks,
+            # Match the target's output scale: E|Wx|^2 / M = s^2 ||W||_F^2 / M.
+            output_scale=float(weight.norm() / math.sqrt(out_features)),
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if cfg.model.init == "svd":
+        chain.load_projection(weight)
+    return chain.to(device)
+
+
+@dataclass
+class Targets:
+    weight: torch.Tensor
+    floor: float
+    zero_loss: float
+    input_std: float
+
+
+class ChainData:
+    """Minibatches of (x, W x) with x ~ N(0, s^2 I): fresh each step, or a fixed split."""
+
+    def __init__(self, cfg: DictConfig, weight: torch.Tensor, device: torch.device, seed: int):
+        self.mode = cfg.data.mode
+        self.std = cfg.data.input_std
+        self.batch_size = cfg.train.batch_size
+        self.weight = weight
+        self.device = device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        num_train = int(cfg.data.num_samples * (1 - cfg.data.val_fraction))
+        self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, num_train // self.batch_size)
+        if self.mode == "fixed":
+            x = self.std * torch.randn(
+                cfg.data.num_samples, weight.shape[1], generator=self.generator
+            )
+            x = x.to(device)
+            self.x_train, self.x_val = x[:num_train], x[num_train:]
+            self.y_train, self.y_val = self.x_train @ weight.T, self.x_val @ weight.T
+
+    def batches(self):
+        """One epoch of (x, y) minibatches (``None`` pairs in exact mode)."""
+        if self.mode == "fixed":
+            order = torch.randperm(len(self.x_train), generator=self.generator).to(self.device)
+            for i in range(self.steps_per_epoch):
+                idx = order[(i * self.batch_size) % len(order) :][: self.batch_size]
+                yield self.x_train[idx], self.y_train[idx]
+        else:
+            for _ in range(self.steps_per_epoch):
+                if self.mode == "exact":
+                    yield None, None
+                    continue
+                x = self.std * torch.randn(
+                    self.batch_size, self.weight.shape[1], generator=self.generator
+                )
+                x = x.to(self.device)
+                yield x, x @ self.weight.T
+
+
+class LossCurves:
+    """``loss_curves.csv`` (appended and flushed per epoch) and ``loss_curves.json``."""
+
+    def __init__(self, run_dir: Path, rank: int, floor: float):
+        self.csv_path = run_dir / "loss_curves.csv"
+        self.json_path = run_dir / "loss_curves.json"
+        self.rank, self.floor = rank, floor
+        self.rows: list[dict[str, Any]] = []
+        with open(self.csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(CURVE_COLUMNS)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.writer(f).writerow([row[c] for c in CURVE_COLUMNS])
+        runstore.write_json_atomic(
+            self.json_path, {"rank": self.rank, "floor": self.floor, "curves": self.rows}
+        )
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_chain(
+    cfg: DictConfig,
+    chain: KSLinearChain,
+    targets: Targets,
+    data: ChainData,
+    logger: ExperimentLogger,
+    curves: LossCurves,
+) -> dict[str, Any]:
+    """Train; log per epoch; return the final numbers. Raises TrainingFailed on divergence."""
+    device = targets.weight.device
+    tc = cfg.train
+    dtype = PRECISIONS[tc.precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UserError("train.precision=float16 needs a CUDA device; use bfloat16 or float32")
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # No weight decay on the structured factors: it biases them away from the floor.
+    optimizer = torch.optim.AdamW(chain.parameters(), lr=tc.lr, weight_decay=0.0)
+    total_steps = tc.num_epochs * data.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, tc.schedule, tc.warmup_steps)
+    )
+    best = {"train": math.inf, "val": math.inf}
+    row: dict[str, Any] = {}
+    started = time.perf_counter()
+    bar = tqdm(range(1, tc.num_epochs + 1), desc=f"rank {cfg.rank}", unit="epoch", leave=False)
+    for epoch in bar:
+        chain.train()
+        loss_sum, grad_norm = 0.0, 0.0
+        for x, y in data.batches():
+            with autocast:
+                if x is None:  # exact mode
+                    loss = expected_mse(targets.weight, chain.to_dense(), targets.input_std)
+                else:
+                    loss = torch.nn.functional.mse_loss(chain(x).float(), y)
+            if not torch.isfinite(loss):
+                raise TrainingFailed(f"diverged at epoch {epoch}: train loss is {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            # clip_grad_norm_ returns the norm before clipping: the value worth logging.
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(chain.parameters(), tc.grad_clip or math.inf)
+            )
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item()
+        train_loss = loss_sum / data.steps_per_epoch
+        val_loss = evaluate(chain, targets, data)
+        if not math.isfinite(val_loss):
+            raise TrainingFailed(f"diverged at epoch {epoch}: val loss is {val_loss}")
+        best["train"], best["val"] = min(best["train"], train_loss), min(best["val"], val_loss)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "rank": cfg.rank,
+            "floor": targets.floor,
+            "loss_over_floor": val_loss / targets.floor if targets.floor > 0 else math.nan,
+        }
+        curves.append(row)
+        logger.log(
+            {
+                **{k: row[k] for k in ("epoch", "train_loss", "val_loss", "floor")},
+                "loss_over_floor": row["loss_over_floor"],
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+            },
+            step=epoch,
+        )
+        bar.set_postfix(val=f"{val_loss:.4g}", over_floor=f"{row['loss_over_floor']:.3f}")
+    return {
+        "final_train_loss": row["train_loss"],
+        "final_val_loss": row["val_loss"],
+        "min_train_loss": best["train"],
+        "min_val_loss": best["val"],
+        "loss_over_floor": row["loss_over_floor"],
+        "epochs_completed": row["epoch"],
+        "wall_time_s": time.perf_counter() - started,
+    }
+
+
+@torch.no_grad()
+def evaluate(chain: KSLinearChain, targets: Targets, data: ChainData) -> float:
+    """Held-out MSE in fixed mode; otherwise the exact expected loss (no sampling noise)."""
+    chain.eval()
+    if data.mode == "fixed":
+        return float(torch.nn.functional.mse_loss(chain(data.x_val), data.y_val))
+    return float(expected_mse(targets.weight, chain.to_dense(), targets.input_std))
+
+
+def save_checkpoint(path: Path, chain: KSLinearChain, cfg: DictConfig) -> None:
+    """``final.pth``: state dict, patterns and config, written atomically."""
+    payload = {
+        "state_dict": chain.state_dict(),
+        "patterns": [tuple(p) for p in chain.patterns],
+        "in_features": chain.in_features,
+        "out_features": chain.out_features,
+        "rank": chain.rank,
+        "structure": chain.structure,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def floor_and_baseline(cfg: DictConfig, weight: torch.Tensor) -> tuple[float, float]:
+    floor = loss_floor(
+        weight, cfg.rank, cfg.model.structure, cfg.model.nblocks, cfg.data.input_std
+    )
+    return float(floor), float(zero_predictor_loss(weight, cfg.data.input_std))

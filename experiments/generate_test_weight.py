@@ -1,0 +1,37 @@
+"""Write a test weight matrix for the rank sweeps (the old ``generate_test_weight.py`` flags).
+
+    python experiments/generate_test_weight.py --output_features 1024 --input_features 2048 \
+        --output_path ./my_weight.pth --init_method xavier_uniform
+"""
+
+from __future__ import annotations
+
+from analysis.cli import ArgumentParser, run_cli
+from experiments.weights import DTYPES, INIT_METHODS, make_weight, save_weight
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description="Generate a test weight matrix (.pth holding a tensor).")
+    parser.add_argument("--output_features", type=int, default=2048, help="rows (default 2048)")
+    parser.add_argument("--input_features", type=int, default=4096, help="columns (default 4096)")
+    parser.add_argument("--output_path", default="./test_weight.pth", help="where to save")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--init_method", choices=INIT_METHODS, default="xavier_uniform")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    # Validated before anything is written, so bad input leaves no file behind.
+    weight = make_weight(
+        args.output_features, args.input_features, args.init_method, args.dtype, args.seed
+    )
+    path = save_weight(weight, args.output_path)
+    norm = weight.double().norm().item()
+    print(
+        f"wrote {path}: shape {tuple(weight.shape)}, dtype {args.dtype}, "
+        f"init {args.init_method}, seed {args.seed}, Frobenius norm {norm:.6g}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

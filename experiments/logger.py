@@ -1,0 +1,410 @@
+"""The shared experiment logger: W&B (offline by default) plus a plain local run record.
+
+Every experiment logs through :class:`ExperimentLogger` and only through it. Whatever the W&B
+mode, the run folder gets ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``run.json``
+(see :mod:`experiments.runstore`), so nothing depends on W&B's internal offline format. A W&B
+failure never stops training: one warning, then the run goes on local-only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import secrets
+import signal
+import string
+import subprocess
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments import runstore
+
+WANDB_MODES = ("offline", "online", "disabled")
+# Config keys whose values must never reach a log, a file or W&B.
+_SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so a terminated job unwinds like Ctrl-C."""
+
+
+def redact(config: Any) -> Any:
+    if isinstance(config, Mapping):
+        return {
+            k: "***" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in config.items()
+        }
+    if isinstance(config, (list, tuple)):
+        return [redact(v) for v in config]
+    return config
+
+
+def new_run_id(length: int = 8) -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The code's commit (with ``-dirty`` when the tree has changes), or None when unknown."""
+    cwd = Path(path or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") or "item"
+
+
+class ExperimentLogger:
+    """Logs scalars, summaries, images and tables to W&B and to the local run folder.
+
+    Use it as a context manager: leaving the block normally marks the run ``finished``, an
+    exception marks it ``failed`` (with the reason), Ctrl-C or SIGTERM marks it ``interrupted``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: Mapping[str, Any] | None = None,
+        *,
+        mode: str = "offline",
+        project: str = "ks-experiments",
+        entity: str | None = None,
+        group: str | None = None,
+        tags: Sequence[str] = (),
+        name: str | None = None,
+        job_type: str | None = None,
+        notes: str | None = None,
+        run_id: str | None = None,
+        init_timeout: float = 60.0,
+    ):
+        if mode not in WANDB_MODES:
+            raise ValueError(f"logger mode must be one of {WANDB_MODES}, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = redact(dict(config or {}))
+        self.mode = mode
+        resuming = run_id is not None
+        self.run_id = run_id or new_run_id()
+        self.name = name or self.run_dir.name
+        self.summary: dict[str, Any] = {}
+        self.step = -1  # last step logged
+        self._warned: set[str] = set()
+        self._finished = False
+        self._wandb = None  # the wandb module while W&B is live
+        self._run = None
+
+        summary_path = self.run_dir / runstore.SUMMARY_FILE
+        if resuming and summary_path.exists():
+            self.summary = runstore.read_json(summary_path)
+        if resuming:
+            steps = [r["_step"] for r in runstore.iter_metrics(self.run_dir) if "_step" in r]
+            self.step = max(steps, default=-1)
+
+        runstore.write_text_atomic(
+            self.run_dir / runstore.CONFIG_FILE,
+            yaml.safe_dump(runstore.to_jsonable(self.config), sort_keys=False),
+        )
+        self._record: dict[str, Any] = {
+            "run_id": self.run_id,
+            "name": self.name,
+            "project": project,
+            "entity": entity,
+            "group": group,
+            "tags": list(tags),
+            "job_type": job_type,
+            "mode": mode,
+            "wandb_path": None,
+            "wandb_dir": None,
+            "state": "running",
+            "reason": None,
+            "started_at": _now(),
+            "ended_at": None,
+            "git_commit": git_commit(),
+            "pid": os.getpid(),
+            "defined_metrics": {},
+        }
+        if mode != "disabled":
+            self._start_wandb(
+                project=project,
+                entity=entity,
+                group=group,
+                tags=list(tags),
+                job_type=job_type,
+                notes=notes,
+                resuming=resuming,
+                init_timeout=init_timeout,
+            )
+        self._write_record()
+        self._metrics = runstore.JsonlWriter(self.run_dir / runstore.METRICS_FILE)
+        self._previous_sigterm = None
+        self._install_sigterm()
+
+    # -- W&B plumbing -------------------------------------------------------------------------
+
+    def _start_wandb(self, *, resuming: bool, init_timeout: float, **kwargs: Any) -> None:
+        # The environment variable, not only the argument, keeps offline runs off the network.
+        os.environ["WANDB_MODE"] = self.mode
+        try:
+            import wandb
+
+            self._run = wandb.init(
+                dir=str(self.run_dir),
+                id=self.run_id,
+                name=self.name,
+                config=self.config,
+                mode=self.mode,
+                resume="allow" if resuming else None,
+                reinit="finish_previous",
+                settings=wandb.Settings(console="off", init_timeout=init_timeout),
+                **kwargs,
+            )
+            self._wandb = wandb
+            entity = getattr(self._run, "entity", None) or kwargs.get("entity")
+            project = getattr(self._run, "project", None) or kwargs.get("project")
+            self._record["wandb_path"] = "/".join(str(p) for p in (entity, project, self.run_id) if p)
+            self._record["wandb_dir"] = getattr(self._run, "dir", None)
+        except Exception as exc:  # noqa: BLE001 - any W&B failure degrades to local-only
+            self._wandb_failed("init", exc)
+
+    def _wandb_failed(self, what: str, exc: BaseException) -> None:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"W&B {what} failed ({first_line}); continuing with the local run record only "
+            f"in {self.run_dir}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self._record["mode"] = f"{self.mode} (failed: local only)"
+        run, self._run, self._wandb = self._run, None, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1, quiet=True)
+            except Exception:  # noqa: BLE001, S110 - already degraded; nothing more to report
+                pass
+
+    def _to_wandb(self, what: str, fn) -> None:
+        if self._run is None:
+            return
+        try:
+            fn(self._run)
+        except Exception as exc:  # noqa: BLE001
+            self._wandb_failed(what, exc)
+
+    # -- local record --------------------------------------------------------------------------
+
+    def _write_record(self) -> None:
+        runstore.write_json_atomic(self.run_dir / runstore.RUN_FILE, self._record)
+
+    def _write_summary(self) -> None:
+        runstore.write_json_atomic(self.run_dir / runstore.SUMMARY_FILE, self.summary)
+
+    def _next_step(self, step: int | None) -> int:
+        if step is None:
+            return self.step + 1
+        step = int(step)
+        if step < self.step and "step" not in self._warned:
+            self._warned.add("step")
+            warnings.warn(
+                f"logging step {step} after step {self.step}: W&B drops steps that go back; "
+                "the local record keeps them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return step
+
+    # -- public API ----------------------------------------------------------------------------
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """A copy of what ``run.json`` holds."""
+        return dict(self._record)
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
+        """Log scalars at ``step`` (default: the next step). Returns the step used."""
+        step = self._next_step(step)
+        self.step = max(self.step, step)
+        values = dict(metrics)
+        self._metrics.write({"_step": step, **values})
+        self._to_wandb("log", lambda run: run.log(values, step=step))
+        return step
+
+    def scoped(self, prefix: str) -> ScopedLogger:
+        """A view that logs every key as ``{prefix}/{key}`` (per-cell namespaces in a sweep)."""
+        return ScopedLogger(self, prefix)
+
+    def log_summary(self, values: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        """Set summary values (last write wins), locally and in W&B."""
+        values = {**(values or {}), **kwargs}
+        self.summary.update(runstore.to_jsonable(values))
+        self._write_summary()
+        self._to_wandb("summary", lambda run: run.summary.update(dict(values)))
+
+    def define_metric(
+        self, name: str, step_metric: str | None = None, summary: str | None = None
+    ) -> None:
+        """Declare a metric's x axis (``step_metric``) and summary (min, max, mean, last)."""
+        self._record["defined_metrics"][name] = {"step_metric": step_metric, "summary": summary}
+        self._write_record()
+        kwargs = {k: v for k, v in (("step_metric", step_metric), ("summary", summary)) if v}
+        self._to_wandb("define_metric", lambda run: run.define_metric(name, **kwargs))
+
+    def log_image(
+        self, key: str, image: Any, step: int | None = None, caption: str | None = None
+    ) -> Path:
+        """Save an image as PNG in ``media/`` and log it to W&B.
+
+        ``image``: a matplotlib Figure, a PIL image, or an array/tensor (H, W), (H, W, C) or
+        (C, H, W), floats in [0, 1] or uint8.
+        """
+        step = self._next_step(step)
+        self.step = max(self.step, step)
+        path = self.run_dir / runstore.MEDIA_DIR / f"{_safe_name(key)}_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_png(image, path)
+        self._metrics.write(
+            {"_step": step, key: {"_type": "image", "path": str(path.relative_to(self.run_dir))}}
+        )
+        self._to_wandb(
+            "log",
+            lambda run: run.log({key: self._wandb.Image(str(path), caption=caption)}, step=step),
+        )
+        return path
+
+    def log_table(
+        self,
+        key: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        step: int | None = None,
+    ) -> Path:
+        """Save a text table as JSON in ``tables/`` and log it to W&B as a Table."""
+        step = self._next_step(step)
+        self.step = max(self.step, step)
+        columns, rows = list(columns), [list(r) for r in rows]
+        path = self.run_dir / runstore.TABLES_DIR / f"{_safe_name(key)}_{step:07d}.json"
+        runstore.write_json_atomic(path, {"columns": columns, "data": rows})
+        self._metrics.write(
+            {"_step": step, key: {"_type": "table", "path": str(path.relative_to(self.run_dir))}}
+        )
+        self._to_wandb(
+            "log",
+            lambda run: run.log({key: self._wandb.Table(columns=columns, data=rows)}, step=step),
+        )
+        return path
+
+    def finish(self, state: str = "finished", reason: str | None = None) -> None:
+        """Flush everything, record the final state and end the W&B run. Safe to call twice."""
+        if self._finished:
+            return
+        if state not in runstore.RUN_STATES:
+            raise ValueError(f"state must be one of {runstore.RUN_STATES}, got {state!r}")
+        self._finished = True
+        self._metrics.close()
+        self._write_summary()
+        self._to_wandb("finish", lambda run: run.finish(exit_code=0 if state == "finished" else 1))
+        self._run = self._wandb = None
+        self._record.update(state=state, reason=reason, ended_at=_now())
+        self._write_record()
+        self._restore_sigterm()
+
+    def __enter__(self) -> ExperimentLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish("finished")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("interrupted", reason="interrupted by signal")
+        else:
+            self.finish("failed", reason=describe_error(exc))
+        return False
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _install_sigterm(self) -> None:
+        def on_sigterm(signum, frame):
+            raise Interrupted(f"signal {signum}")
+
+        try:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: leave signals to the host
+            self._previous_sigterm = None
+
+    def _restore_sigterm(self) -> None:
+        if self._previous_sigterm is not None:
+            try:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            except ValueError:
+                pass
+            self._previous_sigterm = None
+
+
+class ScopedLogger:
+    """Prefixes keys with ``{prefix}/``; everything else goes to the parent logger."""
+
+    def __init__(self, parent: ExperimentLogger, prefix: str):
+        self.parent = parent
+        self.prefix = prefix.rstrip("/")
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
+        return self.parent.log({self.key(k): v for k, v in metrics.items()}, step=step)
+
+    def log_summary(self, values: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        values = {**(values or {}), **kwargs}
+        self.parent.log_summary({self.key(k): v for k, v in values.items()})
+
+
+def describe_error(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _save_png(image: Any, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    if hasattr(image, "savefig"):  # a matplotlib Figure
+        image.savefig(path, dpi=100, bbox_inches="tight")
+        return
+    if isinstance(image, Image.Image):
+        image.save(path)
+        return
+    if hasattr(image, "detach"):
+        image = image.detach().float().cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype != np.uint8:
+        array = (np.clip(np.nan_to_num(array.astype(np.float64)), 0.0, 1.0) * 255).round()
+        array = array.astype(np.uint8)
+    Image.fromarray(array).save(path)

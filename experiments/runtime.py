@@ -1,0 +1,161 @@
+"""What every Hydra entry point does around its body: threads, seed, device, logger, errors.
+
+An entry point calls :func:`run_job` with its body ``body(cfg, logger)`` and an optional
+``validate(cfg)`` that checks the input before anything is written.
+
+- Bad input (:class:`analysis.cli.UserError`) in a single run: one ``error:`` line, exit 2,
+  and the job folder Hydra made is removed, so nothing half-written stays behind.
+- Under a multirun a failing job is recorded as ``failed`` with its reason and the sweep goes
+  on (Hydra 1.3's basic launcher would otherwise stop at the first failure).
+- Ctrl-C / SIGTERM: the run record says ``interrupted``; exit 130.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from analysis.cli import UserError
+from experiments.logger import ExperimentLogger, describe_error
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(UserError):
+    """The job ran but training could not go on (e.g. the loss diverged)."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA). 0 is a valid seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"runtime.device={name} but no CUDA device is available")
+    return device
+
+
+def job_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def parallel_jobs() -> int:
+    """How many jobs the launcher runs at once on this machine (1 for the basic launcher)."""
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().launcher
+    n_jobs = launcher.get("n_jobs")  # joblib
+    if n_jobs is not None:
+        return available_cores() if n_jobs < 0 else max(1, int(n_jobs))
+    if "submitit" in str(launcher.get("_target_", "")) and "cpus_per_task" in launcher:
+        # each submitit job owns cpus_per_task cores
+        return max(1, available_cores() // max(1, int(launcher.cpus_per_task or 1)))
+    return 1
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Set torch's threads: explicit, or cores / parallel jobs so jobs do not oversubscribe."""
+    if num_threads is None:
+        jobs = parallel_jobs()
+        if jobs == 1:
+            return torch.get_num_threads()
+        num_threads = max(1, available_cores() // jobs)
+    torch.set_num_threads(int(num_threads))
+    return int(num_threads)
+
+
+def start_logger(cfg: DictConfig, run_dir: Path | None = None) -> ExperimentLogger:
+    """The shared logger for this job, built from ``cfg.logger``."""
+    lc = cfg.logger
+    group = lc.group
+    if group is None and is_multirun():
+        group = Path(HydraConfig.get().sweep.dir).name
+    return ExperimentLogger(
+        run_dir or job_dir(),
+        OmegaConf.to_container(cfg, resolve=True),
+        mode=lc.mode,
+        project=lc.project,
+        entity=lc.entity,
+        group=group,
+        tags=list(lc.tags),
+        name=lc.name,
+        job_type=lc.job_type,
+        notes=lc.notes,
+        init_timeout=lc.init_timeout,
+    )
+
+
+def _remove_job_folder(path: Path) -> None:
+    """Remove a job folder that holds only Hydra's own files (nothing of ours was written)."""
+    ours = [p for p in path.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    if not ours:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_job(
+    cfg: DictConfig,
+    body: Callable[[DictConfig, ExperimentLogger], None],
+    validate: Callable[[DictConfig], None] | None = None,
+) -> None:
+    configure_threads(cfg.runtime.num_threads)
+    seed_everything(cfg.seed)
+    multirun = is_multirun()
+    out = job_dir()
+    try:
+        if validate is not None:
+            validate(cfg)
+    except UserError as exc:
+        if not multirun:
+            print(f"error: {exc}", file=sys.stderr)
+            _remove_job_folder(out)
+            sys.exit(2)
+        # Record the failure so the sweep's report lists it, then let the sweep go on.
+        run = ExperimentLogger(out, OmegaConf.to_container(cfg, resolve=True), mode="disabled")
+        run.finish("failed", reason=str(exc))
+        log.error("job failed: %s", exc)
+        return
+
+    logger = start_logger(cfg, out)
+    try:
+        with logger:
+            body(cfg, logger)
+    except KeyboardInterrupt:
+        print(f"interrupted: the run record in {out} says so", file=sys.stderr)
+        sys.exit(130)
+    except UserError as exc:
+        log.error("job failed: %s", exc)
+        if not multirun:
+            print(f"error: {exc} (run record: {out})", file=sys.stderr)
+            sys.exit(1)
+    except Exception as exc:
+        if not multirun:
+            raise
+        log.exception("job failed: %s", describe_error(exc))

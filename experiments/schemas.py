@@ -1,0 +1,101 @@
+"""Structured-config schemas: a mistyped override key or a wrongly typed value is an error.
+
+Each primary config in ``conf/`` lists its schema first in its defaults list; the YAML files
+only set values. Shared pieces (logger, runtime) are reused by every experiment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class LoggerConfig:
+    # offline (default) | online | disabled. The YAML default reads $WANDB_MODE first.
+    mode: str = "offline"
+    project: str = "ks-experiments"
+    entity: str | None = None
+    # None: the sweep folder's name under a multirun, so the jobs of one launch group together.
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None
+    job_type: str | None = None
+    notes: str | None = None
+    init_timeout: float = 60.0
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # None: torch's default, or cores / parallel jobs under the joblib and submitit launchers.
+    num_threads: int | None = None
+
+
+@dataclass
+class WeightConfig:
+    path: str | None = None  # a .pth holding a 2-D tensor or a one-weight state dict
+    out_features: int = 1024
+    in_features: int = 2048
+    init: str = "normal"
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass
+class ChainModelConfig:
+    structure: str = "butterfly"  # butterfly | monarch | lowrank
+    nblocks: int | None = None  # monarch only; None picks the largest k with k*k <= min side
+    init: str = "random"  # random (variance preserving) | svd (oracle warm start)
+
+
+@dataclass
+class ChainDataConfig:
+    # fresh: new x ~ N(0, s^2 I) every step, val = the exact expected loss;
+    # fixed: num_samples drawn once, split train/val as the old scripts did;
+    # exact: train on the exact expected loss s^2 ||W - W_hat||^2 / M (no sampling noise).
+    mode: str = "fresh"
+    input_std: float = 1.0
+    num_samples: int = 10000
+    val_fraction: float = 0.2
+
+
+@dataclass
+class ChainTrainConfig:
+    num_epochs: int = 50
+    # None: num_samples * (1 - val_fraction) / batch_size, the old scripts' epoch.
+    steps_per_epoch: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    precision: str = "float32"  # float32 | bfloat16 | float16 (CUDA only)
+    save_checkpoint: bool = True
+
+
+@dataclass
+class ReportConfig:
+    save_prefix: str = "rank_sweep"
+    log_scale: bool = True
+
+
+@dataclass
+class RankSweepConfig:
+    rank: int = 8
+    max_rank: int | None = None  # jobs of a sweep with rank above it are skipped
+    seed: int = 0
+    weight: WeightConfig = field(default_factory=WeightConfig)
+    model: ChainModelConfig = field(default_factory=ChainModelConfig)
+    data: ChainDataConfig = field(default_factory=ChainDataConfig)
+    train: ChainTrainConfig = field(default_factory=ChainTrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (called by each entry point before main)."""
+    cs = ConfigStore.instance()
+    cs.store(name="rank_sweep_schema", node=RankSweepConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)

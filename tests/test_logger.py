@@ -1,0 +1,196 @@
+"""The shared logger: local run record, W&B offline, failures, signals, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import runstore
+from experiments.logger import ExperimentLogger
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_local_record_in_disabled_mode(tmp_path):
+    with ExperimentLogger(tmp_path / "run", {"lr": 0.1, "model": {"rank": 4}}, mode="disabled") as lg:
+        assert lg.log({"loss": 1.0}) == 0
+        lg.log({"loss": 0.5, "acc": 0.7}, step=5)
+        lg.log({"loss": 0.25})  # default: the next step
+        lg.log_summary(best=0.25, note="ok")
+        # flushed line by line: readable before the run ends
+        assert len(read_lines(tmp_path / "run")) == 3
+    run = tmp_path / "run"
+    lines = read_lines(run)
+    assert [r["_step"] for r in lines] == [0, 5, 6]
+    assert lines[1] == {"_step": 5, "loss": 0.5, "acc": 0.7}
+    record = json.loads((run / "run.json").read_text())
+    assert record["state"] == "finished" and record["ended_at"] and record["mode"] == "disabled"
+    assert record["run_id"] and record["started_at"]
+    assert json.loads((run / "summary.json").read_text()) == {"best": 0.25, "note": "ok"}
+    assert "rank: 4" in (run / "config.yaml").read_text()
+    frame = runstore.read_metrics(run)
+    assert list(frame.columns[:1]) == ["_step"] and len(frame) == 3
+
+
+@pytest.mark.parametrize(
+    ("exc", "state"), [(RuntimeError("boom"), "failed"), (KeyboardInterrupt(), "interrupted")]
+)
+def test_context_manager_records_state(tmp_path, exc, state):
+    with pytest.raises(type(exc)), ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
+        lg.log({"x": 1})
+        raise exc
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["state"] == state
+    if state == "failed":
+        assert record["reason"] == "RuntimeError: boom"
+
+
+def test_images_tables_and_scopes(tmp_path):
+    with ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
+        png = lg.log_image("samples/recon", torch.rand(3, 8, 10), step=2)
+        lg.log_image("gray", np.zeros((4, 4), dtype=np.uint8), step=3)
+        table = lg.log_table("captions", ["ref", "gen"], [["a cat", "a cat"], ["x", "y"]], step=3)
+        cell = lg.scoped("B8_LR0.000030")
+        cell.log({"train_loss": 1.5, "step": 1})
+        cell.log_summary(final_val_loss=0.2)
+    assert png.exists() and png.suffix == ".png"
+    from PIL import Image
+
+    assert Image.open(png).size == (10, 8)
+    assert json.loads(table.read_text())["data"][0] == ["a cat", "a cat"]
+    lines = read_lines(tmp_path)
+    assert lines[0]["samples/recon"]["_type"] == "image"
+    assert lines[-1] == {"_step": 4, "B8_LR0.000030/train_loss": 1.5, "B8_LR0.000030/step": 1}
+    assert json.loads((tmp_path / "summary.json").read_text()) == {
+        "B8_LR0.000030/final_val_loss": 0.2
+    }
+
+
+def test_nan_values_and_numpy_scalars_are_plain_json(tmp_path):
+    with ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
+        lg.log({"a": float("nan"), "b": np.float32(1.5), "c": torch.tensor(2.0)})
+    assert read_lines(tmp_path)[0] == {"_step": 0, "a": None, "b": 1.5, "c": 2.0}
+
+
+def test_secrets_never_written(tmp_path):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    cfg = {"wandb": {"api_key": secret}, "hf_token": secret, "lr": 1}
+    with ExperimentLogger(tmp_path, cfg, mode="disabled") as lg:
+        lg.log({"x": 1})
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="ignore"), path
+    assert "***" in (tmp_path / "config.yaml").read_text()
+
+
+def test_wandb_init_failure_degrades_to_local(tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise RuntimeError("network unreachable\nlong traceback text")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with pytest.warns(RuntimeWarning, match="W&B init failed \\(network unreachable\\)"):
+        lg = ExperimentLogger(tmp_path, {}, mode="online")
+    with lg:
+        lg.log({"loss": 1.0})
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["state"] == "finished" and "local only" in record["mode"]
+    assert read_lines(tmp_path) == [{"_step": 0, "loss": 1.0}]
+
+
+def test_wandb_log_failure_warns_once_and_keeps_logging(tmp_path, monkeypatch):
+    import wandb
+
+    class FlakyRun:
+        entity, project, dir = None, "p", str(tmp_path)
+        summary: dict = {}
+
+        def log(self, *args, **kwargs):
+            raise OSError("disk full")
+
+        def finish(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FlakyRun())
+    lg = ExperimentLogger(tmp_path, {}, mode="offline")
+    with pytest.warns(RuntimeWarning, match="W&B log failed") as caught, lg:
+        for i in range(3):
+            lg.log({"loss": float(i)})
+    assert len([w for w in caught if "W&B" in str(w.message)]) == 1
+    assert len(read_lines(tmp_path)) == 3
+    assert json.loads((tmp_path / "run.json").read_text())["state"] == "finished"
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with ExperimentLogger(tmp_path, {"lr": 0.1}, mode="offline", project="p") as lg:
+        lg.log({"loss": 1.0})
+        lg.log_image("img", np.ones((4, 4)))
+        lg.define_metric("val/*", step_metric="epoch")
+        lg.log_summary(best=1.0)
+        assert os.environ["WANDB_MODE"] == "offline"
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["state"] == "finished"
+    assert record["wandb_path"].endswith(record["run_id"])
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{record['run_id']}"))
+    assert record["defined_metrics"]["val/*"]["step_metric"] == "epoch"
+
+
+def test_resume_continues_steps_and_summary(tmp_path):
+    with ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
+        lg.log({"loss": 1.0}, step=10)
+        lg.log_summary(best=1.0)
+        run_id = lg.run_id
+    with ExperimentLogger(tmp_path, {}, mode="disabled", run_id=run_id) as lg:
+        assert lg.log({"loss": 0.5}) == 11
+        assert lg.summary == {"best": 1.0}
+    assert [r["_step"] for r in read_lines(tmp_path)] == [10, 11]
+
+
+def test_sigterm_marks_interrupted(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from experiments.logger import ExperimentLogger
+        try:
+            with ExperimentLogger({str(tmp_path)!r}, {{}}, mode="disabled") as lg:
+                for i in range(10_000):
+                    lg.log({{"i": i}})
+                    time.sleep(0.01)
+        except KeyboardInterrupt:
+            sys.exit(143)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 30
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["state"] == "interrupted" and record["ended_at"]
+    assert len(read_lines(tmp_path)) > 0  # every line complete JSON
+
+
+def test_corrupt_metrics_line_is_skipped_with_warning(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"_step": 0, "a": 1}\n{"_step": 1, "a"\n')
+    with pytest.warns(UserWarning, match="metrics.jsonl:2: corrupt line"):
+        records = list(runstore.iter_metrics(tmp_path))
+    assert records == [{"_step": 0, "a": 1}]
