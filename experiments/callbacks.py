@@ -26,8 +26,12 @@ class RankSweepReport(Callback):
         try:
             paths = write_report(sweep_dir, prefix=prefix, log_scale=log_scale)
         except Exception as exc:  # a report failure must not hide the jobs' own results
-            log.error("rank-sweep report failed: %s (re-run: python analysis/"
-                      "plot_rank_results.py --results_dir %s)", exc, sweep_dir)
+            log.error(
+                "rank-sweep report failed: %s (re-run: python analysis/"
+                "plot_rank_results.py --results_dir %s)",
+                exc,
+                sweep_dir,
+            )
             return
         summary = collect_summary(sweep_dir)
         failed = summary[summary["status"] != "finished"]

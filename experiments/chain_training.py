@@ -67,7 +67,9 @@ def build_weight(cfg: DictConfig) -> torch.Tensor:
 def check_rank(rank: int, weight: torch.Tensor) -> None:
     limit = min(weight.shape)
     if rank > limit:
-        raise UserError(f"rank {rank} is above min(shape) = {limit} of the {tuple(weight.shape)} weight")
+        raise UserError(
+            f"rank {rank} is above min(shape) = {limit} of the {tuple(weight.shape)} weight"
+        )
 
 
 def build_chain(cfg: DictConfig, weight: torch.Tensor, device: torch.device) -> KSLinearChain:
@@ -278,7 +280,5 @@ def save_checkpoint(path: Path, chain: KSLinearChain, cfg: DictConfig) -> None:
 
 
 def floor_and_baseline(cfg: DictConfig, weight: torch.Tensor) -> tuple[float, float]:
-    floor = loss_floor(
-        weight, cfg.rank, cfg.model.structure, cfg.model.nblocks, cfg.data.input_std
-    )
+    floor = loss_floor(weight, cfg.rank, cfg.model.structure, cfg.model.nblocks, cfg.data.input_std)
     return float(floor), float(zero_predictor_loss(weight, cfg.data.input_std))

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from analysis.cli import ArgumentParser, run_cli
+from analysis.cli import ArgumentParser, UserError, run_cli
 from experiments.weights import DTYPES, INIT_METHODS, make_weight, save_weight
 
 
@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    # Validated before anything is written, so bad input leaves no file behind.
+    # Everything is validated before anything is written, so bad input leaves no file behind.
+    for flag in ("output_features", "input_features"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     weight = make_weight(
         args.output_features, args.input_features, args.init_method, args.dtype, args.seed
     )

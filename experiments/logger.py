@@ -8,6 +8,7 @@ failure never stops training: one warning, then the run goes on local-only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -35,9 +36,7 @@ class Interrupted(KeyboardInterrupt):
 
 def redact(config: Any) -> Any:
     if isinstance(config, Mapping):
-        return {
-            k: "***" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in config.items()
-        }
+        return {k: "***" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [redact(v) for v in config]
     return config
@@ -184,9 +183,11 @@ class ExperimentLogger:
             self._wandb = wandb
             entity = getattr(self._run, "entity", None) or kwargs.get("entity")
             project = getattr(self._run, "project", None) or kwargs.get("project")
-            self._record["wandb_path"] = "/".join(str(p) for p in (entity, project, self.run_id) if p)
+            self._record["wandb_path"] = "/".join(
+                str(p) for p in (entity, project, self.run_id) if p
+            )
             self._record["wandb_dir"] = getattr(self._run, "dir", None)
-        except Exception as exc:  # noqa: BLE001 - any W&B failure degrades to local-only
+        except Exception as exc:  # any W&B failure degrades to local-only
             self._wandb_failed("init", exc)
 
     def _wandb_failed(self, what: str, exc: BaseException) -> None:
@@ -200,17 +201,16 @@ class ExperimentLogger:
         self._record["mode"] = f"{self.mode} (failed: local only)"
         run, self._run, self._wandb = self._run, None, None
         if run is not None:
-            try:
+            # already degraded: a second failure has nothing more to report
+            with contextlib.suppress(Exception):
                 run.finish(exit_code=1, quiet=True)
-            except Exception:  # noqa: BLE001, S110 - already degraded; nothing more to report
-                pass
 
     def _to_wandb(self, what: str, fn) -> None:
         if self._run is None:
             return
         try:
             fn(self._run)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._wandb_failed(what, exc)
 
     # -- local record --------------------------------------------------------------------------
@@ -355,10 +355,8 @@ class ExperimentLogger:
 
     def _restore_sigterm(self) -> None:
         if self._previous_sigterm is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGTERM, self._previous_sigterm)
-            except ValueError:
-                pass
             self._previous_sigterm = None
 
 

@@ -123,7 +123,9 @@ def read_metrics(run_dir: Path, keys: list[str] | None = None):
     records = list(iter_metrics(run_dir))
     if keys is not None:
         records = [
-            {k: r[k] for k in ("_step", *keys) if k in r} for r in records if any(k in r for k in keys)
+            {k: r[k] for k in ("_step", *keys) if k in r}
+            for r in records
+            if any(k in r for k in keys)
         ]
     frame = pd.DataFrame.from_records(records)
     if "_step" in frame.columns:

@@ -7,6 +7,7 @@ only set values. Shared pieces (logger, runtime) are reused by every experiment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from hydra.core.config_store import ConfigStore
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -95,9 +96,15 @@ def make_weight(
     return weight.to(DTYPES[dtype])
 
 
-def _describe_load_error(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return first if len(first) <= 160 else first[:157] + "..."
+def _load_error(path: Path, exc: Exception) -> UserError:
+    # torch's own messages are paragraphs of advice about weights_only; name the problem instead.
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return UserError(
+            f"{path} holds a pickled {found.group(1)} object, not a tensor or a state dict; "
+            "save the weight tensor or model.state_dict() instead"
+        )
+    return UserError(f"cannot read {path} as a torch file (corrupt, truncated or another format)")
 
 
 def _pick_tensor(obj: object, path: Path) -> torch.Tensor:
@@ -127,12 +134,12 @@ def load_weight(path: str | os.PathLike[str]) -> torch.Tensor:
         raise UserError(f"weight file {path} does not exist")
     if not path.is_file():
         raise UserError(f"weight path {path} is not a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"weight file {path} is empty")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad files; all mean the same here
-        raise UserError(
-            f"cannot read {path} as a torch file ({_describe_load_error(exc)})"
-        ) from exc
+    except Exception as exc:  # torch raises many types for bad files; all mean "unreadable" here
+        raise _load_error(path, exc) from exc
 
     weight = _pick_tensor(obj, path)
     if weight.dim() != 2:

@@ -1,0 +1,38 @@
+"""Kronecker-sparse (KS) factors and chains in pure PyTorch."""
+
+from .chain import KSLinearChain, butterfly_patterns, chain_patterns, merge_abcd
+from .factor import KSLinear, KSPattern, ks_apply_fm, ks_dense, ks_einsum
+from .floors import (
+    STRUCTURES,
+    check_structure,
+    dense_parameters,
+    expected_mse,
+    loss_floor,
+    lowrank_factors,
+    monarch_factors,
+    monarch_nblocks,
+    projection,
+    zero_predictor_loss,
+)
+
+__all__ = [
+    "KSLinear",
+    "KSLinearChain",
+    "KSPattern",
+    "STRUCTURES",
+    "butterfly_patterns",
+    "chain_patterns",
+    "check_structure",
+    "dense_parameters",
+    "expected_mse",
+    "ks_apply_fm",
+    "ks_dense",
+    "ks_einsum",
+    "loss_floor",
+    "lowrank_factors",
+    "merge_abcd",
+    "monarch_factors",
+    "monarch_nblocks",
+    "projection",
+    "zero_predictor_loss",
+]

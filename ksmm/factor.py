@@ -49,12 +49,14 @@ def ks_apply_fm(xt: Tensor, w_abcd: Tensor) -> Tensor:
     activations feature-major makes d=1 factors permutation-free and the batch the inner dim."""
     a, b, c, d = w_abcd.shape
     n = xt.shape[1]
+    # Weights are small: make them contiguous so bmm hits BLAS instead of per-matrix copies.
     if a == 1 and d == 1:
         return w_abcd.reshape(b, c) @ xt
     if d == 1:
-        return torch.bmm(w_abcd.reshape(a, b, c), xt.reshape(a, c, n)).reshape(a * b, n)
-    w = w_abcd.permute(0, 3, 1, 2).reshape(a * d, b, c)
-    x = xt.reshape(a, c, d, n).transpose(1, 2).reshape(a * d, c, n)
+        w = w_abcd.reshape(a, b, c).contiguous()
+        return torch.bmm(w, xt.reshape(a, c, n)).reshape(a * b, n)
+    w = w_abcd.permute(0, 3, 1, 2).reshape(a * d, b, c).contiguous()
+    x = xt.reshape(a, c, d, n).transpose(1, 2).reshape(a * d, c, n).contiguous()
     return torch.bmm(w, x).reshape(a, d, b, n).transpose(1, 2).reshape(a * b * d, n)
 
 
@@ -109,10 +111,10 @@ class KSLinear(nn.Module):
             y = F.linear(x, self.weight.view(c, b).t())
         elif d == 1:
             # Block diagonal: the a blocks are contiguous slices of the features, no permutation.
-            y = torch.bmm(x.view(n, a, c).transpose(0, 1), self.weight)
+            y = torch.bmm(x.reshape(n, a, c).transpose(0, 1), self.weight)
             y = y.transpose(0, 1).reshape(n, a * b)
         else:
-            x = x.view(n, a, c, d).transpose(-1, -2).reshape(n, a * d, c).transpose(0, 1)
+            x = x.reshape(n, a, c, d).transpose(-1, -2).reshape(n, a * d, c).transpose(0, 1)
             y = torch.bmm(x, self.weight)  # (a*d, n, b)
             y = y.transpose(0, 1).reshape(n, a, d, b).transpose(-1, -2).reshape(n, a * b * d)
         if self.bias is not None:

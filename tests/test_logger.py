@@ -26,7 +26,9 @@ def read_lines(run_dir: Path) -> list[dict]:
 
 
 def test_local_record_in_disabled_mode(tmp_path):
-    with ExperimentLogger(tmp_path / "run", {"lr": 0.1, "model": {"rank": 4}}, mode="disabled") as lg:
+    with ExperimentLogger(
+        tmp_path / "run", {"lr": 0.1, "model": {"rank": 4}}, mode="disabled"
+    ) as lg:
         assert lg.log({"loss": 1.0}) == 0
         lg.log({"loss": 0.5, "acc": 0.7}, step=5)
         lg.log({"loss": 0.25})  # default: the next step

@@ -1,0 +1,50 @@
+"""Re-plot a saved rank sweep (the old ``plot_rank_results.py`` flags).
+
+    python analysis/plot_rank_results.py --results_dir multirun/2024-01-01/12-00-00 --log_scale
+
+Writes ``<prefix>_loss_curves.png``, ``<prefix>_final_losses.png``, ``<prefix>_summary.csv`` and
+``<prefix>_summary.json`` into the results folder and prints the summary table.
+"""
+
+from __future__ import annotations
+
+from analysis.cli import ArgumentParser, run_cli
+from analysis.rank_sweep_report import (
+    OK_STATUSES,
+    best_ranks,
+    collect_summary,
+    format_summary_table,
+    write_report,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description="Re-plot a saved rank sweep and print its summary.")
+    parser.add_argument(
+        "--results_dir", required=True, help="the sweep folder (one job per sub-folder)"
+    )
+    parser.add_argument("--save_prefix", default="rank_sweep", help="output file prefix")
+    parser.add_argument("--log_scale", action="store_true", help="log-scale loss axes")
+    args = parser.parse_args(argv)
+
+    paths = write_report(args.results_dir, prefix=args.save_prefix, log_scale=args.log_scale)
+    summary = collect_summary(args.results_dir)
+    print(format_summary_table(summary))
+    print()
+    for key, what in (("final_val_loss", "final val loss"), ("loss_over_floor", "loss/floor")):
+        row = best_ranks(summary)[key]
+        if row is None:
+            print(f"best rank by {what}: none (no finished job has it)")
+        else:
+            print(f"best rank by {what}: {row['rank']} ({what} {row[key]:.4g})")
+    failed = int((~summary["status"].isin(OK_STATUSES)).sum())
+    if failed:
+        print(f"{failed} of {len(summary)} job(s) did not finish; see the status column")
+    print()
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

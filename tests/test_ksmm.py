@@ -1,0 +1,306 @@
+import math
+import time
+
+import pytest
+import torch
+
+from ksmm import (
+    KSLinear,
+    KSLinearChain,
+    KSPattern,
+    expected_mse,
+    ks_dense,
+    ks_einsum,
+    loss_floor,
+    projection,
+    zero_predictor_loss,
+)
+
+F64 = torch.float64
+PATTERNS = [(1, 3, 5, 1), (4, 3, 2, 1), (1, 2, 3, 4), (2, 3, 4, 5), (4, 2, 2, 8), (8, 2, 2, 1)]
+SHAPES = [(64, 64), (32, 64), (64, 16), (96, 160), (300, 500), (1, 1), (7, 3)]
+
+
+def sylvester_hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=F64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def test_pattern_sizes():
+    p = KSPattern(2, 3, 4, 5)
+    assert (p.in_features, p.out_features, p.nnz) == (40, 30, 120)
+
+
+def test_ks_dense_index_formula():
+    a, b, c, d = 2, 3, 4, 5
+    w = torch.randn(a, b, c, d, dtype=F64)
+    k = ks_dense(w)
+    assert k.shape == (a * b * d, a * c * d)
+    ref = torch.zeros_like(k)
+    for i in range(a):
+        for j in range(b):
+            for kk in range(c):
+                for l in range(d):  # noqa: E741
+                    ref[i * b * d + j * d + l, i * c * d + kk * d + l] = w[i, j, kk, l]
+    assert torch.equal(k, ref)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_factor_forward_and_grad(pattern, bias):
+    torch.manual_seed(0)
+    f = KSLinear(pattern, bias=bias, dtype=F64)
+    w = f.weight_abcd()
+    assert w.shape == tuple(pattern)
+    assert torch.allclose(f.to_dense(), ks_dense(w))
+    # set/get round trip
+    w2 = torch.randn(*pattern, dtype=F64)
+    f.set_weight_abcd(w2)
+    assert torch.equal(f.weight_abcd(), w2)
+    dense = f.to_dense()
+    for lead in [(7,), (2, 3), ()]:
+        x = torch.randn(*lead, f.in_features, dtype=F64, requires_grad=True)
+        y = f(x)
+        ref = x @ dense.T + (f.bias if bias else 0)
+        assert y.shape == (*lead, f.out_features)
+        assert torch.allclose(y, ref, atol=1e-12)
+        assert torch.allclose(y, ks_einsum(x, w2) + (f.bias if bias else 0), atol=1e-12)
+    # gradients vs autograd through the dense reference
+    x = torch.randn(5, f.in_features, dtype=F64, requires_grad=True)
+    g = torch.randn(5, f.out_features, dtype=F64)
+    gx, gw = torch.autograd.grad((f(x) * g).sum(), [x, f.weight])
+    wr = f.weight_abcd().detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    gx2, gwr = torch.autograd.grad(((x2 @ ks_dense(wr).T) * g).sum(), [x2, wr])
+    assert torch.allclose(gx, gx2, atol=1e-12)
+    f.weight.grad = gw
+    a, b, c, d = pattern
+    assert torch.allclose(gw.view(a, d, c, b).permute(0, 3, 2, 1), gwr, atol=1e-12)
+
+
+def test_factor_init_variance():
+    torch.manual_seed(0)
+    f = KSLinear((4, 16, 64, 2))
+    assert f.weight.var().item() == pytest.approx(1 / 64, rel=0.1)
+    f.reset_parameters(scale=3.0)
+    assert f.weight.var().item() == pytest.approx(9 / 64, rel=0.1)
+
+
+def _dense_product(chain):
+    d = None
+    for f in chain.factors:
+        k = f.to_dense()
+        d = k if d is None else k @ d
+    return d
+
+
+@pytest.mark.parametrize("structure", ["butterfly", "monarch", "lowrank"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chain_dense_forward_rank(structure, shape):
+    torch.manual_seed(0)
+    m, n = shape
+    for r in sorted({1, max(1, min(m, n) // 4), min(m, n)}):
+        chain = KSLinearChain(n, m, r, structure, dtype=F64)
+        pats = chain.patterns
+        assert pats[0].in_features == n and pats[-1].out_features == m
+        for p, q in zip(pats[:-1], pats[1:], strict=True):
+            assert q.in_features == p.out_features
+        dense = chain.to_dense()
+        assert dense.shape == (m, n)
+        assert torch.allclose(dense, _dense_product(chain), atol=1e-10)
+        x = torch.randn(3, 5, n, dtype=F64)
+        assert torch.allclose(chain(x), x @ dense.T, atol=1e-10)
+        if structure == "monarch":
+            k = chain.nblocks
+            blocks = dense.reshape(m // k, k, k, n // k).permute(1, 2, 0, 3)
+            assert (torch.linalg.matrix_rank(blocks) <= r).all()
+        else:
+            assert torch.linalg.matrix_rank(dense).item() <= r
+        assert chain.num_parameters == sum(p.nnz for p in pats)
+        assert chain.compression_ratio == pytest.approx(m * n / chain.num_parameters)
+
+
+def test_chain_merge_equals_unmerged():
+    torch.manual_seed(0)
+    chain = KSLinearChain(256, 256, 256, dtype=F64)
+    x = torch.randn(4, 256, dtype=F64)
+    y = chain(x)
+    chain.merge_max = 1
+    assert torch.allclose(y, chain(x), atol=1e-12)
+
+
+def test_butterfly_rank_acts_on_square_power_of_two():
+    torch.manual_seed(0)
+    for r in [1, 8, 63]:
+        chain = KSLinearChain(64, 64, r, dtype=F64)
+        assert torch.linalg.matrix_rank(chain.to_dense()).item() == r
+    pure = KSLinearChain(64, 64, 64)
+    assert pure.patterns == [(2 ** (i - 1), 2, 2, 2 ** (6 - i)) for i in range(1, 7)]
+    assert KSLinearChain(64, 128, 8).patterns[:2] == [(1, 8, 64, 1), (1, 128, 8, 1)]
+
+
+def test_butterfly_patterns_layout():
+    chain = KSLinearChain(160, 96, 8)  # N=160, M=96, P=256
+    assert chain.patterns[:2] == [(1, 8, 160, 1), (1, 256, 8, 1)]
+    assert chain.patterns[-2:] == [(1, 8, 256, 1), (1, 96, 8, 1)]
+    assert len(chain.patterns) == 4 + 8
+
+
+def test_monarch_blocks_have_rank_r():
+    torch.manual_seed(0)
+    m, n, k, r = 48, 32, 4, 2
+    chain = KSLinearChain(n, m, r, "monarch", nblocks=k, dtype=F64)
+    assert chain.patterns == [(k, r * k, n // k, 1), (1, m // k, r * k, k)]
+    d = chain.to_dense()
+    for l in range(k):  # noqa: E741
+        for i in range(k):
+            block = d[l::k, i * (n // k) : (i + 1) * (n // k)]
+            assert torch.linalg.matrix_rank(block).item() == r
+    assert torch.linalg.matrix_rank(d).item() > r  # genuinely structured, not low rank
+    assert KSLinearChain(64, 64, 2, "monarch").nblocks == 8
+
+
+@pytest.mark.parametrize("structure", ["butterfly", "monarch", "lowrank"])
+@pytest.mark.parametrize("shape", [(64, 64), (32, 64), (96, 160), (48, 20)])
+def test_load_projection_reaches_floor(structure, shape):
+    torch.manual_seed(0)
+    m, n = shape
+    w = torch.randn(m, n, dtype=F64)
+    floors = []
+    ranks = [1, 2, 4] if structure == "monarch" else [1, 4, min(m, n) // 2, min(m, n)]
+    for r in ranks:
+        if structure == "butterfly" and r == m == n:
+            continue  # pure butterfly: no closed-form projection
+        chain = KSLinearChain(n, m, r, structure, dtype=F64)
+        chain.load_projection(w)
+        proj = projection(w, r, structure)
+        assert torch.allclose(chain.to_dense(), proj, atol=1e-9)
+        floor = loss_floor(w, r, structure, input_std=2.0)
+        mse = float(expected_mse(w, chain.to_dense().detach(), 2.0))
+        assert mse == pytest.approx(floor, rel=1e-7, abs=1e-9)
+        floors.append(floor)
+    assert all(f1 > f2 for f1, f2 in zip(floors[:-1], floors[1:], strict=True))
+    if structure != "monarch":
+        assert loss_floor(w, min(m, n), structure) == pytest.approx(0, abs=1e-18)
+    assert zero_predictor_loss(w, 2.0) == pytest.approx(4 * float((w**2).sum()) / m)
+
+
+def test_floor_eckart_young_values():
+    w = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=F64))
+    assert loss_floor(w, 1, "lowrank") == pytest.approx((4 + 1) / 3)
+    assert loss_floor(w, 2, input_std=0.5) == pytest.approx(0.25 / 3)
+
+
+def test_load_projection_float32_and_pure_butterfly_error():
+    torch.manual_seed(0)
+    w = torch.randn(48, 80)
+    chain = KSLinearChain(80, 48, 6)
+    chain.load_projection(w)
+    assert torch.allclose(chain.to_dense().double(), projection(w, 6), atol=1e-4)
+    with pytest.raises(ValueError, match="pure butterfly"):
+        KSLinearChain(64, 64, 64).load_projection(torch.randn(64, 64))
+
+
+def test_init_preserves_variance_long_chain():
+    torch.manual_seed(0)
+    x = torch.randn(512, 1024)
+    with torch.no_grad():
+        chain = KSLinearChain(1024, 1024, 1024)
+        assert len(chain.factors) == 10
+        ratio = chain(x).var().item() / x.var().item()
+        assert 0.5 < ratio < 2
+        chain = KSLinearChain(1024, 1024, 1024, output_scale=3.0)
+        assert 0.5 < chain(x).var().item() / (9 * x.var().item()) < 2
+        for structure in ["butterfly", "monarch", "lowrank"]:
+            chain = KSLinearChain(1024, 700, 64, structure, output_scale=0.5)
+            y = chain(x)
+            assert y.shape == (512, 700)
+            assert 0.5 < y.var().item() / (0.25 * x.var().item()) < 2
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="rank must be"):
+        KSLinearChain(64, 32, 0)
+    with pytest.raises(ValueError, match=r"rank must be .*min\(in_features, out_features\) = 32"):
+        KSLinearChain(64, 32, 33)
+    with pytest.raises(ValueError, match="nblocks=3 must .* divid"):
+        KSLinearChain(64, 32, 2, "monarch", nblocks=3)
+    with pytest.raises(ValueError, match="monarch rank 5 exceeds the block size"):
+        KSLinearChain(64, 32, 5, "monarch", nblocks=8)
+    with pytest.raises(ValueError, match="unknown structure 'kron'"):
+        KSLinearChain(64, 32, 2, "kron")
+    with pytest.raises(ValueError, match="not chainable: factor 1"):
+        KSLinearChain.from_patterns([(1, 8, 16, 1), (1, 4, 6, 1)])
+    with pytest.raises(ValueError, match="not chainable: the first factor"):
+        KSLinearChain.from_patterns([(1, 8, 16, 1)], in_features=12)
+    with pytest.raises(ValueError, match="rank must be"):
+        loss_floor(torch.randn(4, 6), 5)
+
+
+@pytest.mark.parametrize(
+    "pats",
+    [
+        [(1, 2, 2, 4), (2, 2, 2, 2), (1, 3, 8, 1)],
+        [(1, 2, 2, 4), (2, 2, 2, 2)],  # ends on a general factor
+        [(1, 2, 2, 4), (1, 4, 4, 2), (2, 3, 2, 2)],  # general factors that do not merge
+        [(2, 3, 2, 2), (6, 2, 2, 1), (3, 2, 2, 2), (1, 5, 12, 1)],
+    ],
+)
+@pytest.mark.parametrize("merge_max", [1, 16])
+def test_from_patterns(pats, merge_max):
+    torch.manual_seed(0)
+    chain = KSLinearChain.from_patterns(pats, dtype=F64)
+    chain.merge_max = merge_max
+    n, m = pats[0][0] * pats[0][2] * pats[0][3], pats[-1][0] * pats[-1][1] * pats[-1][3]
+    assert (chain.in_features, chain.out_features) == (n, m)
+    x = torch.randn(2, 3, n, dtype=F64)
+    assert torch.allclose(chain(x), x @ _dense_product(chain).T, atol=1e-12)
+    assert torch.allclose(chain.to_dense(), _dense_product(chain), atol=1e-12)
+
+
+def test_hadamard_positive_control():
+    torch.manual_seed(0)
+    n = 64
+    w = sylvester_hadamard(n).float()
+    chain = KSLinearChain(n, n, n, output_scale=w.norm().item() / math.sqrt(n))
+    assert len(chain.factors) == 6  # pure butterfly
+    opt = torch.optim.Adam(chain.parameters(), lr=0.02)
+    t0 = time.perf_counter()
+    for _ in range(3000):
+        loss = (w - chain.to_dense()).pow(2).sum() / n
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rel = ((w - chain.to_dense()).pow(2).sum() / w.pow(2).sum()).item()
+        if rel < 1e-3:
+            break
+    assert rel < 1e-3, rel
+    assert time.perf_counter() - t0 < 20
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (64, 64), (100, 40), (300, 500)])
+def test_butterfly_fold_matches_running_on_the_batch(shape):
+    """Folding B into the bottleneck (rows > rank) and running B on the batch agree, grads too."""
+    m, n = shape
+    chain = KSLinearChain(n, m, 8, output_scale=1.7).double()
+    dense = ks_chain_reference(chain)
+    for rows in (3, 64):  # 3 < rank: B on the batch; 64 > rank: B folded
+        x = torch.randn(rows, n, dtype=torch.float64, requires_grad=True)
+        y = chain(x)
+        torch.testing.assert_close(y, x @ dense.T)
+        grads = torch.autograd.grad(y.square().sum(), [x, *chain.parameters()])
+        ref_chain_grads = torch.autograd.grad(
+            (x @ ks_chain_reference(chain).T).square().sum(), [x, *chain.parameters()]
+        )
+        for g, ref in zip(grads, ref_chain_grads, strict=True):
+            torch.testing.assert_close(g, ref)
+
+
+def ks_chain_reference(chain):
+    """The chain's dense matrix from ks_dense of each factor (no fast path involved)."""
+    dense = torch.eye(chain.in_features, dtype=torch.float64)
+    for f in chain.factors:
+        dense = ks_dense(f.weight_abcd()) @ dense
+    return chain.output_scale * dense

@@ -1,0 +1,204 @@
+"""The rank-sweep entry point end to end, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "rank_sweep.py"
+# A tiny but real problem: 32x64 Gaussian weight, a few short epochs.
+SMALL = [
+    "weight.out_features=32",
+    "weight.in_features=64",
+    "train.num_epochs=3",
+    "train.steps_per_epoch=20",
+    "train.batch_size=32",
+    "logger=disabled",
+]
+
+
+def run(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_single_run_writes_curves_checkpoint_and_record(tmp_path):
+    out = tmp_path / "job"
+    proc = run(["rank=4", *SMALL, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    curves = pd.read_csv(out / "loss_curves.csv")
+    assert list(curves.columns) == [
+        "epoch", "train_loss", "val_loss", "rank", "floor", "loss_over_floor"
+    ]  # fmt: skip
+    assert curves["epoch"].tolist() == [1, 2, 3] and (curves["rank"] == 4).all()
+    assert (curves["val_loss"] >= curves["floor"] * (1 - 1e-6)).all()  # nothing beats the floor
+    assert json.loads((out / "loss_curves.json").read_text())["curves"][-1]["epoch"] == 3
+    record = json.loads((out / "run.json").read_text())
+    assert record["state"] == "finished"
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("parameters", "compression", "floor", "final_val_loss", "loss_over_floor"):
+        assert key in summary
+    checkpoint = torch.load(out / "final.pth", weights_only=False)
+    assert checkpoint["rank"] == 4 and checkpoint["patterns"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_loss", "val_loss", "lr", "grad_norm", "floor", "loss_over_floor"} <= set(
+        metrics[-1]
+    )
+
+
+def test_reaches_the_floor(tmp_path):
+    """A Gaussian-random weight: the trained chain ends within 5% of its Eckart-Young floor."""
+    out = tmp_path / "job"
+    args = [
+        "rank=8",
+        "weight.out_features=48",
+        "weight.in_features=64",
+        "train.num_epochs=12",
+        "train.steps_per_epoch=100",
+        "train.batch_size=64",
+        "train.lr=1e-2",
+        "logger=disabled",
+        f"hydra.run.dir={out}",
+    ]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss_over_floor"] <= 1.05, summary
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rank=0", "rank must be a positive integer"),
+        ("rank=1000", "rank 1000 is above min(shape) = 32"),
+        ("train.lr=-0.1", "train.lr must be positive"),
+        ("weight.init=bogus", "weight.init must be one of"),
+        ("weight.path=/nonexistent/w.pth", "/nonexistent/w.pth"),
+        ("model.structure=tree", "model.structure must be one of"),
+    ],
+)
+def test_bad_input_one_line_nonzero_nothing_written(tmp_path, override, message):
+    out = tmp_path / "job"
+    proc = run([*SMALL, override, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("path_content", "message"),
+    [
+        (lambda p: torch.save(torch.randn(3, 4, 5), p), "2-D"),
+        (lambda p: torch.save(torch.full((4, 4), float("nan")), p), "NaN"),
+        (lambda p: p.write_text("not a torch file"), "w.pth"),
+    ],
+)
+def test_bad_weight_files(tmp_path, path_content, message):
+    path = tmp_path / "w.pth"
+    path_content(path)
+    proc = run([*SMALL, f"weight.path={path}", f"hydra.run.dir={tmp_path / 'job'}"], tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_mistyped_key(tmp_path):
+    proc = run([*SMALL, "trian.lr=0.1", f"hydra.run.dir={tmp_path / 'job'}"], tmp_path)
+    assert proc.returncode != 0
+    assert "trian" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_weight_file_and_state_dict(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"layer.weight": torch.randn(16, 24), "layer.bias": torch.randn(16)}, path)
+    out = tmp_path / "job"
+    proc = run(["rank=4", *SMALL, f"weight.path={path}", f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["out_features"], summary["in_features"]) == (16, 24)
+
+
+def test_divergence_fails_the_job_with_its_reason(tmp_path):
+    out = tmp_path / "job"
+    args = [
+        "rank=4",
+        *SMALL,
+        "train.lr=1e30",
+        "train.grad_clip=null",
+        "train.schedule=constant",
+        f"hydra.run.dir={out}",
+    ]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 1
+    assert "diverged" in proc.stderr.strip().splitlines()[-1]
+    record = json.loads((out / "run.json").read_text())
+    assert record["state"] == "failed" and "diverged" in record["reason"]
+
+
+def test_multirun_aggregates_and_records_failures(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "rank=2,4,1000", *SMALL, f"hydra.sweep.dir={sweep}"]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = pd.read_csv(sweep / "rank_sweep_summary.csv")
+    assert summary["rank"].tolist() == [2, 4, 1000]
+    assert summary["status"].tolist() == ["finished", "finished", "failed"]
+    assert "above min(shape)" in summary["reason"].iloc[2]
+    for name in ("rank_sweep_loss_curves.png", "rank_sweep_final_losses.png"):
+        assert (sweep / name).stat().st_size > 10_000
+    assert json.loads((sweep / "rank_sweep_summary.json").read_text())[0]["rank"] == 2
+    assert "rank_sweep_summary.csv" in proc.stdout
+
+
+def test_max_rank_filters_a_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", "rank=2,8", "max_rank=4", *SMALL, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert pd.read_csv(sweep / "rank_sweep_summary.csv")["rank"].tolist() == [2]
+
+
+def test_multirun_through_submitit_local(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=local", "rank=2,4", *SMALL, f"hydra.sweep.dir={sweep}"]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = pd.read_csv(sweep / "rank_sweep_summary.csv")
+    assert summary["status"].tolist() == ["finished", "finished"]
+
+
+def test_ctrl_c_keeps_curves_and_marks_interrupted(tmp_path):
+    out = tmp_path / "job"
+    args = ["rank=4", *SMALL, "train.num_epochs=100000", f"hydra.run.dir={out}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, stderr=subprocess.PIPE
+    )
+    curves = out / "loss_curves.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not curves.exists() or len(curves.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    rows = pd.read_csv(curves)
+    assert len(rows) >= 2 and rows["epoch"].tolist() == list(range(1, len(rows) + 1))
+    assert json.loads((out / "run.json").read_text())["state"] == "interrupted"
