@@ -450,7 +450,7 @@ def plot_final_losses(
             if ok and math.isfinite(loss):
                 ax.bar(x[i] - width / 2, loss, width, color="tab:blue")
                 ratio = _as_float(row["loss_over_floor"])
-                note = f"{loss:.3g}" + (f"\n{ratio:.2f}x floor" if math.isfinite(ratio) else "")
+                note = f"{loss:.3g}" + (f"\n{ratio:.3f}x floor" if math.isfinite(ratio) else "")
                 ax.annotate(
                     note,
                     (x[i] - width / 2, loss),
@@ -531,6 +531,8 @@ def plot_final_losses(
         ax.set_ylabel("loss (log scale)" if log_scale else "loss")
         if log_scale:
             ax.set_yscale("log", nonpositive="clip")
+            bottom, _ = ax.get_ylim()
+            ax.set_ylim(bottom, top * 1.6)  # room for the annotations above the tallest bar
         else:
             ax.set_ylim(0, top * 1.18)  # room for the annotations
         ax.set_title("Rank sweep: final validation loss vs floor")

@@ -177,7 +177,7 @@ class ExperimentLogger:
                 mode=self.mode,
                 resume="allow" if resuming else None,
                 reinit="finish_previous",
-                settings=wandb.Settings(console="off", init_timeout=init_timeout),
+                settings=wandb.Settings(console="off", quiet=True, init_timeout=init_timeout),
                 **kwargs,
             )
             self._wandb = wandb
