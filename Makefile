@@ -16,7 +16,10 @@ help: ## list the targets
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
+	# torch alone from its index (--no-deps: its dependencies come from the default index next,
+	# so an unreachable extra index costs one quick try, not one per dependency)
+	$(PY) -m pip install -q --no-deps --retries 0 --timeout 15 \
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

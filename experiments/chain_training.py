@@ -55,6 +55,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise UserError(f"data.num_samples={cfg.data.num_samples} leaves no training samples")
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "float16" and device.type != "cuda":
+        raise UserError(
+            f"train.precision=float16 needs a CUDA device (this job runs on {device.type}); "
+            "use bfloat16 or float32"
+        )
+
+
 def build_weight(cfg: DictConfig) -> torch.Tensor:
     """The target W (out x in), float32: loaded from ``weight.path`` or generated."""
     w = cfg.weight
@@ -179,8 +187,6 @@ def train_chain(
     device = targets.weight.device
     tc = cfg.train
     dtype = PRECISIONS[tc.precision]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise UserError("train.precision=float16 needs a CUDA device; use bfloat16 or float32")
     autocast = (
         torch.autocast(device.type, dtype=dtype)
         if dtype != torch.float32

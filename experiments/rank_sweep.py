@@ -26,6 +26,7 @@ from experiments.chain_training import (
     Targets,
     build_chain,
     build_weight,
+    check_precision,
     check_rank,
     floor_and_baseline,
     save_checkpoint,
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 def validate(cfg: DictConfig) -> None:
     validate_config(cfg)
     check_rank(cfg.rank, build_weight(cfg))
-    resolve_device(cfg.runtime.device)
+    check_precision(cfg.train.precision, resolve_device(cfg.runtime.device))
 
 
 def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger) -> None:

@@ -125,7 +125,7 @@ def run_job(
     body: Callable[[DictConfig, ExperimentLogger], None],
     validate: Callable[[DictConfig], None] | None = None,
 ) -> None:
-    configure_threads(cfg.runtime.num_threads)
+    threads = configure_threads(cfg.runtime.num_threads)
     seed_everything(cfg.seed)
     multirun = is_multirun()
     out = job_dir()
@@ -146,6 +146,7 @@ def run_job(
     logger = start_logger(cfg, out)
     try:
         with logger:
+            logger.log_summary(torch_threads=threads)
             body(cfg, logger)
     except KeyboardInterrupt:
         print(f"interrupted: the run record in {out} says so", file=sys.stderr)

@@ -67,7 +67,7 @@ class ChainTrainConfig:
     # None: num_samples * (1 - val_fraction) / batch_size, the old scripts' epoch.
     steps_per_epoch: int | None = None
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-2
     schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 0
     grad_clip: float | None = 1.0

@@ -33,7 +33,7 @@ def test_rank_sweep_defaults(compose_cfg, monkeypatch):
     cfg = compose_cfg("rank_sweep")
     assert cfg.rank == 8 and cfg.seed == 0 and cfg.weight.seed == 0
     assert cfg.model.structure == "butterfly"
-    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.batch_size == 32
+    assert cfg.train.lr == pytest.approx(1e-2) and cfg.train.batch_size == 32
     assert cfg.logger.mode == "offline" and cfg.logger.project == "ks-rank-sweep"
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 

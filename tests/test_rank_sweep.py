@@ -92,6 +92,7 @@ def test_reaches_the_floor(tmp_path):
         ("weight.init=bogus", "weight.init must be one of"),
         ("weight.path=/nonexistent/w.pth", "/nonexistent/w.pth"),
         ("model.structure=tree", "model.structure must be one of"),
+        ("train.precision=float16", "float16 needs a CUDA device"),
     ],
 )
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, override, message):
@@ -182,6 +183,18 @@ def test_multirun_through_submitit_local(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = pd.read_csv(sweep / "rank_sweep_summary.csv")
     assert summary["status"].tolist() == ["finished", "finished"]
+
+
+def test_joblib_sets_threads_per_job(tmp_path):
+    """Two parallel jobs on this machine's cores: each gets cores // 2 torch threads."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "rank=2,4", *SMALL]
+    proc = run([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cores = len(os.sched_getaffinity(0))
+    for job in sorted(p for p in sweep.iterdir() if (p / "summary.json").exists()):
+        assert json.loads((job / "summary.json").read_text())["torch_threads"] == max(1, cores // 2)
+    assert len(pd.read_csv(sweep / "rank_sweep_summary.csv")) == 2
 
 
 def test_ctrl_c_keeps_curves_and_marks_interrupted(tmp_path):
