@@ -13,9 +13,8 @@ import json
 import math
 import os
 import re
-import secrets
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,15 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from analysis.cli import UserError
+from experiments.runstore import (
+    CONFIG_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    atomic_path,
+    write_text_atomic,
+)
 
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
+# The files a rank-sweep job writes beside its run record (experiments/chain_training.py).
 CURVES_CSV = "loss_curves.csv"
 CURVES_JSON = "loss_curves.json"
 
@@ -318,25 +322,12 @@ def _rank_colors(n: int) -> list[tuple[float, ...]]:
     return [cmap(x) for x in np.linspace(0.0, 0.85, n)] if n > 1 else [cmap(0.35)]
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temp path in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_figure(fig: Figure, out_path: str | os.PathLike[str]) -> Path:
     out_path = Path(out_path)
     fmt = out_path.suffix.lstrip(".").lower() or "png"
-    return _write_atomic(
-        out_path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight")
-    )
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight")
+    return out_path
 
 
 def _summary_and_curves(
@@ -590,8 +581,9 @@ def write_report(
     plot_loss_curves(summary, paths["loss_curves"], log_scale=log_scale)
     plot_final_losses(summary, paths["final_losses"], log_scale=log_scale)
     table = _for_files(summary, sweep_dir)
-    _write_atomic(paths["summary_csv"], lambda tmp: table.to_csv(tmp, index=False))
+    with atomic_path(paths["summary_csv"]) as tmp:
+        table.to_csv(tmp, index=False)
     records = [{k: _plain(v) for k, v in r.items()} for r in table.to_dict("records")]
     text = json.dumps(records, indent=2, allow_nan=False) + "\n"
-    _write_atomic(paths["summary_json"], lambda tmp: tmp.write_text(text))
+    write_text_atomic(paths["summary_json"], text)
     return paths

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from analysis.cli import UserError
+from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
 from experiments.logger import ExperimentLogger
 from experiments.runtime import TrainingFailed
@@ -29,7 +30,6 @@ STRUCTURES = ("butterfly", "monarch", "lowrank")
 DATA_MODES = ("fresh", "fixed", "exact")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "rank", "floor", "loss_over_floor")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -150,8 +150,8 @@ class LossCurves:
     """``loss_curves.csv`` (appended and flushed per epoch) and ``loss_curves.json``."""
 
     def __init__(self, run_dir: Path, rank: int, floor: float):
-        self.csv_path = run_dir / "loss_curves.csv"
-        self.json_path = run_dir / "loss_curves.json"
+        self.csv_path = run_dir / CURVES_CSV
+        self.json_path = run_dir / CURVES_JSON
         self.rank, self.floor = rank, floor
         self.rows: list[dict[str, Any]] = []
         with open(self.csv_path, "w", newline="") as f:
@@ -280,9 +280,8 @@ def save_checkpoint(path: Path, chain: KSLinearChain, cfg: DictConfig) -> None:
         "structure": chain.structure,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with runstore.atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def floor_and_baseline(cfg: DictConfig, weight: torch.Tensor) -> tuple[float, float]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
 from pathlib import Path
 
 import torch
 
 from analysis.cli import UserError
+from experiments.runstore import atomic_path
 
 INIT_METHODS = (
     "xavier_uniform",
@@ -171,15 +171,9 @@ def save_weight(tensor: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     # clone: torch.save writes a view's whole storage, which may be far larger than the view.
     data = tensor.detach().cpu().clone()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({exc.strerror or exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -202,7 +202,13 @@ def test_ctrl_c_keeps_curves_and_marks_interrupted(tmp_path):
     args = ["rank=4", *SMALL, "train.num_epochs=100000", f"hydra.run.dir={out}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, stderr=subprocess.PIPE
+        [sys.executable, str(SCRIPT), *args],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.DEVNULL,  # a pipe nobody reads could fill up and block the job
+        # A shell running us in the background ignores SIGINT, and children inherit that;
+        # restore the default so the child gets KeyboardInterrupt as in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     curves = out / "loss_curves.csv"
     deadline = time.time() + 120
