@@ -7,7 +7,6 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 # Without a GPU take the CPU wheel (~200 MB) instead of the multi-GB CUDA build pip picks by default.
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
-SWEEP_ROOT ?= multirun/rank_sweep
 
 .PHONY: help install demo test test-all lint format bench analyze clean distclean
 
@@ -44,11 +43,10 @@ format: install ## apply ruff's fixes and formatting
 
 bench: install ## speed benchmarks (tables and ratios)
 	$(PY) benchmarks/bench_ksmm.py
+	$(PY) benchmarks/bench_scaling.py
 
-analyze: install ## reports on the newest local outputs
-	@newest=$$(ls -1dt $(SWEEP_ROOT)/*/ 2>/dev/null | head -n 1); \
-	if [ -z "$$newest" ]; then echo "no rank sweep under $(SWEEP_ROOT): run 'make demo' first"; exit 1; fi; \
-	$(PY) analysis/plot_rank_results.py --results_dir "$$newest" --log_scale
+analyze: install ## every report on the newest local outputs (rank sweep, scaling sweep)
+	$(PY) analysis/analyze_newest.py
 
 clean: ## remove outputs, caches and W&B offline files (keeps .venv)
 	rm -rf outputs multirun wandb .pytest_cache .ruff_cache bench_results

@@ -40,3 +40,23 @@ class RankSweepReport(Callback):
             print(f"{name}: {path}")
         if len(failed):
             print(f"{len(failed)} of {len(summary)} jobs did not finish: see the status column")
+
+
+class ScalingResults(Callback):
+    """At the end of a scaling multirun, assemble results.csv from the jobs' cell.json."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from analysis.scaling_results import assemble_results
+
+        sweep_dir = config.hydra.sweep.dir
+        try:
+            path = assemble_results(sweep_dir)
+        except Exception as exc:
+            log.error(
+                "results assembly failed: %s (re-run: python analysis/scaling_results.py %s)",
+                exc,
+                sweep_dir,
+            )
+            return
+        print(f"results: {path}")
+        print(f"analyse: python analysis/scaling_analysis.py --results {path}")

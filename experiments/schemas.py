@@ -95,8 +95,71 @@ class RankSweepConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+@dataclass
+class ScalingTaskConfig:
+    n_features: int = 128
+    n_train: int = 8192
+    n_val: int = 2048
+    # Label noise, all matched to variance noise_std^2: gaussian | laplace | student_t.
+    noise: str = "gaussian"
+    noise_std: float = 1.0
+    student_t_df: float = 5.0
+
+
+@dataclass
+class ScalingModelConfig:
+    kind: str = "linear"  # linear | mlp
+    hidden: int = 64
+    depth: int = 2  # hidden layers of the mlp
+
+
+@dataclass
+class ScalingOptimConfig:
+    name: str = "adam"  # adam | sgd
+    momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW-style decay scales with lr: keep 0 in an lr sweep
+
+
+@dataclass
+class ScalingTrainConfig:
+    protocol: str = "fixed_epochs"  # fixed_epochs (the old study) | fixed_steps
+    epochs: int = 8
+    steps: int = 2000  # fixed_steps only
+    evals: int = 8  # evaluations per cell (fixed_steps); fixed_epochs evaluates every epoch
+
+
+@dataclass
+class ScalingGridConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256, 512])
+    lrs: list[float] = field(
+        default_factory=lambda: [3.0e-5, 7.9e-5, 2.1e-4, 5.5e-4, 1.4e-3, 3.8e-3, 1.0e-2]
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    noises: list[str] = field(default_factory=lambda: ["gaussian"])
+
+
+@dataclass
+class LaplaceScalingConfig:
+    # cell: train one (batch_size, lr, seed) cell (a multirun sweeps them);
+    # grid: one process trains the whole grid, the lrs of each (batch size, seed) stacked.
+    runner: str = "cell"
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    task: ScalingTaskConfig = field(default_factory=ScalingTaskConfig)
+    model: ScalingModelConfig = field(default_factory=ScalingModelConfig)
+    optim: ScalingOptimConfig = field(default_factory=ScalingOptimConfig)
+    train: ScalingTrainConfig = field(default_factory=ScalingTrainConfig)
+    grid: ScalingGridConfig = field(default_factory=ScalingGridConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (called by each entry point before main)."""
     cs = ConfigStore.instance()
     cs.store(name="rank_sweep_schema", node=RankSweepConfig)
+    cs.store(name="laplace_scaling_schema", node=LaplaceScalingConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)

@@ -1,0 +1,219 @@
+"""The batch-size x learning-rate scaling sweep (the old "Laplace scaling" phase 2).
+
+    python experiments/laplace_scaling.py batch_size=64 lr=1e-3          # one cell
+    python experiments/laplace_scaling.py -m experiment=scaling_grid     # one job per cell
+    python experiments/laplace_scaling.py runner=grid                    # whole grid, one run
+
+Both ways write ``results.csv`` (one row per cell and seed) for
+``python analysis/scaling_analysis.py --results PATH/results.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a plain script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra
+import pandas as pd
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from analysis.cli import UserError
+from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
+from experiments.logger import ExperimentLogger
+from experiments.runstore import write_json_atomic
+from experiments.runtime import is_multirun, job_dir, run_job
+from experiments.scaling_training import (
+    MODELS,
+    NOISES,
+    OPTIMIZERS,
+    PROTOCOLS,
+    CellResult,
+    EvalPoint,
+    cell_name,
+    make_task,
+    train_group,
+)
+from experiments.schemas import register_configs
+
+log = logging.getLogger(__name__)
+
+
+def validate(cfg: DictConfig) -> None:
+    g = cfg.grid
+    lrs = [cfg.lr] if cfg.runner == "cell" else list(g.lrs)
+    batch_sizes = [cfg.batch_size] if cfg.runner == "cell" else list(g.batch_sizes)
+    noises = [cfg.task.noise] if cfg.runner == "cell" else list(g.noises)
+    checks = [
+        (cfg.runner in ("cell", "grid"), f"runner must be cell or grid, got {cfg.runner!r}"),
+        (all(lr > 0 for lr in lrs), f"learning rates must be positive, got {lrs}"),
+        (all(0 < b <= cfg.task.n_train for b in batch_sizes), f"batch sizes must be in 1..task.n_train={cfg.task.n_train}, got {batch_sizes}"),
+        (all(n in NOISES for n in noises), f"noise must be one of {', '.join(NOISES)}, got {noises}"),
+        (cfg.optim.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim.name!r}"),
+        (cfg.model.kind in MODELS, f"model.kind must be one of {', '.join(MODELS)}, got {cfg.model.kind!r}"),
+        (cfg.train.protocol in PROTOCOLS, f"train.protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.train.protocol!r}"),
+        (cfg.task.noise_std > 0, f"task.noise_std must be positive, got {cfg.task.noise_std}"),
+        ("student_t" not in noises or cfg.task.student_t_df > 2, f"task.student_t_df must be > 2 (finite variance), got {cfg.task.student_t_df}"),
+        (cfg.runner == "cell" or len(g.seeds) > 0, "grid.seeds is empty"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+class CellLogger:
+    """The old study's W&B names for the cells of one (batch size, seed, noise) group.
+
+    Per cell ``B{b}_LR{lr:.6f}/{train_loss,val_loss,learning_rate,step}``; flat ``train_loss``,
+    ``val_loss``, ``batch_size``, ``lr``, ``step``; ``summary/...`` when a cell ends;
+    ``config/...`` when it starts. The first seed and noise family keep the old names exactly;
+    other seeds and families get ``_seed{s}`` / ``_{noise}`` appended so nothing collides.
+    """
+
+    def __init__(
+        self, logger: ExperimentLogger, cfg: DictConfig, batch_size: int, seed: int, noise: str, lrs
+    ):
+        self.logger, self.batch_size, self.lrs = logger, batch_size, list(lrs)
+        suffix = ""
+        if cfg.runner == "grid":
+            suffix += f"_seed{seed}" if seed != cfg.grid.seeds[0] else ""
+            suffix += f"_{noise}" if noise != cfg.grid.noises[0] else ""
+        self.names = [cell_name(batch_size, lr) + suffix for lr in self.lrs]
+        grid_b, grid_lr = list(cfg.grid.batch_sizes), [float(x) for x in cfg.grid.lrs]
+        self.numbers = [
+            grid_b.index(batch_size) * len(grid_lr) + grid_lr.index(float(lr)) + 1
+            if batch_size in grid_b and float(lr) in grid_lr
+            else None
+            for lr in self.lrs
+        ]
+        for name, lr, num in zip(self.names, self.lrs, self.numbers, strict=True):
+            logger.define_metric(f"{name}/*", step_metric=f"{name}/step")
+            logger.log(
+                {"config/batch_size": batch_size, "config/lr": lr, "config/experiment_num": num}
+            )
+
+    def on_eval(self, point: EvalPoint) -> None:
+        for j, (name, lr) in enumerate(zip(self.names, self.lrs, strict=True)):
+            if not point.active[j] and not math.isfinite(float(point.val_loss[j])):
+                continue
+            train, val = float(point.train_loss[j]), float(point.val_loss[j])
+            self.logger.log(
+                {
+                    f"{name}/train_loss": train,
+                    f"{name}/val_loss": val,
+                    f"{name}/learning_rate": lr,
+                    f"{name}/step": point.step,
+                    "train_loss": train,
+                    "val_loss": val,
+                    "batch_size": self.batch_size,
+                    "lr": lr,
+                    "step": point.step,
+                }
+            )
+
+    def on_done(self, results: list[CellResult]) -> None:
+        for name, r in zip(self.names, results, strict=True):
+            self.logger.log(
+                {
+                    f"summary/{name}_final_val_loss": r.final_val_loss,
+                    f"summary/{name}_final_train_loss": r.final_train_loss,
+                    f"summary/{name}_converged": r.converged,
+                    "summary/final_val_loss": r.final_val_loss,
+                    "summary/final_train_loss": r.final_train_loss,
+                    "summary/batch_size": self.batch_size,
+                    "summary/lr": r.lr,
+                }
+            )
+
+
+def run_group(
+    cfg: DictConfig, logger: ExperimentLogger, batch_size: int, seed: int, noise: str, lrs
+) -> list[dict]:
+    """Train one (batch size, seed, noise) group at ``lrs``; its results.csv rows."""
+    t, m, o, tr = cfg.task, cfg.model, cfg.optim, cfg.train
+    task = make_task(t.n_features, t.n_train, t.n_val, noise, t.noise_std, t.student_t_df, seed)
+    cells = CellLogger(logger, cfg, batch_size, seed, noise, lrs)
+    results = train_group(
+        task, batch_size, list(lrs), seed,
+        model_kind=m.kind, hidden=m.hidden, depth=m.depth,
+        optimizer=o.name, momentum=o.momentum, betas=list(o.betas), eps=o.eps,
+        weight_decay=o.weight_decay,
+        protocol=tr.protocol, epochs=tr.epochs, steps=tr.steps, evals=tr.evals,
+        on_eval=cells.on_eval,
+    )  # fmt: skip
+    cells.on_done(results)
+    return [
+        {
+            "cell": cell_name(batch_size, r.lr),
+            "experiment_num": num,
+            "batch_size": batch_size,
+            "lr": r.lr,
+            "seed": seed,
+            "noise": noise,
+            "optimizer": o.name,
+            "model": m.kind,
+            "protocol": tr.protocol,
+            "final_train_loss": r.final_train_loss,
+            "final_val_loss": r.final_val_loss,
+            "min_val_loss": r.min_val_loss,
+            "initial_val_loss": r.initial_val_loss,
+            "converged": r.converged,
+            "diverged": r.diverged,
+            "steps": r.steps,
+            "epochs": r.epochs,
+            "wall_time_s": round(r.wall_time_s, 4),
+            "status": "diverged" if r.diverged else "finished",
+            "reason": r.reason,
+        }
+        for r, num in zip(results, cells.numbers, strict=True)
+    ]
+
+
+def cell_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
+    """One (batch_size, lr, seed) cell: ``cell.json`` (its results.csv row) in the job folder."""
+    (row,) = run_group(cfg, logger, cfg.batch_size, cfg.seed, cfg.task.noise, [cfg.lr])
+    write_json_atomic(job_dir() / CELL_FILE, row)
+    logger.log_summary(
+        {
+            k: row[k]
+            for k in ("final_val_loss", "final_train_loss", "converged", "diverged", "steps")
+        }
+    )
+    if not is_multirun():
+        write_results(pd.DataFrame([row]), job_dir() / RESULTS_FILE)
+    log.info("%s seed %d: final val loss %.5g%s", row["cell"], cfg.seed, row["final_val_loss"],
+             " (diverged)" if row["diverged"] else "")  # fmt: skip
+
+
+def grid_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
+    """The whole grid in this process, the lrs of each (batch size, seed) stacked."""
+    g = cfg.grid
+    groups = [(n, s, b) for n in g.noises for s in g.seeds for b in g.batch_sizes]
+    rows: list[dict] = []
+    out = job_dir() / RESULTS_FILE
+    with tqdm(total=len(groups) * len(g.lrs), desc="cells", unit="cell") as bar:
+        for noise, seed, batch_size in groups:
+            bar.set_postfix(noise=noise, seed=seed, B=batch_size)
+            rows += run_group(cfg, logger, batch_size, seed, noise, g.lrs)
+            write_results(pd.DataFrame(rows), out)  # after every group: nothing lost on a kill
+            bar.update(len(g.lrs))
+    diverged = sum(r["diverged"] for r in rows)
+    logger.log_summary(cells=len(rows), diverged=diverged, results=str(out))
+    print(f"results: {out} ({len(rows)} rows, {diverged} diverged)")
+    print(f"analyse: python analysis/scaling_analysis.py --results {out}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="laplace_scaling")
+def main(cfg: DictConfig) -> None:
+    run_job(cfg, grid_job if cfg.runner == "grid" else cell_job, validate)
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

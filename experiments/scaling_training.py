@@ -1,0 +1,313 @@
+"""The batch-size x learning-rate sweep's task, stacked student and training loop.
+
+One (batch size, seed) group trains K learning rates at once: every parameter has a leading
+"config" axis, each slice gets its own lr, and all slices see the same minibatches. K = 1 is a
+single cell, so the multirun path and the in-process grid run the same code.
+
+Paired design: for one seed, features, teacher, initialisation and minibatch order come from
+streams that do not depend on the noise family or the lr; the label noise is one uniform draw
+pushed through each family's inverse CDF (common random numbers), matched in variance.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor
+
+NOISES = ("gaussian", "laplace", "student_t")
+OPTIMIZERS = ("adam", "sgd")
+MODELS = ("linear", "mlp")
+PROTOCOLS = ("fixed_epochs", "fixed_steps")
+
+# Streams of random numbers per seed; independent of noise family and lr (the paired design).
+_DATA, _INIT, _ORDER = 0, 1, 2
+
+
+def generator(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000 + stream)
+
+
+def cell_name(batch_size: int, lr: float) -> str:
+    """The old study's per-cell W&B namespace, e.g. ``B8_LR0.000030``."""
+    return f"B{batch_size}_LR{lr:.6f}"
+
+
+def noise_from_uniform(u: Tensor, noise: str, std: float, df: float = 5.0) -> Tensor:
+    """Label noise of variance std^2 from uniforms u in (0, 1), by the family's inverse CDF."""
+    u = u.double().clamp(1e-12, 1 - 1e-12)
+    if noise == "gaussian":
+        z = math.sqrt(2.0) * torch.special.erfinv(2 * u - 1)
+    elif noise == "laplace":  # scale 1/sqrt(2) has variance 1
+        centred = u - 0.5
+        z = -torch.sign(centred) * torch.log1p(-2 * centred.abs()) / math.sqrt(2.0)
+    elif noise == "student_t":
+        if df <= 2:
+            raise ValueError(f"student_t needs degrees of freedom > 2 for a variance, got {df}")
+        z = torch.from_numpy(stats.t.ppf(u.numpy(), df)) * math.sqrt((df - 2) / df)
+    else:
+        raise ValueError(f"unknown noise {noise!r}; expected one of {NOISES}")
+    return (std * z).float()
+
+
+@dataclass
+class Task:
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+
+
+def make_task(
+    n_features: int,
+    n_train: int,
+    n_val: int,
+    noise: str,
+    noise_std: float,
+    student_t_df: float,
+    seed: int,
+) -> Task:
+    """Linear-teacher regression y = x . w* + noise, with x ~ N(0, I) and w* ~ N(0, I/d)."""
+    g = generator(seed, _DATA)
+    teacher = torch.randn(n_features, generator=g) / math.sqrt(n_features)
+    x = torch.randn(n_train + n_val, n_features, generator=g)
+    u = torch.rand(n_train + n_val, generator=g, dtype=torch.float64)
+    y = x @ teacher + noise_from_uniform(u, noise, noise_std, student_t_df)
+    return Task(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+class StackedStudent(torch.nn.Module):
+    """K identical copies of a linear or MLP student; forward (B, d) -> (K, B)."""
+
+    def __init__(self, k: int, n_features: int, kind: str, hidden: int, depth: int, seed: int):
+        super().__init__()
+        dims = [n_features, *([hidden] * depth if kind == "mlp" else []), 1]
+        g = generator(seed, _INIT)
+        self.weights = torch.nn.ParameterList()
+        self.biases = torch.nn.ParameterList()
+        for fan_in, fan_out in zip(dims[:-1], dims[1:], strict=True):
+            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default init, one copy for all K
+            w = (torch.rand(fan_in, fan_out, generator=g) * 2 - 1) * bound
+            b = (torch.rand(1, fan_out, generator=g) * 2 - 1) * bound
+            self.weights.append(torch.nn.Parameter(w.expand(k, -1, -1).clone()))
+            self.biases.append(torch.nn.Parameter(b.expand(k, -1, -1).clone()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.matmul(h, w) + b  # (B, d) @ (K, d, o) broadcasts to (K, B, o)
+            if i < last:
+                h = torch.tanh(h)
+        return h.squeeze(-1)
+
+    def hidden_layers(self) -> int:
+        return len(self.weights) - 1
+
+
+class StackedOptimizer:
+    """Adam (AdamW-style decay) or SGD with momentum, one lr per slice of the leading axis."""
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        lrs: Tensor,
+        name: str,
+        momentum: float,
+        betas: Sequence[float],
+        eps: float,
+        weight_decay: float,
+    ):
+        self.params = list(params)
+        self.lrs = lrs
+        self.name, self.momentum, self.eps, self.weight_decay = name, momentum, eps, weight_decay
+        self.beta1, self.beta2 = betas
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params] if name == "adam" else None
+
+    @torch.no_grad()
+    def step(self, active: Tensor) -> None:
+        self.t += 1
+        lr = (self.lrs * active).view(-1, 1, 1)  # a frozen slice (diverged) gets lr 0
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if self.weight_decay:
+                p.sub_(lr * self.weight_decay * p)
+            if self.name == "sgd":
+                self.m[i].mul_(self.momentum).add_(g)
+                p.sub_(lr * self.m[i])
+                continue
+            m, v = self.m[i], self.v[i]
+            m.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            m_hat = m / (1 - self.beta1**self.t)
+            v_hat = v / (1 - self.beta2**self.t)
+            p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+
+
+@dataclass
+class EvalPoint:
+    step: int
+    epoch: float
+    train_loss: Tensor  # (K,) mean minibatch loss since the last evaluation
+    val_loss: Tensor  # (K,)
+    active: Tensor  # (K,) bool: not diverged
+
+
+@dataclass
+class CellResult:
+    lr: float
+    final_train_loss: float
+    final_val_loss: float
+    min_val_loss: float
+    initial_val_loss: float
+    converged: bool
+    diverged: bool
+    steps: int
+    epochs: float
+    wall_time_s: float
+    reason: str | None = None
+    val_curve: list[float] = field(default_factory=list)
+
+
+def _finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else math.nan
+
+
+def train_group(
+    task: Task,
+    batch_size: int,
+    lrs: Sequence[float],
+    seed: int,
+    *,
+    model_kind: str = "linear",
+    hidden: int = 64,
+    depth: int = 2,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    protocol: str = "fixed_epochs",
+    epochs: int = 8,
+    steps: int = 2000,
+    evals: int = 8,
+    on_eval: Callable[[EvalPoint], None] | None = None,
+) -> list[CellResult]:
+    """Train one (batch size, seed) group at every lr in ``lrs``; a result per lr.
+
+    A slice diverges when its loss is NaN/Inf or its val loss rises above its initial val loss;
+    it is frozen there (diverged=True) and the others go on. The group stops when all diverged.
+    """
+    started = time.perf_counter()
+    k, n_train = len(lrs), len(task.x_train)
+    if batch_size > n_train:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n_train} training samples")
+    model = StackedStudent(k, task.x_train.shape[1], model_kind, hidden, depth, seed)
+    params = [*model.weights, *model.biases]
+    opt = StackedOptimizer(
+        params,
+        torch.tensor(lrs, dtype=torch.float32),
+        optimizer,
+        momentum,
+        betas,
+        eps,
+        weight_decay,
+    )
+    steps_per_epoch = n_train // batch_size
+    total = epochs * steps_per_epoch if protocol == "fixed_epochs" else steps
+    if protocol == "fixed_epochs":
+        eval_at = {e * steps_per_epoch for e in range(1, epochs + 1)}
+    else:
+        eval_at = {max(1, round(total * (i + 1) / evals)) for i in range(evals)}
+
+    @torch.no_grad()
+    def val_losses() -> Tensor:
+        return ((model(task.x_val) - task.y_val) ** 2).mean(1)
+
+    initial = val_losses()
+    active = torch.isfinite(initial)
+    diverged_at = torch.full((k,), -1, dtype=torch.long)
+    stopped = torch.zeros(k, dtype=torch.long)
+    reasons: list[str | None] = [None] * k
+    train_sum, train_n = torch.zeros(k), 0
+    curves: list[list[float]] = [[] for _ in range(k)]
+    train_curves: list[list[float]] = [[] for _ in range(k)]
+    order = generator(seed, _ORDER)
+    perm = None
+    step = 0
+    for step in range(1, total + 1):
+        pos = (step - 1) % steps_per_epoch
+        if pos == 0:
+            perm = torch.randperm(n_train, generator=order)
+        idx = perm[pos * batch_size : (pos + 1) * batch_size]
+        per_slice = ((model(task.x_train[idx]) - task.y_train[idx]) ** 2).mean(1)
+        bad = active & ~torch.isfinite(per_slice)
+        for j in bad.nonzero().flatten().tolist():
+            reasons[j] = f"train loss became {per_slice[j].item()} at step {step}"
+            diverged_at[j] = step
+        active &= ~bad
+        for p in params:
+            p.grad = None
+        torch.where(active, per_slice, 0.0).sum().backward()
+        opt.step(active)
+        stopped[active] = step
+        train_sum += torch.where(active, per_slice.detach(), 0.0)
+        train_n += 1
+        if step in eval_at:
+            val = val_losses()
+            rising = active & (~torch.isfinite(val) | (val > initial))
+            for j in rising.nonzero().flatten().tolist():
+                reasons[j] = f"val loss {val[j].item():.4g} above its initial {initial[j]:.4g}"
+                diverged_at[j] = step
+            active &= ~rising
+            train_mean = train_sum / train_n
+            for j in range(k):
+                curves[j].append(float(val[j]))
+                train_curves[j].append(float(train_mean[j]))
+            if on_eval is not None:
+                on_eval(EvalPoint(step, step / steps_per_epoch, train_mean, val, active.clone()))
+            train_sum, train_n = torch.zeros(k), 0
+            if not active.any():
+                break
+    wall = (time.perf_counter() - started) / k  # the group's time, shared by its cells
+    results = []
+    for j, lr in enumerate(lrs):
+        val_curve = curves[j]
+        finite = [v for v in val_curve if math.isfinite(v)]
+        diverged = bool(diverged_at[j] >= 0)
+        final_val = _finite_or_nan(val_curve[-1]) if val_curve else math.nan
+        # converged: the val loss improved by less than 1% over the last quarter of training
+        quarter = val_curve[-max(1, len(val_curve) // 4) - 1] if len(val_curve) > 1 else math.nan
+        converged = (
+            not diverged
+            and math.isfinite(final_val)
+            and math.isfinite(quarter)
+            and (quarter - final_val) <= 0.01 * final_val
+        )
+        results.append(
+            CellResult(
+                lr=float(lr),
+                final_train_loss=_finite_or_nan(train_curves[j][-1])
+                if train_curves[j]
+                else math.nan,
+                final_val_loss=math.nan if diverged else final_val,
+                min_val_loss=min(finite) if finite else math.nan,
+                initial_val_loss=float(initial[j]),
+                converged=converged,
+                diverged=diverged,
+                steps=int(stopped[j]) if not diverged else int(diverged_at[j]),
+                epochs=float(np.round((int(stopped[j]) or step) / steps_per_epoch, 6)),
+                wall_time_s=wall,
+                reason=reasons[j],
+                val_curve=val_curve,
+            )
+        )
+    return results

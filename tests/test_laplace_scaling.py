@@ -1,0 +1,162 @@
+"""The scaling sweep: noise families, stacked training, both runners, results.csv."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from experiments.scaling_training import make_task, noise_from_uniform, train_group
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "laplace_scaling.py"
+SMALL = [
+    "task.n_features=8",
+    "task.n_train=256",
+    "task.n_val=128",
+    "train.epochs=2",
+    "grid.batch_sizes=[8,64]",
+    "grid.lrs=[1.0e-3,1.0e-2]",
+    "grid.seeds=[0,1]",
+    "logger=disabled",
+]
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "laplace", "student_t"])
+def test_noise_families_are_variance_matched(noise):
+    u = torch.rand(400_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = noise_from_uniform(u, noise, std=2.0, df=5.0)
+    assert z.mean().abs() < 0.02
+    assert z.var().item() == pytest.approx(4.0, rel=0.03)
+
+
+def test_noise_draws_are_paired():
+    """One uniform draw per sample: every family's noise is a monotone map of it."""
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g, lap = noise_from_uniform(u, "gaussian", 1.0), noise_from_uniform(u, "laplace", 1.0)
+    order = torch.argsort(u)
+    assert (g[order].diff() >= 0).all() and (lap[order].diff() >= 0).all()
+    a, b = (
+        make_task(4, 64, 16, "gaussian", 1.0, 5.0, 3),
+        make_task(4, 64, 16, "laplace", 1.0, 5.0, 3),
+    )
+    assert torch.equal(a.x_train, b.x_train) and not torch.equal(a.y_train, b.y_train)
+
+
+def test_stacked_learning_rates_equal_single_cells():
+    task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
+    lrs = [1e-3, 3e-3, 1e-2]
+    stacked = train_group(task, 16, lrs, seed=0, epochs=2, model_kind="mlp", hidden=8)
+    for lr, cell in zip(lrs, stacked, strict=True):
+        (single,) = train_group(task, 16, [lr], seed=0, epochs=2, model_kind="mlp", hidden=8)
+        assert single.final_val_loss == pytest.approx(cell.final_val_loss, rel=1e-5)
+        assert single.steps == cell.steps == 32
+
+
+def test_divergence_freezes_one_slice_and_the_rest_go_on():
+    task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
+    slow, wild = train_group(task, 16, [1e-2, 50.0], seed=0, epochs=3, optimizer="sgd")
+    assert wild.diverged and not slow.diverged
+    assert wild.reason and wild.steps < slow.steps == 48
+    assert slow.final_val_loss < slow.initial_val_loss
+
+
+def test_grid_runner_results_and_old_names(tmp_path):
+    out = tmp_path / "grid"
+    proc = run(["runner=grid", *SMALL, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 8
+    for column in ("batch_size", "lr", "seed", "noise", "optimizer", "final_train_loss",
+                   "final_val_loss", "min_val_loss", "converged", "diverged", "steps",
+                   "wall_time_s"):  # fmt: skip
+        assert column in results.columns
+    keys = set()
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        keys |= set(json.loads(line))
+    assert {"B8_LR0.001000/train_loss", "B8_LR0.001000/val_loss", "B8_LR0.001000/learning_rate",
+            "B8_LR0.001000/step", "train_loss", "val_loss", "batch_size", "lr", "step",
+            "summary/B8_LR0.001000_final_val_loss", "summary/B8_LR0.001000_converged",
+            "summary/final_val_loss", "config/batch_size", "config/experiment_num",
+            "B64_LR0.010000_seed1/val_loss"} <= keys  # fmt: skip
+
+    # same seed, same results.csv (wall time aside), bit for bit
+    again = tmp_path / "again"
+    assert run(["runner=grid", *SMALL, f"hydra.run.dir={again}"], tmp_path).returncode == 0
+    a, b = [
+        (p / "results.csv").read_text().splitlines() for p in (out, again)
+    ]  # fmt: skip
+    strip = lambda lines: [
+        ",".join(x for i, x in enumerate(line.split(",")) if i != 17) for line in lines
+    ]  # noqa: E731
+    assert a[0].split(",")[17] == "wall_time_s" and strip(a) == strip(b)
+
+    # the multirun way writes the same rows
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", "batch_size=8,64", "lr=1.0e-3,1.0e-2", "seed=0,1", *SMALL,
+                f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    multi = pd.read_csv(sweep / "results.csv")
+    cols = ["batch_size", "lr", "seed", "final_val_loss", "min_val_loss", "steps", "diverged"]
+    pd.testing.assert_frame_equal(multi[cols], results[cols], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("task.noise=cauchy", "noise must be one of"),
+        ("batch_size=0", "batch sizes must be in"),
+        ("lr=-1", "learning rates must be positive"),
+        ("task.noise=student_t task.student_t_df=2", "student_t_df must be > 2"),
+        ("optim.name=lion", "optim.name must be one of"),
+    ],
+)
+def test_bad_input(tmp_path, override, message):
+    proc = run([*SMALL, *override.split(), f"hydra.run.dir={tmp_path / 'job'}"], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_assembly_by_hand_lists_failed_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    ok = sweep / "0_ok"
+    ok.mkdir(parents=True)
+    (ok / "cell.json").write_text(json.dumps({"batch_size": 8, "lr": 1e-3, "seed": 0,
+        "noise": "gaussian", "final_val_loss": 1.1, "diverged": False, "status": "finished"}))  # fmt: skip
+    bad = sweep / "1_failed"
+    bad.mkdir()
+    (bad / "config.yaml").write_text("batch_size: 16\nlr: 0.01\nseed: 0\ntask: {noise: gaussian}\n")
+    (bad / "run.json").write_text(json.dumps({"state": "failed", "reason": "OOM"}))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "analysis" / "scaling_results.py"), str(sweep)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_csv(sweep / "results.csv")
+    assert frame["status"].tolist() == ["finished", "failed"] and frame["reason"][1] == "OOM"
+    empty = subprocess.run(
+        [sys.executable, str(REPO / "analysis" / "scaling_results.py"), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert empty.returncode == 2 and empty.stderr.startswith("error:")
