@@ -80,3 +80,15 @@ def test_output_folders_are_unique_per_launch(compose_cfg):
     raw = OmegaConf.to_container(cfg.hydra, resolve=False)
     # microseconds in the folder name: two launches in the same second do not collide
     assert raw["run"]["dir"].endswith("%f}") and raw["sweep"]["dir"].endswith("%f}")
+
+
+def test_laplace_scaling_defaults_and_grid(compose_cfg):
+    cfg = compose_cfg("laplace_scaling")
+    assert cfg.runner == "cell" and cfg.logger.project == "laplace-scaling-phase2"
+    assert list(cfg.grid.batch_sizes) == [8, 16, 32, 64, 128, 256, 512]
+    assert len(cfg.grid.lrs) == 7 and min(cfg.grid.lrs) == 3e-5 and max(cfg.grid.lrs) == 1e-2
+    assert cfg.optim.weight_decay == 0 and cfg.train.protocol == "fixed_epochs"
+    grid = compose_cfg("laplace_scaling", ["experiment=scaling_grid"], hydra=True)
+    assert grid.hydra.sweeper.params.seed == "0,1,2"
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_cfg("laplace_scaling", ["optim.nmae=sgd"])
