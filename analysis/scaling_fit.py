@@ -528,6 +528,8 @@ def bootstrap_beta(
     idx = _draw(rng, n_boot, len(grid.batch_sizes), len(grid.seeds))
     log_lr = _resampled_log_lr_opt(grid, idx, window)
     betas = _slopes(np.log(grid.batch_sizes[keep].astype(float)), log_lr[:, keep])
+    if len(grid.seeds) < 2:  # resampling one seed only repeats it: a zero-width "interval"
+        betas = np.full_like(betas, np.nan)
     return {
         "noise": noise,
         "beta": fit["beta"],
@@ -587,6 +589,8 @@ def paired_family_difference(
         _resampled_log_lr_opt(grid_b, idx_b, window)[:, keep_b],
     )
     diff = beta_a - beta_b
+    if len(grid_a.seeds) < 2 or len(grid_b.seeds) < 2:  # one seed: nothing to resample
+        diff = np.full_like(diff, np.nan)
     return {
         "a": a,
         "b": b,
@@ -777,7 +781,10 @@ def _slope_sentence(ci: Sequence[Any]) -> str:
     inside = [k for k in REFERENCE_SLOPES if _inside(ci, k)]
     outside = [k for k in REFERENCE_SLOPES if _inside(ci, k) is False]
     if _inside(ci, 0.0) is None:
-        return "  no interval: too few usable batch sizes or replicates to say anything."
+        return (
+            "  no interval: one seed per cell, or too few usable batch sizes or replicates; "
+            "run more seeds (grid.seeds) before reading anything into beta."
+        )
 
     def names(keys: list[float]) -> str:
         return ", ".join(f"{k:g} ({REFERENCE_SLOPES[k]})" for k in keys)

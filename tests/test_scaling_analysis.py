@@ -356,3 +356,11 @@ def test_cli_bad_input_exits_2_with_one_error_line(tmp_path, problem):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert not any((tmp_path / name).exists() for name in OUTPUTS)
+
+
+def test_one_seed_gives_no_interval_and_says_so():
+    """Resampling a single seed repeats it: no zero-width interval may pass for certainty."""
+    result = analyze(surface(beta=0.6, seeds=(0,)), n_boot=200)
+    assert all(x is None or math.isnan(x) for x in result["beta_ci"])
+    assert abs(result["beta"] - 0.6) <= 0.05
+    assert "no interval" in interpret(result) and "grid.seeds" in interpret(result)
