@@ -160,3 +160,12 @@ def test_assembly_by_hand_lists_failed_jobs(tmp_path):
         text=True,
     )
     assert empty.returncode == 2 and empty.stderr.startswith("error:")
+
+
+def test_fixed_steps_protocol_and_mlp_student():
+    task = make_task(8, 256, 64, "laplace", 1.0, 5.0, 0)
+    (cell,) = train_group(
+        task, 32, [3e-3], seed=0, protocol="fixed_steps", steps=50, evals=5, model_kind="mlp"
+    )
+    assert cell.steps == 50 and len(cell.val_curve) == 5 and not cell.diverged
+    assert cell.final_val_loss < cell.initial_val_loss
