@@ -44,6 +44,7 @@ format: install ## apply ruff's fixes and formatting
 bench: install ## speed benchmarks (tables and ratios)
 	$(PY) benchmarks/bench_ksmm.py
 	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_rank_dynamics.py
 
 analyze: install ## every report on the newest local outputs (rank sweep, scaling sweep)
 	$(PY) analysis/analyze_newest.py
