@@ -22,6 +22,7 @@ from analysis.cli import UserError
 from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
 from experiments.logger import ExperimentLogger
+from experiments.rank_probe import RankProbe, input_rank
 from experiments.runtime import TrainingFailed
 from experiments.weights import INIT_METHODS, load_weight, make_weight
 from ksmm import KSLinearChain, expected_mse, loss_floor, zero_predictor_loss
@@ -46,6 +47,8 @@ def validate_config(cfg: DictConfig) -> None:
         (cfg.data.mode in DATA_MODES, f"data.mode must be one of {', '.join(DATA_MODES)}, got {cfg.data.mode!r}"),
         (cfg.train.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.train.schedule!r}"),
         (cfg.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}"),
+        (cfg.rank_probe.mode in ("difference", "ratio"), f"rank_probe.mode must be difference or ratio, got {cfg.rank_probe.mode!r}"),
+        (cfg.rank_probe.every >= 0 and cfg.rank_probe.probe_size > 0, "rank_probe.every must be >= 0 and rank_probe.probe_size > 0"),
         (cfg.weight.path is not None or cfg.weight.init in INIT_METHODS, f"weight.init must be one of {', '.join(INIT_METHODS)}, got {cfg.weight.init!r}"),
     ]  # fmt: skip
     for ok, message in checks:
@@ -53,6 +56,20 @@ def validate_config(cfg: DictConfig) -> None:
             raise UserError(message)
     if cfg.data.mode == "fixed" and cfg.data.num_samples * (1 - cfg.data.val_fraction) < 1:
         raise UserError(f"data.num_samples={cfg.data.num_samples} leaves no training samples")
+
+
+def build_rank_probe(cfg: DictConfig, chain: KSLinearChain, device: torch.device) -> RankProbe:
+    """Ranks of every factor's output on a fixed probe batch x ~ N(0, s^2 I)."""
+    pc = cfg.rank_probe
+    g = torch.Generator().manual_seed(cfg.seed + 7919)  # fixed, apart from the training data
+    x = (cfg.data.input_std * torch.randn(pc.probe_size, chain.in_features, generator=g)).to(device)
+
+    def features() -> dict[str, torch.Tensor]:
+        return {f"factor_{i}": out for i, out in enumerate(chain.factor_outputs(x))}
+
+    return RankProbe(
+        features, pc.every, input_rank(x), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
+    )
 
 
 def check_precision(precision: str, device: torch.device) -> None:

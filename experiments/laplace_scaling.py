@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from analysis.cli import UserError
 from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
 from experiments.logger import ExperimentLogger
+from experiments.rank_probe import RankProbe, input_rank
 from experiments.runstore import write_json_atomic
 from experiments.runtime import is_multirun, job_dir, run_job
 from experiments.scaling_training import (
@@ -76,9 +77,17 @@ class CellLogger:
     """
 
     def __init__(
-        self, logger: ExperimentLogger, cfg: DictConfig, batch_size: int, seed: int, noise: str, lrs
+        self,
+        logger: ExperimentLogger,
+        cfg: DictConfig,
+        batch_size: int,
+        seed: int,
+        noise: str,
+        lrs,
+        probe_x=None,
     ):
         self.logger, self.batch_size, self.lrs = logger, batch_size, list(lrs)
+        self.probe_cfg, self.probe_x, self.evals = cfg.rank_probe, probe_x, 0
         suffix = ""
         if cfg.runner == "grid":
             suffix += f"_seed{seed}" if seed != cfg.grid.seeds[0] else ""
@@ -97,13 +106,32 @@ class CellLogger:
                 {"config/batch_size": batch_size, "config/lr": lr, "config/experiment_num": num}
             )
 
+    def slice_ranks(self, point: EvalPoint) -> list[dict[str, float]]:
+        """Per lr slice: the rank probe over the MLP's hidden layers, when it is due."""
+        pc, x = self.probe_cfg, self.probe_x
+        self.evals += 1
+        if x is None or not pc.enabled or not pc.every or self.evals % pc.every:
+            return [{} for _ in self.lrs]
+        hidden = point.model.hidden_outputs(x)
+        if not hidden:  # a linear student has no hidden layer to probe
+            return [{} for _ in self.lrs]
+        probes = []
+        for j in range(len(self.lrs)):
+            feats = {f"hidden_{i}": h[j] for i, h in enumerate(hidden)}
+            probe = RankProbe(lambda f=feats: f, 1, input_rank(x), pc.mode,
+                              pc.prepend_input_rank, pc.prop, pc.eps)  # fmt: skip
+            probes.append(probe.measure())
+        return probes
+
     def on_eval(self, point: EvalPoint) -> None:
+        ranks = self.slice_ranks(point)
         for j, (name, lr) in enumerate(zip(self.names, self.lrs, strict=True)):
             if not point.active[j] and not math.isfinite(float(point.val_loss[j])):
                 continue
             train, val = float(point.train_loss[j]), float(point.val_loss[j])
             self.logger.log(
                 {
+                    **{f"{name}/{k}": v for k, v in ranks[j].items()},
                     f"{name}/train_loss": train,
                     f"{name}/val_loss": val,
                     f"{name}/learning_rate": lr,
@@ -137,7 +165,8 @@ def run_group(
     """Train one (batch size, seed, noise) group at ``lrs``; its results.csv rows."""
     t, m, o, tr = cfg.task, cfg.model, cfg.optim, cfg.train
     task = make_task(t.n_features, t.n_train, t.n_val, noise, t.noise_std, t.student_t_df, seed)
-    cells = CellLogger(logger, cfg, batch_size, seed, noise, lrs)
+    probe_x = task.x_val[: cfg.rank_probe.probe_size]  # fixed: the same for every lr and step
+    cells = CellLogger(logger, cfg, batch_size, seed, noise, lrs, probe_x)
     results = train_group(
         task, batch_size, list(lrs), seed,
         model_kind=m.kind, hidden=m.hidden, depth=m.depth,

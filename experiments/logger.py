@@ -114,6 +114,7 @@ class ExperimentLogger:
         self._finished = False
         self._wandb = None  # the wandb module while W&B is live
         self._run = None
+        self._rank_probe = None
 
         summary_path = self.run_dir / runstore.SUMMARY_FILE
         if resuming and summary_path.exists():
@@ -242,11 +243,25 @@ class ExperimentLogger:
         """A copy of what ``run.json`` holds."""
         return dict(self._record)
 
+    def attach_rank_probe(self, probe) -> None:
+        """Run ``probe`` (an :class:`experiments.rank_probe.RankProbe`) whenever a log call
+        lands on a step it is due; its metrics join that call."""
+        self._rank_probe = probe
+        self._record["rank_probe"] = {
+            "every": probe.every,
+            "mode": probe.mode,
+            "prepend_input_rank": probe.prepend_input_rank,
+            "input_rank": probe.input_rank,
+        }
+        self._write_record()
+
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
         """Log scalars at ``step`` (default: the next step). Returns the step used."""
         step = self._next_step(step)
         self.step = max(self.step, step)
         values = dict(metrics)
+        if self._rank_probe is not None and self._rank_probe.due(step):
+            values.update(self._rank_probe.measure())
         self._metrics.write({"_step": step, **values})
         self._to_wandb("log", lambda run: run.log(values, step=step))
         return step

@@ -25,6 +25,7 @@ from experiments.chain_training import (
     LossCurves,
     Targets,
     build_chain,
+    build_rank_probe,
     build_weight,
     check_precision,
     check_rank,
@@ -81,6 +82,9 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
         floor,
         zero_loss,
     )
+
+    if cfg.rank_probe.enabled:
+        logger.attach_rank_probe(build_rank_probe(cfg, chain, device))
 
     # train
     curves = LossCurves(out, cfg.rank, floor)

@@ -12,6 +12,7 @@ An entry point calls :func:`run_job` with its body ``body(cfg, logger)`` and an 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -92,14 +93,24 @@ def configure_threads(num_threads: int | None) -> int:
     return int(num_threads)
 
 
-def start_logger(cfg: DictConfig, run_dir: Path | None = None) -> ExperimentLogger:
-    """The shared logger for this job, built from ``cfg.logger``."""
+def start_logger(
+    cfg: DictConfig, run_dir: Path | None = None, run_id: str | None = None
+) -> ExperimentLogger:
+    """The shared logger for this job, built from ``cfg.logger``.
+
+    ``run_id`` (or ``cfg.resume`` with a run record already in ``run_dir``) continues that run:
+    the same W&B run id, the local metrics appended to.
+    """
     lc = cfg.logger
+    run_dir = run_dir or job_dir()
+    record = run_dir / "run.json"
+    if run_id is None and cfg.get("resume") and record.is_file():
+        run_id = json.loads(record.read_text()).get("run_id")
     group = lc.group
     if group is None and is_multirun():
         group = Path(HydraConfig.get().sweep.dir).name
     return ExperimentLogger(
-        run_dir or job_dir(),
+        run_dir,
         OmegaConf.to_container(cfg, resolve=True),
         mode=lc.mode,
         project=lc.project,
@@ -110,6 +121,7 @@ def start_logger(cfg: DictConfig, run_dir: Path | None = None) -> ExperimentLogg
         job_type=lc.job_type,
         notes=lc.notes,
         init_timeout=lc.init_timeout,
+        run_id=run_id,
     )
 
 

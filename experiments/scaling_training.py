@@ -107,8 +107,14 @@ class StackedStudent(torch.nn.Module):
                 h = torch.tanh(h)
         return h.squeeze(-1)
 
-    def hidden_layers(self) -> int:
-        return len(self.weights) - 1
+    @torch.no_grad()
+    def hidden_outputs(self, x: Tensor) -> list[Tensor]:
+        """Each hidden layer's activations, (K, B, hidden) per layer (none for linear)."""
+        outs, h = [], x
+        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            h = torch.tanh(torch.matmul(h, w) + b)
+            outs.append(h)
+        return outs
 
 
 class StackedOptimizer:
@@ -159,6 +165,7 @@ class EvalPoint:
     train_loss: Tensor  # (K,) mean minibatch loss since the last evaluation
     val_loss: Tensor  # (K,)
     active: Tensor  # (K,) bool: not diverged
+    model: StackedStudent | None = None  # for probes that look inside (rank probe)
 
 
 @dataclass
@@ -273,7 +280,10 @@ def train_group(
                 curves[j].append(float(val[j]))
                 train_curves[j].append(float(train_mean[j]))
             if on_eval is not None:
-                on_eval(EvalPoint(step, step / steps_per_epoch, train_mean, val, active.clone()))
+                point = EvalPoint(
+                    step, step / steps_per_epoch, train_mean, val, active.clone(), model
+                )
+                on_eval(point)
             train_sum, train_n = torch.zeros(k), 0
             if not active.any():
                 break

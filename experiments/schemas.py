@@ -7,8 +7,10 @@ only set values. Shared pieces (logger, runtime) are reused by every experiment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -31,6 +33,19 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # None: torch's default, or cores / parallel jobs under the joblib and submitit launchers.
     num_threads: int | None = None
+
+
+@dataclass
+class RankProbeConfig:
+    """The live rank probe (experiments/rank_probe.py), shared by every experiment."""
+
+    enabled: bool = True
+    every: int = 5  # in logged steps (epochs for the rank sweep)
+    probe_size: int = 256  # fixed probe batch; ranks are capped at min(probe_size, width)
+    mode: str = "difference"  # difference | ratio (rank-decay dynamics)
+    prepend_input_rank: bool = False  # R_0 = the probe batch's rank in the dynamics
+    prop: float = 0.99
+    eps: float = 0.01
 
 
 @dataclass
@@ -91,6 +106,7 @@ class RankSweepConfig:
     data: ChainDataConfig = field(default_factory=ChainDataConfig)
     train: ChainTrainConfig = field(default_factory=ChainTrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    rank_probe: RankProbeConfig = field(default_factory=RankProbeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -153,13 +169,95 @@ class LaplaceScalingConfig:
     optim: ScalingOptimConfig = field(default_factory=ScalingOptimConfig)
     train: ScalingTrainConfig = field(default_factory=ScalingTrainConfig)
     grid: ScalingGridConfig = field(default_factory=ScalingGridConfig)
+    # the MLP student's hidden layers, every `every` evaluations (a linear student has none)
+    rank_probe: RankProbeConfig = field(default_factory=lambda: RankProbeConfig(every=4))
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+@dataclass
+class MultimodalDataConfig:
+    source: str = "synthetic"  # synthetic (built-in line art) | folder
+    num_train: int = 4627
+    num_val: int = 514
+    image_size: int = 48
+    max_objects: int = 2  # synthetic: 1 to max_objects shapes per image
+    folder: str | None = None  # folder: the images
+    captions: str | None = None  # CSV (image,caption) or JSONL; None: captions.csv|jsonl in folder
+    channels: int = 1  # 1 grayscale | 3 RGB
+    val_fraction: float = 0.1  # folder only; the synthetic split is num_train / num_val
+    vocab_size: int = 1266  # cap, special tokens included
+    max_caption_len: int = 0  # tokens with bos/eos; 0: the longest training caption
+
+
+@dataclass
+class MultimodalModelConfig:
+    image_encoder_layers: int = 5
+    conv_width: int = 32
+    latent_dim: int = 256
+    embedding_dim: int = 128
+    transformer_layers: int = 2
+    caption_encoder_layers: int = 1
+    num_heads: int = 4
+    prefix_tokens: int = 4  # the image latent enters the caption decoder as this many tokens
+    dropout: float = 0.0
+
+
+@dataclass
+class MultimodalLossConfig:
+    alignment: str = "infonce"  # infonce | mse | cosine
+    image_weight: float = 10.0
+    caption_weight: float = 1.0
+    alignment_weight: float = 0.1
+
+
+@dataclass
+class MultimodalTrainConfig:
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    log_frequency: int = 10  # batches between metric logs; 0: epoch metrics only
+    image_log_frequency: int = 500  # batches between reconstruction images; 0: never
+    checkpoint_frequency: int = 0  # batches between last.pt saves; 0: at each epoch's end
+    num_samples: int = 8  # sample captions in the table at each evaluation
+    max_steps: int = 0  # stop after this many batches in all (0: no limit); resume goes on
+
+
+@dataclass
+class MultimodalConfig:
+    seed: int = 0
+    resume: bool = False
+    run_dir: str | None = None  # resume: the run folder; None picks the newest one
+    data: MultimodalDataConfig = field(default_factory=MultimodalDataConfig)
+    model: MultimodalModelConfig = field(default_factory=MultimodalModelConfig)
+    loss: MultimodalLossConfig = field(default_factory=MultimodalLossConfig)
+    train: MultimodalTrainConfig = field(default_factory=MultimodalTrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def multimodal_run_dir(resume: bool, run_dir: str | None, fresh: str) -> str:
+    """The multimodal run folder: ``run_dir``, else with ``resume`` the newest one holding a
+    last.pt under ``fresh``'s parent (the same folder and W&B run go on), else ``fresh``."""
+    if run_dir:
+        return run_dir
+    if resume:
+        runs = sorted(Path(fresh).parent.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+        if runs:
+            return str(runs[-1].parent)
+    return fresh
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (called by each entry point before main)."""
+    if not OmegaConf.has_resolver("multimodal_run_dir"):
+        OmegaConf.register_new_resolver("multimodal_run_dir", multimodal_run_dir)
     cs = ConfigStore.instance()
     cs.store(name="rank_sweep_schema", node=RankSweepConfig)
     cs.store(name="laplace_scaling_schema", node=LaplaceScalingConfig)
+    cs.store(name="multimodal_schema", node=MultimodalConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)

@@ -249,6 +249,16 @@ class KSLinearChain(nn.Module):
         h = x.reshape(-1, self.in_features)
         return _apply_ops(self._ops(h.shape[0]), h).reshape(*lead, self.out_features)
 
+    @torch.no_grad()
+    def factor_outputs(self, x: Tensor) -> list[Tensor]:
+        """Each factor's output, in application order, one factor at a time (no merging or
+        folding): what a rank probe measures. The last one includes the output scale."""
+        outs, h = [], x
+        for i, f in enumerate(self.factors):
+            h = f(h)
+            outs.append(h * self.output_scale if i == len(self.factors) - 1 else h)
+        return outs
+
     def to_dense(self) -> Tensor:
         """The (out, in) matrix K_L ... K_1, computed as the chain applied to the identity."""
         w = self.factors[0].weight

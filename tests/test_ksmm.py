@@ -304,3 +304,12 @@ def ks_chain_reference(chain):
     for f in chain.factors:
         dense = ks_dense(f.weight_abcd()) @ dense
     return chain.output_scale * dense
+
+
+def test_factor_outputs_end_at_the_chain_output():
+    chain = KSLinearChain(96, 40, 8, output_scale=2.0).double()
+    x = torch.randn(5, 96, dtype=torch.float64)
+    outs = chain.factor_outputs(x)
+    assert len(outs) == len(chain.patterns)
+    assert [o.shape[1] for o in outs] == [p.out_features for p in chain.patterns]
+    torch.testing.assert_close(outs[-1], chain(x))

@@ -169,3 +169,16 @@ def test_fixed_steps_protocol_and_mlp_student():
     )
     assert cell.steps == 50 and len(cell.val_curve) == 5 and not cell.diverged
     assert cell.final_val_loss < cell.initial_val_loss
+
+
+def test_mlp_hidden_layers_are_rank_probed_per_cell(tmp_path):
+    out = tmp_path / "grid"
+    args = ["runner=grid", *SMALL, "grid.seeds=[0]", "model.kind=mlp", "model.hidden=16",
+            "rank_probe.every=1", f"hydra.run.dir={out}"]  # fmt: skip
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    keys = set()
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        keys |= set(json.loads(line))
+    assert "B8_LR0.001000/ranks/hidden_1/effective_rank" in keys
+    assert "B64_LR0.010000/effective_rank_normalized_aurc" in keys

@@ -41,7 +41,7 @@ def run(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.Com
 
 def test_single_run_writes_curves_checkpoint_and_record(tmp_path):
     out = tmp_path / "job"
-    proc = run(["rank=4", *SMALL, f"hydra.run.dir={out}"], tmp_path)
+    proc = run(["rank=4", *SMALL, "rank_probe.every=2", f"hydra.run.dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     curves = pd.read_csv(out / "loss_curves.csv")
     assert list(curves.columns) == [
@@ -60,6 +60,15 @@ def test_single_run_writes_curves_checkpoint_and_record(tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"train_loss", "val_loss", "lr", "grad_norm", "floor", "loss_over_floor"} <= set(
         metrics[-1]
+    )
+    # the rank probe: every factor's output at epoch 2, with the 12 dynamics metrics
+    probed = metrics[1]
+    assert probed["_step"] == 2 and "ranks/factor_0/effective_rank" in probed
+    last = len(checkpoint["patterns"]) - 1
+    assert f"ranks/factor_{last}/numerical_rank" in probed
+    assert (
+        "effective_rank_rank_drop_gini" in probed
+        and "ranks/factor_0/effective_rank" not in metrics[0]
     )
 
 

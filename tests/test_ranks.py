@@ -66,6 +66,15 @@ def test_measures_match_the_definitions(spectrum):
         assert got[key] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.parametrize("spectrum", SPECTRA)
+def test_wide_features_take_the_gram_path_and_agree(spectrum):
+    x = planted(spectrum, b=36, d=200)  # D > 2B: eigenvalues of X X^T
+    want = reference(spectrum + [0.0] * (36 - len(spectrum)))
+    got = rank_measures(x)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
 def test_thresholds_are_parameters():
     x = planted([10.0, 5.0, 2.0, 1.0, 0.5])
     loose = rank_measures(x, prop=0.9, eps=0.15)

@@ -1,0 +1,454 @@
+"""Multimodal trainer: image reconstruction, captioning and image-caption latent alignment.
+
+    python experiments/multimodal.py
+    python experiments/multimodal.py train.epochs=1 data.num_train=64 data.num_val=32
+    python experiments/multimodal.py resume=true          # the newest run goes on
+    python experiments/multimodal.py data.source=folder data.folder=~/engravings
+
+Each run writes best.pt and last.pt (model, optimizer, tokenizer, step) and the logger's run
+record (metrics.jsonl, media/ with original|reconstruction images, tables/ with sample captions).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a plain script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra
+import psutil
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from analysis.cli import UserError
+from experiments import runstore
+from experiments.logger import ExperimentLogger
+from experiments.multimodal_data import PairSet, Tokenizer, load_pairs, words
+from experiments.multimodal_model import (
+    MultimodalModel,
+    alignment_loss,
+    caption_metrics,
+    grad_stats,
+    latent_stats,
+    retrieval_top1,
+)
+from experiments.runtime import TrainingFailed, job_dir, resolve_device, run_job
+from experiments.schemas import MultimodalConfig, register_configs
+
+log = logging.getLogger(__name__)
+ALIGNMENTS = ("infonce", "mse", "cosine")
+_PAIRS: dict[str, tuple[PairSet, PairSet]] = {}  # loaded once by validate(), used by the job
+
+
+def validate(cfg: DictConfig) -> None:
+    dc, mc, tc = cfg.data, cfg.model, cfg.train
+    if dc.source not in ("synthetic", "folder"):
+        raise UserError(f"data.source must be one of synthetic, folder, got {dc.source!r}")
+    if cfg.loss.alignment not in ALIGNMENTS:
+        raise UserError(f"loss.alignment must be one of {', '.join(ALIGNMENTS)}")
+    if dc.vocab_size < 5:
+        raise UserError(f"data.vocab_size={dc.vocab_size} is too small: it must be at least 5")
+    if dc.channels not in (1, 3):
+        raise UserError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {dc.channels}")
+    positive = {
+        "data.image_size": dc.image_size,
+        "data.max_objects": dc.max_objects,
+        "model.image_encoder_layers": mc.image_encoder_layers,
+        "model.latent_dim": mc.latent_dim,
+        "model.transformer_layers": mc.transformer_layers,
+        "model.prefix_tokens": mc.prefix_tokens,
+        "train.epochs": tc.epochs,
+        "train.batch_size": tc.batch_size,
+        "train.lr": tc.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+    if dc.source == "synthetic" and (dc.num_train < 2 or dc.num_val < 2):
+        raise UserError("data.num_train and data.num_val must be at least 2")
+    if dc.source == "synthetic" and dc.max_objects > 9:
+        raise UserError(f"data.max_objects must be at most 9 (a 3x3 grid), got {dc.max_objects}")
+    if mc.embedding_dim % mc.num_heads:
+        raise UserError(
+            f"model.embedding_dim={mc.embedding_dim} must be divisible by "
+            f"model.num_heads={mc.num_heads}"
+        )
+    if cfg.resume and not (job_dir() / "last.pt").is_file():
+        raise UserError(f"resume=true but there is no last.pt in {job_dir()} (set run_dir=...)")
+    resolve_device(cfg.runtime.device)
+    _PAIRS["data"] = load_pairs(cfg, cfg.seed)
+
+
+# -- pieces -------------------------------------------------------------------------------------
+
+
+def build_model(cfg: DictConfig, tokenizer: Tokenizer, max_len: int, channels: int):
+    mc = cfg.model
+    return MultimodalModel(
+        vocab_size=len(tokenizer),
+        max_len=max_len,
+        channels=channels,
+        image_size=cfg.data.image_size,
+        image_encoder_layers=mc.image_encoder_layers,
+        conv_width=mc.conv_width,
+        latent_dim=mc.latent_dim,
+        embedding_dim=mc.embedding_dim,
+        transformer_layers=mc.transformer_layers,
+        caption_encoder_layers=mc.caption_encoder_layers,
+        num_heads=mc.num_heads,
+        prefix_tokens=mc.prefix_tokens,
+        dropout=mc.dropout,
+        pad_id=tokenizer.pad,
+    )
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warmup, then cosine annealing down to ``floor`` (min_lr / lr)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def compute_losses(
+    model: MultimodalModel, images: torch.Tensor, tokens: torch.Tensor, cfg: DictConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    lc = cfg.loss
+    out = model(images, tokens)
+    targets = tokens[:, 1:]
+    losses = {
+        "loss_image": F.mse_loss(out["recon"], images),
+        "loss_caption": F.cross_entropy(
+            out["logits"].flatten(0, 1), targets.flatten(), ignore_index=model.pad_id
+        ),
+        "loss_alignment": alignment_loss(
+            out["latent"], out["caption_latent"], lc.alignment, model.logit_scale
+        ),
+    }
+    losses["total_loss"] = (
+        lc.image_weight * losses["loss_image"]
+        + lc.caption_weight * losses["loss_caption"]
+        + lc.alignment_weight * losses["loss_alignment"]
+    )
+    return losses, out
+
+
+def hardware_stats(device: torch.device) -> dict[str, float]:
+    stats = {"cpu_percent": psutil.cpu_percent(interval=None)}  # since the last call: no wait
+    if device.type == "cuda":
+        used = torch.cuda.memory_allocated(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        stats["gpu_memory_used"] = used / 2**20  # MB
+        stats["gpu_memory_percent"] = 100.0 * used / total
+    return stats
+
+
+def step_metrics(
+    losses: dict[str, torch.Tensor],
+    out: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    model: MultimodalModel,
+    grad_norm: float,
+) -> dict[str, float]:
+    """Everything the old trainer logged for one batch (called every log_frequency batches)."""
+    recon = out["recon"].detach()
+    return {
+        **{k: float(v.detach()) for k, v in losses.items()},
+        **latent_stats(out["latent"]),
+        "image_mse": float(F.mse_loss(recon, images)),
+        "image_l1": float(F.l1_loss(recon, images)),
+        **caption_metrics(out["logits"].detach(), tokens[:, 1:], model.pad_id),
+        **grad_stats([p for p in model.parameters() if p.grad is not None]),
+        "grad_norm": grad_norm,
+    }
+
+
+def side_by_side(images: torch.Tensor, recon: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """Originals on the top row, reconstructions below, (C, 2H, nW)."""
+    n = min(n, len(images))
+    top = torch.cat(list(images[:n]), dim=-1)
+    bottom = torch.cat(list(recon[:n]), dim=-1)
+    return torch.cat([top, bottom], dim=-2).detach().cpu()
+
+
+@torch.no_grad()
+def evaluate(
+    model: MultimodalModel,
+    val: PairSet,
+    val_tokens: torch.Tensor,
+    mean_image: torch.Tensor,
+    cfg: DictConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Validation losses, caption metrics (teacher forced), reconstruction MSE against the mean
+    image's, and image-to-caption retrieval top-1 within batches of train.batch_size."""
+    model.eval()
+    bs = cfg.train.batch_size
+    sums: dict[str, float] = {}
+    n_tok = n_img = 0
+    hits = chance = n_ret = 0.0
+    for i in range(0, len(val.images), bs):
+        images, tokens = val.images[i : i + bs].to(device), val_tokens[i : i + bs].to(device)
+        losses, out = compute_losses(model, images, tokens, cfg)
+        b = len(images)
+        k = int((tokens[:, 1:] != model.pad_id).sum())
+        cm = caption_metrics(out["logits"], tokens[:, 1:], model.pad_id)
+        batch = {
+            **{k_: float(v) * b for k_, v in losses.items() if k_ != "loss_caption"},
+            "loss_caption": float(losses["loss_caption"]) * k,
+            "caption_accuracy": cm["caption_accuracy"] * k,
+            "caption_entropy": cm["caption_entropy"] * k,
+            "image_mse": float(F.mse_loss(out["recon"], images)) * b,
+            "mean_image_mse": float(F.mse_loss(mean_image.expand_as(images), images)) * b,
+        }
+        for key, v in batch.items():
+            sums[key] = sums.get(key, 0.0) + v
+        n_tok, n_img = n_tok + k, n_img + b
+        if b >= 2:
+            hits += retrieval_top1(out["latent"], out["caption_latent"]) * b
+            chance += 1.0
+            n_ret += b
+    model.train()
+    per_token = ("loss_caption", "caption_accuracy", "caption_entropy")
+    result = {k: v / (n_tok if k in per_token else n_img) for k, v in sums.items()}
+    # total loss with the token-weighted caption loss, so it matches the per-term averages
+    lc = cfg.loss
+    result["total_loss"] = (
+        lc.image_weight * result["loss_image"]
+        + lc.caption_weight * result["loss_caption"]
+        + lc.alignment_weight * result["loss_alignment"]
+    )
+    result["caption_perplexity"] = math.exp(result["loss_caption"])
+    result["retrieval_top1"] = hits / max(1.0, n_ret)
+    result["retrieval_chance"] = chance / max(1.0, n_ret)
+    return result
+
+
+def sample_table(
+    model: MultimodalModel, val: PairSet, tokenizer: Tokenizer, n: int, device: torch.device
+) -> list[list[Any]]:
+    model.eval()
+    ids = model.generate(val.images[:n].to(device), tokenizer.bos, tokenizer.eos)
+    model.train()
+    rows = []
+    for i, caption in enumerate(val.captions[:n]):
+        generated = tokenizer.decode(ids[i].tolist())
+        rows.append([i, caption, generated, generated == " ".join(words(caption))])
+    return rows
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with runstore.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+
+def multimodal_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
+    out = job_dir()
+    device = resolve_device(cfg.runtime.device)
+    tc, dc = cfg.train, cfg.data
+    train, val = _PAIRS.pop("data", None) or load_pairs(cfg, cfg.seed)
+    resume = torch.load(out / "last.pt", weights_only=False) if cfg.resume else None
+
+    if resume is not None:
+        tokenizer = Tokenizer.from_state_dict(resume["tokenizer"])
+        max_len = resume["max_len"]
+    else:
+        tokenizer = Tokenizer.build(train.captions, dc.vocab_size)
+        longest = max(len(words(c)) for c in train.captions) + 2  # bos, eos
+        max_len = dc.max_caption_len or longest
+    train_tokens = tokenizer.encode_batch(train.captions, max_len)
+    val_tokens = tokenizer.encode_batch(val.captions, max_len)
+    channels = train.images.shape[1]
+    model = build_model(cfg, tokenizer, max_len, channels).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = math.ceil(len(train.images) / tc.batch_size)
+    total_steps = tc.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.min_lr / tc.lr)
+    )
+    step, best_val = 0, math.inf
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError:
+            raise UserError(
+                f"{out / 'last.pt'} was trained with another model config: resume with the "
+                "same model.* and data.* settings"
+            ) from None
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        step, best_val = resume["step"], resume["best_val_loss"]
+        log.info("resuming %s at step %d (epoch %d)", out, step, step // steps_per_epoch)
+    mean_image = train.images.mean(0, keepdim=True).to(device)
+
+    logger.log_summary(
+        train_samples=len(train.images),
+        val_samples=len(val.images),
+        total_parameters=model.num_parameters,
+        vocab_size_used=len(tokenizer),
+        max_caption_len=max_len,
+        steps_per_epoch=steps_per_epoch,
+        device=str(device),
+    )
+    for name in ("epoch_train_loss_avg", "epoch_val_loss_avg", "val_train_loss_ratio"):
+        logger.define_metric(name, step_metric="epoch")
+    log.info(
+        "%d train / %d val pairs, vocabulary %d, %d parameters, %d steps",
+        len(train.images),
+        len(val.images),
+        len(tokenizer),
+        model.num_parameters,
+        total_steps,
+    )
+
+    def checkpoint(path: Path) -> None:
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "best_val_loss": best_val,
+                "tokenizer": tokenizer.state_dict(),
+                "max_len": max_len,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            },
+        )
+
+    model.train()
+    psutil.cpu_percent(interval=None)  # starts the cpu_percent interval
+    stop = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+    epoch_loss, epoch_batches = 0.0, 0
+    started, first_step, eval_time = time.perf_counter(), step, 0.0
+    bar = tqdm(total=stop, initial=step, desc="multimodal", unit="batch", leave=False)
+    while step < stop:
+        epoch, batch_idx = divmod(step, steps_per_epoch)
+        # the order depends on the seed and the epoch only, so a resumed run sees the same batches
+        order = torch.randperm(
+            len(train.images), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        )
+        idx = order[batch_idx * tc.batch_size : (batch_idx + 1) * tc.batch_size]
+        images, tokens = train.images[idx].to(device), train_tokens[idx].to(device)
+
+        losses, outputs = compute_losses(model, images, tokens, cfg)
+        if not torch.isfinite(losses["total_loss"]):
+            raise TrainingFailed(f"diverged at step {step}: total_loss is not finite")
+        optimizer.zero_grad(set_to_none=True)
+        losses["total_loss"].backward()
+        # clip_grad_norm_ returns the global norm before clipping: the value worth logging
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+        logging_now = tc.log_frequency and (step + 1) % tc.log_frequency == 0
+        metrics = (
+            step_metrics(losses, outputs, images, tokens, model, float(grad_norm))
+            if logging_now
+            else None
+        )
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        epoch_loss += float(losses["total_loss"].detach())
+        epoch_batches += 1
+        bar.update(1)
+
+        if metrics is not None:
+            metrics.update(hardware_stats(device), learning_rate=lr, batch_size=len(idx))
+            metrics["epoch"] = epoch + (batch_idx + 1) / steps_per_epoch
+            logger.log(metrics, step=step)
+            bar.set_postfix(loss=f"{metrics['total_loss']:.3f}")
+        if tc.image_log_frequency and step % tc.image_log_frequency == 0:
+            recon = outputs["recon"].detach()
+            logger.log_image("reconstruction", side_by_side(images, recon), step, "top: original")
+            logger.log_image("image_diff", side_by_side(images, (images - recon).abs()), step)
+        if tc.checkpoint_frequency and step % tc.checkpoint_frequency == 0:
+            checkpoint(out / "last.pt")
+
+        if step % steps_per_epoch == 0 or step == stop:
+            eval_started = time.perf_counter()
+            ev = evaluate(model, val, val_tokens, mean_image, cfg, device)
+            train_avg = epoch_loss / max(1, epoch_batches)
+            epoch_metrics = {f"val_{k}": v for k, v in ev.items()}
+            epoch_metrics.update(
+                epoch=step / steps_per_epoch,
+                epoch_train_loss_avg=train_avg,
+                epoch_val_loss_avg=ev["total_loss"],
+                val_train_loss_ratio=ev["total_loss"] / train_avg if train_avg else math.nan,
+                image_caption_loss_ratio=ev["loss_image"] / max(ev["loss_caption"], 1e-12),
+            )
+            logger.log(epoch_metrics, step=step)
+            rows = sample_table(model, val, tokenizer, tc.num_samples, device)
+            logger.log_table(
+                "sample_captions", ["index", "reference", "generated", "exact"], rows, step
+            )
+            epoch_loss, epoch_batches = 0.0, 0
+            if ev["total_loss"] < best_val:
+                best_val = ev["total_loss"]
+                checkpoint(out / "best.pt")
+            checkpoint(out / "last.pt")
+            logger.log_summary(
+                {f"final_{k}": v for k, v in epoch_metrics.items()}, best_val_loss=best_val
+            )
+            log.info(
+                "epoch %.2f: train %.4f val %.4f | caption acc %.3f | image mse %.4f "
+                "(mean image %.4f) | retrieval top-1 %.3f (chance %.3f)",
+                step / steps_per_epoch,
+                train_avg,
+                ev["total_loss"],
+                ev["caption_accuracy"],
+                ev["image_mse"],
+                ev["mean_image_mse"],
+                ev["retrieval_top1"],
+                ev["retrieval_chance"],
+            )
+            eval_time += time.perf_counter() - eval_started
+    bar.close()
+    elapsed = time.perf_counter() - started
+    train_time = elapsed - eval_time  # training steps with their logging, no evaluation
+    done = step - first_step
+    logger.log_summary(
+        steps=step,
+        wall_time_s=elapsed,
+        train_time_s=train_time,
+        step_time_s=train_time / max(1, done),
+        samples_per_second=done * tc.batch_size / train_time if train_time > 0 else math.nan,
+        status="finished" if step >= total_steps else "stopped (max_steps)",
+    )
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """A mistyped key as one line and exit 2 (Hydra's own message spans several lines)."""
+    schema = OmegaConf.structured(MultimodalConfig)
+    for arg in argv:
+        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if key in ("experiment", "logger") or key.startswith("hydra/"):
+            continue  # config groups
+        if OmegaConf.select(schema, key, default="<missing>") == "<missing>":
+            print(f"error: unknown config key '{key}' (see conf/multimodal.yaml)", file=sys.stderr)
+            sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="multimodal")
+def main(cfg: DictConfig) -> None:
+    run_job(cfg, multimodal_job, validate)
+
+
+register_configs()
+
+if __name__ == "__main__":
+    check_override_keys(sys.argv[1:])
+    main()

@@ -1,0 +1,270 @@
+"""Image-caption pairs for the multimodal trainer: procedural line art or the user's folder.
+
+The built-in set draws engraving-like scenes (shapes filled with hatching at an angle and a
+density, at a grid position and a size) and writes the caption from the same parameters, in
+reading order, so the caption is fully determined by the image. Train and validation are split
+by scene: a validation scene's combination of objects never appears in training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from analysis.cli import UserError
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+ANGLES = {"horizontal": 0.0, "vertical": 90.0, "rising": 45.0, "falling": 135.0}
+DENSITIES = {"dense": 3.0, "sparse": 5.0}  # line spacing in pixels at 48x48
+SIZES = {"small": 0.32, "large": 0.46}  # radius as a fraction of a grid cell
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "center", "right")
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class PairSet:
+    images: torch.Tensor  # (N, C, H, W) float in [0, 1]
+    captions: list[str]
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+
+def words(caption: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", caption.lower())
+
+
+class Tokenizer:
+    """Word-level: the most frequent training words up to ``vocab_size`` (specials included)."""
+
+    def __init__(self, itos: list[str]):
+        self.itos = list(itos)
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.pad, self.bos, self.eos, self.unk = (self.stoi[s] for s in SPECIALS)
+
+    @classmethod
+    def build(cls, captions: list[str], vocab_size: int) -> Tokenizer:
+        if vocab_size < len(SPECIALS) + 1:
+            raise UserError(
+                f"data.vocab_size={vocab_size} is too small: it must be at least "
+                f"{len(SPECIALS) + 1} (4 special tokens and one word)"
+            )
+        counts = Counter(w for c in captions for w in words(c))
+        # ties broken alphabetically so the vocabulary is deterministic
+        ranked = sorted(counts, key=lambda w: (-counts[w], w))[: vocab_size - len(SPECIALS)]
+        return cls([*SPECIALS, *ranked])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, caption: str, max_len: int) -> list[int]:
+        """bos + words + eos, cut to ``max_len`` and padded to it."""
+        ids = [self.bos, *(self.stoi.get(w, self.unk) for w in words(caption)), self.eos]
+        ids = ids[:max_len]
+        return ids + [self.pad] * (max_len - len(ids))
+
+    def encode_batch(self, captions: list[str], max_len: int) -> torch.Tensor:
+        return torch.tensor([self.encode(c, max_len) for c in captions], dtype=torch.long)
+
+    def decode(self, ids: list[int]) -> str:
+        out = []
+        for i in ids:
+            if i == self.eos:
+                break
+            if i not in (self.pad, self.bos):
+                out.append(self.itos[i])
+        return " ".join(out)
+
+    def state_dict(self) -> dict:
+        return {"itos": self.itos}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Tokenizer:
+        return cls(state["itos"])
+
+
+# -- procedural line art ------------------------------------------------------------------------
+
+
+Obj = tuple[int, int, int, int, int]  # cell, shape, angle, density, size (indices)
+
+
+def describe(obj: Obj) -> str:
+    cell, shape, angle, density, size = obj
+    return (
+        f"a {list(SIZES)[size]} {SHAPES[shape]} with {list(DENSITIES)[density]} "
+        f"{list(ANGLES)[angle]} hatching at the {ROWS[cell // 3]} {COLS[cell % 3]}"
+    )
+
+
+def caption_of(scene: tuple[Obj, ...]) -> str:
+    return " and ".join(describe(o) for o in scene)  # objects in reading order of their cells
+
+
+def render(scene: tuple[Obj, ...], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Dark ink on white paper: an outline and hatching lines inside each shape."""
+    img = np.ones((size, size), dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    cell_px = size / 3
+    scale = size / 48  # hatching spacing is given at 48x48
+    for cell, shape, angle, density, size_i in scene:
+        jitter = rng.uniform(-0.06, 0.06, size=2) * cell_px
+        cx = (cell % 3 + 0.5) * cell_px + jitter[0]
+        cy = (cell // 3 + 0.5) * cell_px + jitter[1]
+        r = list(SIZES.values())[size_i] * cell_px
+        dx, dy = (xx - cx) / r, (yy - cy) / r
+        name = SHAPES[shape]
+        if name == "circle":
+            level = np.sqrt(dx**2 + dy**2)
+        elif name == "square":
+            level = np.maximum(abs(dx), abs(dy)) / 0.85
+        elif name == "diamond":
+            level = abs(dx) + abs(dy)
+        else:  # triangle pointing up: the largest of three edge distances
+            level = np.maximum(dy * 1.0, np.maximum(-dy * 0.5 + dx * 0.866, -dy * 0.5 - dx * 0.866))
+            level = level / 0.5
+        inside = level <= 1.0
+        outline = inside & (level >= 1.0 - 1.2 / r)
+        theta = np.deg2rad(list(ANGLES.values())[angle])
+        spacing = list(DENSITIES.values())[density] * scale
+        # one hatching lattice for the whole plate (as an engraver's ruling machine): the lines
+        # are fixed by angle and density, so a reconstruction can get them right pixel by pixel
+        proj = xx * np.sin(theta) - yy * np.cos(theta)
+        lines = np.mod(proj, spacing) < max(1.0, scale)
+        img[inside & lines] = 0.0
+        img[outline] = 0.0
+    return img
+
+
+def _scenes(rng: np.random.Generator, count: int, max_objects: int, seen: set) -> list:
+    out = []
+    while len(out) < count:
+        n = int(rng.integers(1, max_objects + 1))
+        cells = sorted(rng.choice(9, size=n, replace=False).tolist())
+        scene = tuple(
+            (
+                c,
+                int(rng.integers(len(SHAPES))),
+                int(rng.integers(len(ANGLES))),
+                int(rng.integers(len(DENSITIES))),
+                int(rng.integers(len(SIZES))),
+            )
+            for c in cells
+        )
+        if scene in seen:  # every scene once: validation combinations are new
+            continue
+        seen.add(scene)
+        out.append(scene)
+    return out
+
+
+def synthetic_pairs(
+    num_train: int, num_val: int, image_size: int, max_objects: int, seed: int
+) -> tuple[PairSet, PairSet]:
+    rng = np.random.default_rng(seed)
+    seen: set = set()
+    scenes = _scenes(rng, num_train + num_val, max_objects, seen)
+    imgs = np.stack([render(s, image_size, rng) for s in scenes])[:, None]
+    caps = [caption_of(s) for s in scenes]
+    images = torch.from_numpy(imgs)
+    return (
+        PairSet(images[:num_train], caps[:num_train]),
+        PairSet(images[num_train:], caps[num_train:]),
+    )
+
+
+# -- the user's folder --------------------------------------------------------------------------
+
+
+def read_captions(path: Path) -> list[tuple[str, str]]:
+    """(image path, caption) rows from a CSV (header: image, caption) or a JSONL file."""
+    if not path.is_file():
+        raise UserError(f"captions file {path} does not exist")
+    rows: list[tuple[str, str]] = []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                rows.append((str(rec["image"]), str(rec.get("caption") or "")))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(
+                    f"{path} line {n} is not a JSON object with 'image' and 'caption'"
+                ) from None
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+            raise UserError(f"{path} needs a header row with the columns 'image' and 'caption'")
+        rows = [(r["image"] or "", r["caption"] or "") for r in reader]
+    if not rows:
+        raise UserError(f"captions file {path} holds no image-caption pairs")
+    return rows
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UserError(f"image {path} listed in the captions file does not exist")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size))
+            array = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise UserError(f"image {path} cannot be read ({type(exc).__name__})") from None
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def folder_pairs(
+    folder: str, captions_file: str | None, size: int, channels: int, val_fraction: float, seed: int
+) -> tuple[PairSet, PairSet]:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.folder {root} does not exist or is not a folder")
+    if captions_file is None:
+        found = [root / n for n in ("captions.csv", "captions.jsonl") if (root / n).is_file()]
+        if not found:
+            raise UserError(f"no captions.csv or captions.jsonl in {root} (set data.captions)")
+        cap_path = found[0]
+    else:
+        cap_path = Path(captions_file).expanduser()
+        cap_path = cap_path if cap_path.is_absolute() else root / cap_path
+    rows = read_captions(cap_path)
+    images, captions = [], []
+    for name, caption in rows:
+        if not words(caption):
+            raise UserError(f"the caption of {name} in {cap_path} is empty")
+        images.append(load_image(root / name, size, channels))
+        captions.append(caption)
+    if len(rows) < 2:
+        raise UserError(f"{cap_path} has {len(rows)} pair; at least 2 are needed (train and val)")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_val = min(len(rows) - 1, max(1, round(val_fraction * len(rows))))
+    tensor = torch.from_numpy(np.stack(images))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    return (
+        PairSet(tensor[train_idx], [captions[i] for i in train_idx]),
+        PairSet(tensor[val_idx], [captions[i] for i in val_idx]),
+    )
+
+
+def load_pairs(cfg: DictConfig, seed: int) -> tuple[PairSet, PairSet]:
+    dc = cfg.data
+    if dc.source == "synthetic":
+        return synthetic_pairs(dc.num_train, dc.num_val, dc.image_size, dc.max_objects, seed)
+    if dc.folder is None:
+        raise UserError("data.source=folder needs data.folder=<folder of images>")
+    return folder_pairs(dc.folder, dc.captions, dc.image_size, dc.channels, dc.val_fraction, seed)

@@ -1,0 +1,212 @@
+"""The multimodal model (conv autoencoder + prefix-conditioned caption transformer + caption
+encoder) and its losses and metrics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, channels: int, size: int, layers: int, width: int, latent_dim: int):
+        super().__init__()
+        blocks, c_in, s = [], channels, size
+        for i in range(layers):
+            c_out = width * 2 ** min(i, 2)
+            stride = 2 if s > 4 else 1  # downsample to about 3x3, then keep the size
+            blocks += [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.GELU()]
+            c_in, s = c_out, (s + 1) // 2 if stride == 2 else s
+        self.net = nn.Sequential(*blocks)
+        self.out_shape = (c_in, s, s)
+        self.proj = nn.Linear(c_in * s * s, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.net(x).flatten(1))
+
+
+class ImageDecoder(nn.Module):
+    def __init__(self, channels: int, size: int, layers: int, width: int, latent_dim: int):
+        super().__init__()
+        self.size = size
+        ups = 0
+        s = size
+        while s > 4 and ups < layers:
+            s, ups = (s + 1) // 2, ups + 1
+        self.start = (width * 4, s, s)
+        self.proj = nn.Linear(latent_dim, width * 4 * s * s)
+        blocks, c_in = [], width * 4
+        for i in range(ups):
+            c_out = width * 2 ** max(0, 1 - i)
+            blocks += [
+                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1),
+                nn.GroupNorm(8, c_out),
+                nn.GELU(),
+            ]
+            c_in = c_out
+        blocks.append(nn.Conv2d(c_in, channels, 3, 1, 1))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.net(self.proj(z).view(-1, *self.start))
+        if h.shape[-1] != self.size:  # sizes that are not a power of two times the start
+            h = F.interpolate(h, size=(self.size, self.size), mode="bilinear")
+        return torch.sigmoid(h)
+
+
+def _transformer(dim: int, layers: int, heads: int, dropout: float) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(
+        dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+    )
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+class MultimodalModel(nn.Module):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        max_len: int,
+        channels: int,
+        image_size: int,
+        image_encoder_layers: int,
+        conv_width: int,
+        latent_dim: int,
+        embedding_dim: int,
+        transformer_layers: int,
+        caption_encoder_layers: int,
+        num_heads: int,
+        prefix_tokens: int,
+        dropout: float,
+        pad_id: int,
+    ):
+        super().__init__()
+        self.pad_id, self.max_len, self.prefix_tokens = pad_id, max_len, prefix_tokens
+        self.encoder = ImageEncoder(
+            channels, image_size, image_encoder_layers, conv_width, latent_dim
+        )
+        self.decoder = ImageDecoder(
+            channels, image_size, image_encoder_layers, conv_width, latent_dim
+        )
+        # The caption decoder reads the image latent as a few prefix tokens (GPT-style prefix).
+        self.prefix = nn.Linear(latent_dim, prefix_tokens * embedding_dim)
+        self.tok = nn.Embedding(vocab_size, embedding_dim)
+        self.pos = nn.Parameter(torch.zeros(1, prefix_tokens + max_len, embedding_dim))
+        self.text = _transformer(embedding_dim, transformer_layers, num_heads, dropout)
+        self.ln = nn.LayerNorm(embedding_dim)
+        self.head = nn.Linear(embedding_dim, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # tied, as in nanoGPT
+        self.cap_pos = nn.Parameter(torch.zeros(1, max_len, embedding_dim))
+        self.cap_enc = _transformer(embedding_dim, caption_encoder_layers, num_heads, dropout)
+        self.cap_proj = nn.Linear(embedding_dim, latent_dim)
+        # CLIP's learnable temperature, initialised at 1/0.07
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.tok.weight, std=0.02)  # tied to the head: N(0, 1) logits explode
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.cap_pos, std=0.02)
+        mask = torch.triu(torch.full((prefix_tokens + max_len,) * 2, float("-inf")), 1)
+        self.register_buffer("causal", mask, persistent=False)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def caption_logits(self, z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits for ``tokens`` (B, T) given the image latent ``z``."""
+        b, t = tokens.shape
+        prefix = self.prefix(z).view(b, self.prefix_tokens, -1)
+        h = torch.cat([prefix, self.tok(tokens)], 1) + self.pos[:, : self.prefix_tokens + t]
+        n = self.prefix_tokens + t
+        h = self.text(h, mask=self.causal[:n, :n], is_causal=True)
+        return self.head(self.ln(h[:, self.prefix_tokens :]))
+
+    def encode_caption(self, tokens: torch.Tensor) -> torch.Tensor:
+        keep = (tokens != self.pad_id).unsqueeze(-1).float()
+        h = self.tok(tokens) + self.cap_pos[:, : tokens.shape[1]]
+        h = self.cap_enc(h, src_key_padding_mask=tokens == self.pad_id)
+        return self.cap_proj((h * keep).sum(1) / keep.sum(1).clamp_min(1))  # mean over words
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.encoder(images)
+        return {
+            "latent": z,
+            "recon": self.decoder(z),
+            "logits": self.caption_logits(z, tokens[:, :-1]),
+            "caption_latent": self.encode_caption(tokens),
+        }
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, bos: int, eos: int) -> torch.Tensor:
+        """Greedy captions (B, max_len), bos first."""
+        z = self.encoder(images)
+        out = torch.full((images.shape[0], 1), bos, dtype=torch.long, device=images.device)
+        done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+        for _ in range(self.max_len - 1):
+            nxt = self.caption_logits(z, out)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= nxt == eos
+            if done.all():
+                break
+        return out
+
+
+# -- losses and metrics -------------------------------------------------------------------------
+
+
+def alignment_loss(
+    z_img: torch.Tensor, z_cap: torch.Tensor, kind: str, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    if kind == "mse":
+        return F.mse_loss(z_img, z_cap)
+    a, b = F.normalize(z_img, dim=-1), F.normalize(z_cap, dim=-1)
+    if kind == "cosine":
+        return (1 - (a * b).sum(-1)).mean()
+    # InfoNCE (CLIP's ClipLoss): symmetric cross-entropy over the similarity matrix
+    logits = logit_scale.exp().clamp(max=100) * a @ b.T
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def caption_metrics(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> dict[str, float]:
+    """Token accuracy, perplexity (exp of mean CE) and mean prediction entropy over non-pad
+    targets. ``logits`` (B, T, V), ``targets`` (B, T)."""
+    keep = targets != pad_id
+    n = keep.sum().clamp_min(1)
+    logp = logits.float().log_softmax(-1)
+    ce = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    correct = (logits.argmax(-1) == targets) & keep
+    return {
+        "caption_accuracy": float(correct.sum() / n),
+        "caption_perplexity": float(torch.exp((ce * keep).sum() / n)),
+        "caption_entropy": float((entropy * keep).sum() / n),
+    }
+
+
+def latent_stats(z: torch.Tensor) -> dict[str, float]:
+    z = z.detach().float()
+    return {
+        "latent_mean": float(z.mean()),
+        "latent_std": float(z.std()),
+        "latent_min": float(z.min()),
+        "latent_max": float(z.max()),
+        "latent_norm": float(z.norm(dim=-1).mean()),  # mean L2 norm of a latent vector
+    }
+
+
+def grad_stats(params: list[nn.Parameter]) -> dict[str, float]:
+    grads = torch.cat([p.grad.detach().flatten() for p in params if p.grad is not None])
+    return {
+        "grad_mean": float(grads.abs().mean()),
+        "grad_std": float(grads.std()),
+        "grad_max": float(grads.abs().max()),
+    }
+
+
+def retrieval_top1(z_img: torch.Tensor, z_cap: torch.Tensor) -> float:
+    """Image-to-caption top-1 within the batch (chance is 1/batch)."""
+    sim = F.normalize(z_img, dim=-1) @ F.normalize(z_cap, dim=-1).T
+    return float((sim.argmax(1) == torch.arange(len(sim), device=sim.device)).float().mean())

@@ -1,0 +1,92 @@
+"""A live rank probe: every ``every`` logged steps, the rank measures of chosen layers on a fixed
+probe batch, plus the 12 rank-decay dynamics metrics at the same step (no backfill needed).
+
+Attach it to the shared logger (``logger.attach_rank_probe(probe)``): whenever an experiment
+logs at a step the probe is due, the probe's metrics join that log call:
+
+- ``ranks/{layer}/{measure}`` for each probed layer, in forward order;
+- ``ranks/input_rank``: the probe batch's theoretical rank min(B, D_in);
+- ``{measure}_rank_drop_gini``, ``{measure}_rank_decay_centroid``, ``{measure}_normalized_aurc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from analysis.ranks import (
+    DYNAMICS_METRICS,
+    RANK_MEASURES,
+    compute_rank_decay_dynamics,
+    rank_measures_batched,
+)
+
+Features = Callable[[], dict[str, torch.Tensor]]
+
+
+@dataclass
+class RankProbe:
+    features: Features  # returns {layer: (B, ...) output} in forward order
+    every: int
+    input_rank: float
+    mode: str = "difference"
+    prepend_input_rank: bool = False  # R_0 = input_rank in the dynamics: recorded, explicit
+    prop: float = 0.99
+    eps: float = 0.01
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def measure(self) -> dict[str, float]:
+        feats = self.features()
+        layers = list(feats)
+        values = rank_measures_batched(feats, prop=self.prop, eps=self.eps)
+        metrics: dict[str, float] = {"ranks/input_rank": float(self.input_rank)}
+        for measure in RANK_MEASURES:
+            for layer, value in zip(layers, values[measure], strict=True):
+                metrics[f"ranks/{layer}/{measure}"] = float(value)
+            dyn = compute_rank_decay_dynamics(
+                values[measure],
+                mode=self.mode,
+                input_rank=self.input_rank if self.prepend_input_rank else None,
+            )
+            for name in DYNAMICS_METRICS:
+                metrics[f"{measure}_{name}"] = dyn[name]
+        return metrics
+
+
+def hooked_features(model: nn.Module, layers: Sequence[str], batch: torch.Tensor) -> Features:
+    """Outputs of the named submodules on ``batch``, captured by forward hooks, in the order
+    the forward pass reaches them (eval mode, no grad; the model's mode is restored)."""
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise ValueError(f"no module named {', '.join(missing)} in {type(model).__name__}")
+
+    @torch.no_grad()
+    def run() -> dict[str, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+        handles = [
+            modules[name].register_forward_hook(
+                lambda _m, _i, out, name=name: captured.setdefault(name, out.detach())
+            )
+            for name in layers
+        ]
+        was_training = model.training
+        model.eval()
+        try:
+            model(batch)
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        return captured
+
+    return run
+
+
+def input_rank(batch: torch.Tensor) -> float:
+    return float(min(batch.shape[0], batch[0].numel()))

@@ -1,0 +1,185 @@
+"""The multimodal trainer: metrics on hand-made tensors, and the entry point run as a user runs
+it (a subprocess) with tiny configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.multimodal_data import Tokenizer, synthetic_pairs
+from experiments.multimodal_model import caption_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "multimodal.py"
+TINY = [
+    "data.num_train=16",
+    "data.num_val=8",
+    "data.image_size=16",
+    "model.image_encoder_layers=2",
+    "model.conv_width=8",
+    "model.latent_dim=16",
+    "model.embedding_dim=16",
+    "model.transformer_layers=1",
+    "model.num_heads=2",
+    "train.batch_size=8",
+    "train.num_samples=2",
+    "logger=disabled",
+]
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def metrics_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_caption_metrics_ignore_padding():
+    pad = 0
+    # two real tokens (one right, one wrong) and one pad whose prediction is wrong and confident
+    logits = torch.full((1, 3, 4), -1e9)
+    logits[0, 0, 1] = 0.0  # predicts 1 with certainty, target 1
+    logits[0, 1, :] = 0.0  # uniform over 4, target 2: argmax is token 0, wrong
+    logits[0, 2, 3] = 0.0  # at a pad position: must not count
+    targets = torch.tensor([[1, 2, pad]])
+    m = caption_metrics(logits, targets, pad)
+    assert m["caption_accuracy"] == pytest.approx(0.5)
+    # mean CE over real tokens = (0 + log 4) / 2, perplexity = exp of it = 2
+    assert m["caption_perplexity"] == pytest.approx(2.0)
+    assert m["caption_entropy"] == pytest.approx(math.log(4) / 2)
+
+
+def test_tokenizer_and_data_are_deterministic():
+    a, _ = synthetic_pairs(8, 4, 24, 2, seed=3)
+    b, val = synthetic_pairs(8, 4, 24, 2, seed=3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert not set(val.captions) & set(a.captions)  # validation scenes are new combinations
+    tok = Tokenizer.build(a.captions, vocab_size=1266)
+    ids = tok.encode(a.captions[0], 64)
+    assert ids[0] == tok.bos and tok.decode(ids[1:]) == a.captions[0]
+
+
+def test_one_step_train(tmp_path):
+    out = tmp_path / "job"
+    proc = run(
+        [*TINY, "train.epochs=1", "train.log_frequency=1", "train.image_log_frequency=1",
+         "data.num_train=8", f"hydra.run.dir={out}"], tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    logged = set().union(*metrics_of(out))
+    names = [
+        "total_loss",
+        "loss_image",
+        "loss_caption",
+        "loss_alignment",
+        "latent_mean",
+        "latent_std",
+        "latent_min",
+        "latent_max",
+        "latent_norm",
+        "image_mse",
+        "image_l1",
+        "image_diff",
+        "caption_accuracy",
+        "caption_perplexity",
+        "caption_entropy",
+        "grad_mean",
+        "grad_std",
+        "grad_max",
+        "grad_norm",
+        "cpu_percent",
+        "learning_rate",
+        "batch_size",
+        "epoch",
+        "epoch_train_loss_avg",
+        "epoch_val_loss_avg",
+        "val_train_loss_ratio",
+        "image_caption_loss_ratio",
+        "sample_captions",
+    ]
+    assert set(names) <= logged, set(names) - logged
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_samples"] == 8 and summary["total_parameters"] > 0
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["step"] == 1 and "<pad>" in ckpt["tokenizer"]["itos"]
+
+
+def test_resume_continues_at_the_step_where_it_stopped(tmp_path):
+    out = tmp_path / "job"
+    args = [*TINY, "train.epochs=2", "train.log_frequency=1", f"hydra.run.dir={out}"]
+    first = run([*args, "train.max_steps=3"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    second = run([*args, "resume=true", f"run_dir={out}"], tmp_path)
+    assert second.returncode == 0, second.stderr
+    steps = [m["_step"] for m in metrics_of(out) if "total_loss" in m and "val_loss" not in m]
+    assert steps[:3] == [1, 2, 3] and steps[3] == 4 and steps[-1] == 4  # 2 epochs of 2 steps
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
+    assert json.loads((out / "run.json").read_text())["run_id"] == run_id
+
+
+def _folder(tmp_path: Path, captions: str, image_bytes: bytes | None = None) -> Path:
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.new("L", (20, 20), 255).save(root / f"{i}.png")
+    if image_bytes is not None:
+        (root / "bad.png").write_bytes(image_bytes)
+    (root / "captions.csv").write_text(captions)
+    return root
+
+
+OK = "image,caption\n0.png,a cat\n1.png,a dog\n2.png,a bird\n"
+
+
+BAD_INPUTS = {
+    "missing folder": (None, None, "nope does not exist"),
+    "unreadable image": (OK + "bad.png,a fox\n", b"not a png", "bad.png cannot be read"),
+    "empty caption file": ("image,caption\n", None, "holds no image-caption pairs"),
+    "empty caption": (OK + "1.png,  \n", None, "caption of 1.png"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_folder_one_line_nonzero(tmp_path, case):
+    captions, image_bytes, message = BAD_INPUTS[case]
+    folder = tmp_path / "nope" if captions is None else _folder(tmp_path, captions, image_bytes)
+    check_one_line_error(tmp_path, ["data.source=folder", f"data.folder={folder}"], message)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.vocab_size=4", "data.vocab_size=4 is too small"),
+        ("trian.lr=0.1", "unknown config key 'trian.lr'"),
+        ("model.latentdim=3", "unknown config key 'model.latentdim'"),
+        ("loss.alignment=l2", "loss.alignment must be one of"),
+    ],
+)
+def test_bad_config_one_line_nonzero(tmp_path, override, message):
+    check_one_line_error(tmp_path, [override], message)
+
+
+def check_one_line_error(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "job"
+    proc = run([*TINY, *args, f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists()
