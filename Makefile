@@ -46,6 +46,7 @@ bench: install ## speed benchmarks (tables and ratios)
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_rank_dynamics.py
 	$(PY) benchmarks/bench_rank_probe.py
+	$(PY) benchmarks/bench_multimodal.py
 
 analyze: install ## every report on the newest local outputs (rank sweep, scaling sweep)
 	$(PY) analysis/analyze_newest.py

@@ -28,7 +28,7 @@ from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
 from experiments.logger import ExperimentLogger
 from experiments.rank_probe import RankProbe, input_rank
 from experiments.runstore import write_json_atomic
-from experiments.runtime import is_multirun, job_dir, run_job
+from experiments.runtime import check_override_keys, is_multirun, job_dir, run_job
 from experiments.scaling_training import (
     MODELS,
     NOISES,
@@ -40,7 +40,7 @@ from experiments.scaling_training import (
     make_task,
     train_group,
 )
-from experiments.schemas import register_configs
+from experiments.schemas import LaplaceScalingConfig, register_configs
 
 log = logging.getLogger(__name__)
 
@@ -245,4 +245,5 @@ def main(cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
+    check_override_keys(LaplaceScalingConfig, sys.argv[1:], "conf/laplace_scaling.yaml")
     main()

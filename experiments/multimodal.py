@@ -40,7 +40,13 @@ from experiments.multimodal_model import (
     latent_stats,
     retrieval_top1,
 )
-from experiments.runtime import TrainingFailed, job_dir, resolve_device, run_job
+from experiments.runtime import (
+    TrainingFailed,
+    check_override_keys,
+    job_dir,
+    resolve_device,
+    run_job,
+)
 from experiments.schemas import MultimodalConfig, register_configs
 
 log = logging.getLogger(__name__)
@@ -428,20 +434,6 @@ def multimodal_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
     )
 
 
-def check_override_keys(argv: list[str]) -> None:
-    """A mistyped key as one line and exit 2 (Hydra's own message spans several lines)."""
-    schema = OmegaConf.structured(MultimodalConfig)
-    for arg in argv:
-        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
-            continue
-        key = arg.split("=", 1)[0]
-        if key in ("experiment", "logger") or key.startswith("hydra/"):
-            continue  # config groups
-        if OmegaConf.select(schema, key, default="<missing>") == "<missing>":
-            print(f"error: unknown config key '{key}' (see conf/multimodal.yaml)", file=sys.stderr)
-            sys.exit(2)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="multimodal")
 def main(cfg: DictConfig) -> None:
     run_job(cfg, multimodal_job, validate)
@@ -450,5 +442,5 @@ def main(cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
-    check_override_keys(sys.argv[1:])
+    check_override_keys(MultimodalConfig, sys.argv[1:], "conf/multimodal.yaml")
     main()

@@ -35,8 +35,8 @@ from experiments.chain_training import (
     validate_config,
 )
 from experiments.logger import ExperimentLogger
-from experiments.runtime import job_dir, resolve_device, run_job
-from experiments.schemas import register_configs
+from experiments.runtime import check_override_keys, job_dir, resolve_device, run_job
+from experiments.schemas import RankSweepConfig, register_configs
 
 log = logging.getLogger(__name__)
 
@@ -115,4 +115,5 @@ def main(cfg: DictConfig) -> None:
 register_configs()
 
 if __name__ == "__main__":
+    check_override_keys(RankSweepConfig, sys.argv[1:], "conf/rank_sweep.yaml")
     main()

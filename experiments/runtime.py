@@ -172,3 +172,18 @@ def run_job(
         if not multirun:
             raise
         log.exception("job failed: %s", describe_error(exc))
+
+
+def check_override_keys(schema: type, argv: list[str], where: str) -> None:
+    """A mistyped override key as one ``error:`` line and exit 2, before Hydra starts (Hydra's
+    own message spans several lines). Config groups and Hydra's own keys are left to Hydra."""
+    config = OmegaConf.structured(schema)
+    for arg in argv:
+        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if key in ("experiment", "logger") or "/" in key:
+            continue  # config groups
+        if OmegaConf.select(config, key, default="<missing>") == "<missing>":
+            print(f"error: unknown config key '{key}' (see {where})", file=sys.stderr)
+            sys.exit(2)
