@@ -40,6 +40,7 @@ from experiments.multimodal_model import (
     latent_stats,
     retrieval_top1,
 )
+from experiments.rank_probe import RankProbe, hooked_features, input_rank
 from experiments.runtime import (
     TrainingFailed,
     check_override_keys,
@@ -260,6 +261,19 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 # -- the job ------------------------------------------------------------------------------------
 
 
+def encoder_rank_probe(
+    cfg: DictConfig, model: torch.nn.Module, images: torch.Tensor, device: torch.device
+) -> RankProbe:
+    """Ranks of each encoder block's output (after its activation) and of the latent."""
+    pc, encoder = cfg.rank_probe, model.encoder
+    blocks = [f"net.{i}" for i, m in enumerate(encoder.net) if isinstance(m, torch.nn.GELU)]
+    batch = images[: pc.probe_size].to(device)
+    features = hooked_features(encoder, [*blocks, "proj"], batch)
+    return RankProbe(
+        features, pc.every, input_rank(batch), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
+    )
+
+
 def multimodal_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
     out = job_dir()
     device = resolve_device(cfg.runtime.device)
@@ -298,6 +312,8 @@ def multimodal_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
         step, best_val = resume["step"], resume["best_val_loss"]
         log.info("resuming %s at step %d (epoch %d)", out, step, step // steps_per_epoch)
     mean_image = train.images.mean(0, keepdim=True).to(device)
+    if cfg.rank_probe.enabled:
+        logger.attach_rank_probe(encoder_rank_probe(cfg, model, val.images, device))
 
     logger.log_summary(
         train_samples=len(train.images),

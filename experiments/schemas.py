@@ -236,6 +236,8 @@ class MultimodalConfig:
     model: MultimodalModelConfig = field(default_factory=MultimodalModelConfig)
     loss: MultimodalLossConfig = field(default_factory=MultimodalLossConfig)
     train: MultimodalTrainConfig = field(default_factory=MultimodalTrainConfig)
+    # the image encoder's layers on fixed validation images, every `every` steps
+    rank_probe: RankProbeConfig = field(default_factory=lambda: RankProbeConfig(every=200))
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

@@ -183,3 +183,15 @@ def check_one_line_error(tmp_path: Path, args: list[str], message: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not out.exists()
+
+
+def test_encoder_layers_are_rank_probed(tmp_path):
+    out = tmp_path / "job"
+    args = [*TINY, "train.epochs=1", "train.log_frequency=1", "rank_probe.every=1",
+            f"hydra.run.dir={out}"]  # fmt: skip
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    logged = set().union(*metrics_of(out))
+    # two encoder blocks (after their activations) and the latent projection, in forward order
+    assert {"ranks/net.2/effective_rank", "ranks/net.5/numerical_rank", "ranks/proj/effective_rank",
+            "ranks/input_rank", "approximate_rank_rank_decay_centroid"} <= logged  # fmt: skip
