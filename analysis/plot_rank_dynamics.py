@@ -22,10 +22,11 @@ if __package__ in (None, ""):  # run as a plain script: make the repo importable
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from analysis.cli import ArgumentParser, UserError, run_cli
 from analysis.ranks import MODES, RANK_MEASURES, compute_rank_decay_dynamics
-from experiments.runstore import METRICS_FILE, atomic_path, read_metrics
+from experiments.runstore import METRICS_FILE, read_metrics, save_figure
 
 
 def layer_columns(columns: list[str], measure: str) -> list[tuple[str, str]]:
@@ -72,13 +73,9 @@ def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFra
 
 
 def plot(table: pd.DataFrame, dynamics: dict[str, np.ndarray], title: str, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = table.index.to_numpy()
-    fig, axes = plt.subplots(3, 1, figsize=(10, 10), sharex=True)
+    fig = Figure(figsize=(10, 10), layout="tight")
+    axes = fig.subplots(3, 1, sharex=True)
     panels = [
         ("rank_drop_gini", "Rank drop Gini coefficient", "Gini coefficient"),
         ("rank_decay_centroid", "Rank decay centroid", "centroid (layer index)"),
@@ -91,20 +88,12 @@ def plot(table: pd.DataFrame, dynamics: dict[str, np.ndarray], title: str, out: 
         ax.grid(True, linestyle="--", alpha=0.5)
     axes[-1].set_xlabel("training step")
     fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_heatmap(table: pd.DataFrame, measure: str, title: str, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(table.columns) + 2))
+    fig = Figure(figsize=(10, 0.45 * len(table.columns) + 2), layout="tight")
+    ax = fig.subplots()
     image = ax.imshow(table.to_numpy().T, aspect="auto", cmap="viridis", origin="upper")
     ax.set_yticks(range(len(table.columns)), table.columns)
     ticks = np.linspace(0, len(table) - 1, min(len(table), 8)).round().astype(int)
@@ -113,11 +102,7 @@ def plot_heatmap(table: pd.DataFrame, measure: str, title: str, out: Path) -> Pa
     ax.set_ylabel("layer (forward order)")
     fig.colorbar(image, ax=ax, label=measure)
     ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from experiments.runstore import (
     RUN_FILE,
     SUMMARY_FILE,
     atomic_path,
+    save_figure,
     write_text_atomic,
 )
 
@@ -322,14 +323,6 @@ def _rank_colors(n: int) -> list[tuple[float, ...]]:
     return [cmap(x) for x in np.linspace(0.0, 0.85, n)] if n > 1 else [cmap(0.35)]
 
 
-def _save_figure(fig: Figure, out_path: str | os.PathLike[str]) -> Path:
-    out_path = Path(out_path)
-    fmt = out_path.suffix.lstrip(".").lower() or "png"
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight")
-    return out_path
-
-
 def _summary_and_curves(
     source: str | os.PathLike[str] | pd.DataFrame,
     curves: Mapping[str, pd.DataFrame] | None,
@@ -410,7 +403,7 @@ def plot_loss_curves(
         axes[0].set_ylabel("loss (log scale)" if log_scale else "loss")
         fig.suptitle("Rank sweep: loss curves")
         fig.legend(handles=handles, loc="outside right center", frameon=False)
-        return _save_figure(fig, out_path)
+        return save_figure(fig, out_path, _DPI)
 
 
 def plot_final_losses(
@@ -532,7 +525,7 @@ def plot_final_losses(
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
         if summary.empty:
             ax.text(0.5, 0.5, "no jobs", ha="center", va="center", transform=ax.transAxes)
-        return _save_figure(fig, out_path)
+        return save_figure(fig, out_path, _DPI)
 
 
 # ---------------------------------------------------------------------------- report

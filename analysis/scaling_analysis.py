@@ -38,7 +38,7 @@ from analysis.scaling_fit import (  # noqa: E402
     interpret,
     load_results,
 )
-from experiments.runstore import atomic_path, to_jsonable, write_text_atomic  # noqa: E402
+from experiments.runstore import save_figure, to_jsonable, write_text_atomic  # noqa: E402
 
 _DPI = 120
 FIT_JSON = "scaling_fit.json"
@@ -58,12 +58,6 @@ def _seed_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     high = np.where(ok, values, -np.inf).max(axis=-1)
     none = n == 0
     return np.where(none, np.nan, mean), np.where(none, np.nan, low), np.where(none, np.nan, high)
-
-
-def _save_figure(fig: Figure, out_path: Path) -> Path:
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
-    return out_path
 
 
 def _family_colors(names: list[str]) -> dict[str, Any]:
@@ -147,7 +141,7 @@ def plot_lr_opt_vs_batch(result: dict[str, Any], out_path: Path) -> Path:
     ax.set_title(f"lr_opt vs batch size ({result['loss']}); grey lines: grid lrs")
     ax.legend(fontsize=8, loc="best")
     ax.grid(True, which="major", alpha=0.3)
-    return _save_figure(fig, out_path)
+    return save_figure(fig, out_path, _DPI)
 
 
 def plot_loss_vs_lr(result: dict[str, Any], grids: dict[str, FamilyGrid], out_path: Path) -> Path:
@@ -183,7 +177,7 @@ def plot_loss_vs_lr(result: dict[str, Any], grids: dict[str, FamilyGrid], out_pa
         ax.set_title(f"{name}: stars = refined lr_opt (hollow: flagged)")
         ax.legend(fontsize=8, ncol=2)
         ax.grid(True, which="major", alpha=0.3)
-    return _save_figure(fig, out_path)
+    return save_figure(fig, out_path, _DPI)
 
 
 def plot_heatmap(result: dict[str, Any], grids: dict[str, FamilyGrid], out_path: Path) -> Path:
@@ -234,7 +228,7 @@ def plot_heatmap(result: dict[str, Any], grids: dict[str, FamilyGrid], out_path:
         ax.set_title(f"{name}: log10 {result['loss']} (red box: grid argmin)")
     if image is not None:
         fig.colorbar(image, ax=axes, label=f"log10 {result['loss']} (seed mean)")
-    return _save_figure(fig, out_path)
+    return save_figure(fig, out_path, _DPI)
 
 
 def write_outputs(
