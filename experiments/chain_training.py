@@ -23,7 +23,7 @@ from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
 from experiments.logger import ExperimentLogger
 from experiments.rank_probe import RankProbe, input_rank
-from experiments.runtime import TrainingFailed
+from experiments.runtime import TrainingFailed, lr_factor
 from experiments.weights import INIT_METHODS, load_weight, make_weight
 from ksmm import KSLinearChain, expected_mse, loss_floor, zero_predictor_loss
 
@@ -183,15 +183,6 @@ class LossCurves:
         )
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_chain(
     cfg: DictConfig,
     chain: KSLinearChain,
@@ -214,7 +205,7 @@ def train_chain(
     optimizer = torch.optim.AdamW(chain.parameters(), lr=tc.lr, weight_decay=0.0)
     total_steps = tc.num_epochs * data.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tc.schedule, tc.warmup_steps)
+        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.schedule)
     )
     best = {"train": math.inf, "val": math.inf}
     row: dict[str, Any] = {}

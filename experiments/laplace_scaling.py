@@ -203,7 +203,7 @@ def run_group(
     ]
 
 
-def cell_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
+def cell_job(cfg: DictConfig, logger: ExperimentLogger, _inputs: None = None) -> None:
     """One (batch_size, lr, seed) cell: ``cell.json`` (its results.csv row) in the job folder."""
     (row,) = run_group(cfg, logger, cfg.batch_size, cfg.seed, cfg.task.noise, [cfg.lr])
     write_json_atomic(job_dir() / CELL_FILE, row)
@@ -219,7 +219,7 @@ def cell_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
              " (diverged)" if row["diverged"] else "")  # fmt: skip
 
 
-def grid_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
+def grid_job(cfg: DictConfig, logger: ExperimentLogger, _inputs: None = None) -> None:
     """The whole grid in this process, the lrs of each (batch size, seed) stacked."""
     g = cfg.grid
     groups = [(n, s, b) for n in g.noises for s in g.seeds for b in g.batch_sizes]

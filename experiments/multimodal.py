@@ -45,6 +45,7 @@ from experiments.runtime import (
     TrainingFailed,
     check_override_keys,
     job_dir,
+    lr_factor,
     resolve_device,
     run_job,
 )
@@ -52,10 +53,10 @@ from experiments.schemas import MultimodalConfig, register_configs
 
 log = logging.getLogger(__name__)
 ALIGNMENTS = ("infonce", "mse", "cosine")
-_PAIRS: dict[str, tuple[PairSet, PairSet]] = {}  # loaded once by validate(), used by the job
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
+    """Check the config and load the data (errors name the file); the job gets the pairs."""
     dc, mc, tc = cfg.data, cfg.model, cfg.train
     if dc.source not in ("synthetic", "folder"):
         raise UserError(f"data.source must be one of synthetic, folder, got {dc.source!r}")
@@ -91,7 +92,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.resume and not (job_dir() / "last.pt").is_file():
         raise UserError(f"resume=true but there is no last.pt in {job_dir()} (set run_dir=...)")
     resolve_device(cfg.runtime.device)
-    _PAIRS["data"] = load_pairs(cfg, cfg.seed)
+    return load_pairs(cfg, cfg.seed)
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -115,14 +116,6 @@ def build_model(cfg: DictConfig, tokenizer: Tokenizer, max_len: int, channels: i
         dropout=mc.dropout,
         pad_id=tokenizer.pad,
     )
-
-
-def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
-    """Linear warmup, then cosine annealing down to ``floor`` (min_lr / lr)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def compute_losses(
@@ -274,11 +267,13 @@ def encoder_rank_probe(
     )
 
 
-def multimodal_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
+def multimodal_job(
+    cfg: DictConfig, logger: ExperimentLogger, pairs: tuple[PairSet, PairSet]
+) -> None:
     out = job_dir()
     device = resolve_device(cfg.runtime.device)
     tc, dc = cfg.train, cfg.data
-    train, val = _PAIRS.pop("data", None) or load_pairs(cfg, cfg.seed)
+    train, val = pairs
     resume = torch.load(out / "last.pt", weights_only=False) if cfg.resume else None
 
     if resume is not None:
@@ -296,7 +291,7 @@ def multimodal_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
     steps_per_epoch = math.ceil(len(train.images) / tc.batch_size)
     total_steps = tc.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.min_lr / tc.lr)
+        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, floor=tc.min_lr / tc.lr)
     )
     step, best_val = 0, math.inf
     if resume is not None:

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from experiments.chain_training import (
@@ -41,18 +42,21 @@ from experiments.schemas import RankSweepConfig, register_configs
 log = logging.getLogger(__name__)
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> torch.Tensor:
+    """Check the config and the weight; return the weight for the job."""
     validate_config(cfg)
-    check_rank(cfg.rank, build_weight(cfg))
+    weight = build_weight(cfg)
+    check_rank(cfg.rank, weight)
     check_precision(cfg.train.precision, resolve_device(cfg.runtime.device))
+    return weight
 
 
-def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger) -> None:
+def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tensor) -> None:
     out = job_dir()
     device = resolve_device(cfg.runtime.device)
 
     # data: the target weight and its floor
-    weight = build_weight(cfg).to(device)
+    weight = weight.to(device)
     floor, zero_loss = floor_and_baseline(cfg, weight)
     targets = Targets(weight, floor, zero_loss, cfg.data.input_std)
     data = ChainData(cfg, weight, device, seed=cfg.seed)

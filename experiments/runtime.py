@@ -1,7 +1,7 @@
 """What every Hydra entry point does around its body: threads, seed, device, logger, errors.
 
-An entry point calls :func:`run_job` with its body ``body(cfg, logger)`` and an optional
-``validate(cfg)`` that checks the input before anything is written.
+An entry point calls :func:`run_job` with its body ``body(cfg, logger, inputs)`` and an optional
+``validate(cfg)`` that checks the input before anything is written and returns what it loaded.
 
 - Bad input (:class:`analysis.cli.UserError`) in a single run: one ``error:`` line, exit 2,
   and the job folder Hydra made is removed, so nothing half-written stays behind.
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +53,18 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"runtime.device={name} but no CUDA device is available")
     return device
+
+
+def lr_factor(
+    step: int, total: int, warmup: int = 0, schedule: str = "cosine", floor: float = 0.0
+) -> float:
+    """LR multiplier: linear warmup, then cosine annealing to ``floor`` (or constant)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def job_dir() -> Path:
@@ -134,16 +148,17 @@ def _remove_job_folder(path: Path) -> None:
 
 def run_job(
     cfg: DictConfig,
-    body: Callable[[DictConfig, ExperimentLogger], None],
-    validate: Callable[[DictConfig], None] | None = None,
+    body: Callable[[DictConfig, ExperimentLogger, Any], None],
+    validate: Callable[[DictConfig], Any] | None = None,
 ) -> None:
+    """Run ``body(cfg, logger, inputs)``; ``inputs`` is what ``validate(cfg)`` returned (the
+    weight, the data set, ... it had to load to check them), so nothing is loaded twice."""
     threads = configure_threads(cfg.runtime.num_threads)
     seed_everything(cfg.seed)
     multirun = is_multirun()
     out = job_dir()
     try:
-        if validate is not None:
-            validate(cfg)
+        inputs = validate(cfg) if validate is not None else None
     except UserError as exc:
         if not multirun:
             print(f"error: {exc}", file=sys.stderr)
@@ -159,7 +174,7 @@ def run_job(
     try:
         with logger:
             logger.log_summary(torch_threads=threads)
-            body(cfg, logger)
+            body(cfg, logger, inputs)
     except KeyboardInterrupt:
         print(f"interrupted: the run record in {out} says so", file=sys.stderr)
         sys.exit(130)
