@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from entrypoint import run_script
 
 from experiments.scaling_training import make_task, noise_from_uniform, train_group
 
@@ -29,15 +29,7 @@ SMALL = [
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script(SCRIPT, args, cwd)
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "laplace", "student_t"])

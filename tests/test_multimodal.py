@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from entrypoint import run_script
 
 from experiments.multimodal_data import Tokenizer, synthetic_pairs
 from experiments.multimodal_model import caption_metrics
@@ -35,11 +34,7 @@ TINY = [
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
+    return run_script(SCRIPT, args, cwd, timeout=120, OMP_NUM_THREADS="1")
 
 
 def metrics_of(out: Path) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from entrypoint import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "rank_sweep.py"
@@ -28,15 +29,7 @@ SMALL = [
 
 
 def run(args: list[str], tmp_path: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_script(SCRIPT, args, tmp_path, timeout)
 
 
 def test_single_run_writes_curves_checkpoint_and_record(tmp_path):
