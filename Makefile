@@ -45,10 +45,11 @@ bench: install ## speed benchmarks (tables and ratios)
 	$(PY) benchmarks/bench_ksmm.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_rank_dynamics.py
+	$(PY) benchmarks/bench_upload_rank_dynamics.py
 	$(PY) benchmarks/bench_rank_probe.py
 	$(PY) benchmarks/bench_multimodal.py
 
-analyze: install ## every report on the newest local outputs (rank sweep, scaling sweep)
+analyze: install ## every report on the newest local outputs, rank dynamics, outputs/index.html
 	$(PY) analysis/analyze_newest.py
 
 clean: ## remove outputs, caches and W&B offline files (keeps .venv)

@@ -5,15 +5,16 @@
     python analysis/plot_rank_dynamics.py --run ENTITY/PROJECT/RUN_ID ...
 
 Reads per-layer ranks logged as ``ranks/{layer}/{measure}`` (this suite, the old notebook) or
-``{layer}_{measure}`` (the old training scripts). Layers are taken in the order the run logged
-them (the probe logs in forward order); indexed names (``layer_2`` before ``layer_10``) are
-sorted by number. Writes ``rank_dynamics_{measure}_{mode}.png`` and
+``{layer}_{measure}`` (the old training scripts). Layers are put in forward order the way the
+uploader does it (``--layer-order``, the model rebuilt from the run's config, indexed names);
+a run whose order cannot be known is an error, never a guess. A run with several scopes (the
+scaling sweep's cells) gets one line per scope in the panels; ``--scope`` picks one, and the
+heat map needs one. Writes ``rank_dynamics_{measure}_{mode}.png`` and
 ``rank_heatmap_{measure}.png``.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -22,58 +23,64 @@ if __package__ in (None, ""):  # run as a plain script: make the repo importable
 
 import numpy as np
 import pandas as pd
+import yaml
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from analysis.cli import ArgumentParser, UserError, run_cli
+from analysis.rank_history import rank_columns, rank_table, resolve_layer_order
 from analysis.ranks import MODES, RANK_MEASURES, compute_rank_decay_dynamics
-from experiments.runstore import METRICS_FILE, read_metrics, save_figure
+from experiments.rank_probe import probed_layer_order
+from experiments.runstore import CONFIG_FILE, METRICS_FILE, read_metrics, save_figure
 
 
-def layer_columns(columns: list[str], measure: str) -> list[tuple[str, str]]:
-    """(layer, column) pairs for ``measure`` in either key style, in layer order."""
-    pairs = []
-    for col in columns:
-        m = re.fullmatch(rf"(?:.*/)?ranks/(.+)/{measure}", col) or re.fullmatch(
-            rf"(.+)_{measure}", col
-        )
-        if m and "/" not in m.group(1) and not col.startswith(f"{measure}_"):
-            pairs.append((m.group(1), col))
-    indexed = [re.fullmatch(r"(.*?)(\d+)", layer) for layer, _ in pairs]
-    if pairs and all(indexed) and len({i.group(1) for i in indexed}) == 1:
-        pairs.sort(key=lambda p: int(re.fullmatch(r".*?(\d+)", p[0]).group(1)))
-    return pairs
-
-
-def rank_table(history: pd.DataFrame, measure: str) -> tuple[pd.DataFrame, list[str]]:
-    """(steps x layers) ranks, one row per logged step that holds all of them."""
-    pairs = layer_columns(list(history.columns), measure)
-    if not pairs:
+def scope_tables(
+    history: pd.DataFrame,
+    measure: str,
+    config: dict | None = None,
+    layer_order: list[str] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """{scope: (steps x layers) ranks in forward order}, one row per step holding every layer."""
+    groups = {
+        scope: by_measure[measure]
+        for scope, by_measure in rank_columns(history.columns, [measure]).items()
+    }
+    if not groups:
         raise UserError(f"no rank metrics for {measure} (expected ranks/<layer>/{measure})")
-    cols = [c for _, c in pairs]
-    table = history[["_step", *cols]].dropna(subset=cols, how="any").set_index("_step")
-    table.columns = [layer for layer, _ in pairs]
-    return table, list(table.columns)
+    config_order = probed_layer_order(config) if config else None
+    tables = {}
+    for scope, columns in sorted(groups.items()):
+        order, reason = resolve_layer_order(columns, config_order, layer_order)
+        if order is None:
+            raise UserError(reason)
+        table = rank_table(history, [columns[layer] for layer in order])
+        table.columns = order
+        tables[scope] = table
+    return tables
 
 
-def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFrame, str]:
+def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFrame, dict, str]:
+    """(history, config, name) of a local run folder or a W&B run."""
     if run_dir is not None:
         if not (run_dir / METRICS_FILE).is_file():
             raise UserError(f"{run_dir} holds no {METRICS_FILE} (not a run folder?)")
-        return read_metrics(run_dir), run_dir.name
+        config_path = run_dir / CONFIG_FILE
+        config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+        return read_metrics(run_dir), config or {}, run_dir.name
     import wandb  # only the W&B source needs it
 
+    from analysis.upload_rank_dynamics import scan
+
     run = wandb.Api().run(run_path)
-    keys = [k for k in run.summary.keys() if "rank" in k]  # noqa: SIM118 - a W&B summary
-    # scan_history returns every row (history() is sampled); no keys filter: it drops rows
-    rows = list(run.scan_history(page_size=1000))
-    frame = pd.DataFrame(rows)
-    if "_step" not in frame.columns or not keys:
-        raise UserError(f"run {run_path} has no rank metrics")
-    return frame, run.name
+    frame = scan(run, f"reading {run_path}")  # every row (history() is sampled), with retries
+    if "_step" not in frame.columns:
+        raise UserError(f"run {run_path} has no history")
+    return frame, dict(run.config or {}), run.name
 
 
-def plot(table: pd.DataFrame, dynamics: dict[str, np.ndarray], title: str, out: Path) -> Path:
-    steps = table.index.to_numpy()
+def plot(dynamics: dict[str, dict[str, np.ndarray]], steps: dict[str, np.ndarray], title: str,
+         out: Path) -> Path:  # fmt: skip
+    """The notebook's three panels against step, one line per scope."""
     fig = Figure(figsize=(10, 10), layout="tight")
     axes = fig.subplots(3, 1, sharex=True)
     panels = [
@@ -81,11 +88,16 @@ def plot(table: pd.DataFrame, dynamics: dict[str, np.ndarray], title: str, out: 
         ("rank_decay_centroid", "Rank decay centroid", "centroid (layer index)"),
         ("normalized_aurc", "Normalized AURC", "normalized area"),
     ]
+    colors = colormaps["viridis"](np.linspace(0, 0.9, len(dynamics)))
     for ax, (key, name, ylabel) in zip(axes, panels, strict=True):
-        ax.plot(steps, dynamics[key], marker="o", markersize=3)
+        for color, (scope, dyn) in zip(colors, dynamics.items(), strict=True):
+            ax.plot(steps[scope], dyn[key], marker="o", markersize=3, color=color,
+                    label=scope or None)  # fmt: skip
         ax.set_title(f"{name} vs. training step")
         ax.set_ylabel(ylabel)
         ax.grid(True, linestyle="--", alpha=0.5)
+    if 1 < len(dynamics) <= 12:
+        axes[0].legend(fontsize="small", ncols=2)
     axes[-1].set_xlabel("training step")
     fig.suptitle(title)
     return save_figure(fig, out)
@@ -112,25 +124,36 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--run", help="ENTITY/PROJECT/RUN_ID of a W&B run")
     parser.add_argument("--rank-type", default="effective_rank", choices=RANK_MEASURES)
     parser.add_argument("--mode", default="difference", choices=MODES)
+    parser.add_argument("--scope", help="one scope (a scaling-sweep cell, e.g. B16_LR0.010000)")
+    parser.add_argument("--layer-order", metavar="A,B,C", help="forward order of the layers")
     parser.add_argument("--out", type=Path, help="output folder (default: the run folder or .)")
     args = parser.parse_args(argv)
-    history, name = load_history(args.run_dir, args.run)
-    table, layers = rank_table(history, args.rank_type)
-    if table.empty:
-        raise UserError(f"no step holds {args.rank_type} for every layer ({', '.join(layers)})")
-    dynamics = compute_rank_decay_dynamics(table.to_numpy(), mode=args.mode)
+    history, config, name = load_history(args.run_dir, args.run)
+    order = [x.strip() for x in args.layer_order.split(",")] if args.layer_order else None
+    tables = scope_tables(history, args.rank_type, config, order)
+    if args.scope is not None:
+        if args.scope not in tables:
+            raise UserError(f"no scope {args.scope!r}; the run has {', '.join(tables) or 'none'}")
+        tables = {args.scope: tables[args.scope]}
+    tables = {scope: table for scope, table in tables.items() if not table.empty}
+    if not tables:
+        raise UserError(f"no step holds {args.rank_type} for every layer")
+    dynamics = {
+        scope: compute_rank_decay_dynamics(table.to_numpy(), mode=args.mode)
+        for scope, table in tables.items()
+    }
+    steps = {scope: table.index.to_numpy() for scope, table in tables.items()}
     out = args.out or args.run_dir or Path(".")
     title = f"Rank decay dynamics ({args.mode} mode, {args.rank_type}) for run: {name}"
-    paths = [
-        plot(table, dynamics, title, out / f"rank_dynamics_{args.rank_type}_{args.mode}.png"),
-        plot_heatmap(
-            table,
-            args.rank_type,
-            f"{args.rank_type} per layer: {name}",
-            out / f"rank_heatmap_{args.rank_type}.png",
-        ),  # fmt: skip
-    ]
-    print(f"{len(table)} steps x {len(layers)} layers ({', '.join(layers)})")
+    paths = [plot(dynamics, steps, title, out / f"rank_dynamics_{args.rank_type}_{args.mode}.png")]
+    if len(tables) == 1:
+        ((scope, table),) = tables.items()
+        label = f"{name}/{scope}" if scope else name
+        paths.append(plot_heatmap(table, args.rank_type, f"{args.rank_type} per layer: {label}",
+                                  out / f"rank_heatmap_{args.rank_type}.png"))  # fmt: skip
+        print(f"{len(table)} steps x {len(table.columns)} layers ({', '.join(table.columns)})")
+    else:
+        print(f"{len(tables)} scopes; pass --scope for one scope's heat map")
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -22,7 +22,7 @@ from analysis.cli import UserError
 from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
 from experiments.logger import ExperimentLogger
-from experiments.rank_probe import RankProbe, input_rank
+from experiments.rank_probe import RankProbe, chain_probe_layers, input_rank
 from experiments.runtime import TrainingFailed, lr_factor
 from experiments.weights import INIT_METHODS, load_weight, make_weight
 from ksmm import KSLinearChain, expected_mse, loss_floor, zero_predictor_loss
@@ -65,7 +65,8 @@ def build_rank_probe(cfg: DictConfig, chain: KSLinearChain, device: torch.device
     x = (cfg.data.input_std * torch.randn(pc.probe_size, chain.in_features, generator=g)).to(device)
 
     def features() -> dict[str, torch.Tensor]:
-        return {f"factor_{i}": out for i, out in enumerate(chain.factor_outputs(x))}
+        outputs = chain.factor_outputs(x)
+        return dict(zip(chain_probe_layers(len(outputs)), outputs, strict=True))
 
     return RankProbe(
         features, pc.every, input_rank(x), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from analysis.cli import UserError
 from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
 from experiments.logger import ExperimentLogger
-from experiments.rank_probe import RankProbe, input_rank
+from experiments.rank_probe import RankProbe, input_rank, mlp_probe_layers
 from experiments.runstore import write_json_atomic
 from experiments.runtime import check_override_keys, is_multirun, job_dir, run_job
 from experiments.scaling_training import (
@@ -117,7 +117,7 @@ class CellLogger:
             return [{} for _ in self.lrs]
         probes = []
         for j in range(len(self.lrs)):
-            feats = {f"hidden_{i}": h[j] for i, h in enumerate(hidden)}
+            feats = dict(zip(mlp_probe_layers(len(hidden)), (h[j] for h in hidden), strict=True))
             probe = RankProbe(lambda f=feats: f, 1, input_rank(x), pc.mode,
                               pc.prepend_input_rank, pc.prop, pc.eps)  # fmt: skip
             probes.append(probe.measure())

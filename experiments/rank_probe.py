@@ -11,8 +11,9 @@ logs at a step the probe is due, the probe's metrics join that log call:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,3 +91,59 @@ def hooked_features(model: nn.Module, layers: Sequence[str], batch: torch.Tensor
 
 def input_rank(batch: torch.Tensor) -> float:
     return float(min(batch.shape[0], batch[0].numel()))
+
+
+# -- which layers each experiment probes, and their forward order --------------------------------
+
+
+def chain_probe_layers(num_factors: int) -> list[str]:
+    """The KS chain's probed layers: every factor's output, in application order."""
+    return [f"factor_{i}" for i in range(num_factors)]
+
+
+def mlp_probe_layers(depth: int) -> list[str]:
+    """The scaling sweep's MLP student: each hidden layer's activations."""
+    return [f"hidden_{i}" for i in range(depth)]
+
+
+def encoder_probe_layers(encoder: nn.Module) -> list[str]:
+    """The multimodal image encoder: each conv block's output (after its activation), then
+    the latent projection."""
+    blocks = [f"net.{i}" for i, m in enumerate(encoder.net) if isinstance(m, nn.GELU)]
+    return [*blocks, "proj"]
+
+
+def probed_layer_order(config: Mapping[str, Any]) -> list[str] | None:
+    """A run's probed layers in forward order, rebuilt from its saved config (the model is
+    built on the meta device: no memory, no weights); None when the config is not one of this
+    suite's experiments or cannot be built. Used to order ranks read back from a run."""
+    try:
+        if "image_encoder_layers" in config.get("model", {}):  # the multimodal trainer
+            from experiments.multimodal_model import ImageEncoder
+
+            mc, size = config["model"], int(config["data"]["image_size"])
+            with torch.device("meta"):
+                encoder = ImageEncoder(1, size, mc["image_encoder_layers"], mc["conv_width"],
+                                       mc["latent_dim"])  # fmt: skip
+                batch = torch.zeros(1, 1, size, size)
+            return list(hooked_features(encoder, encoder_probe_layers(encoder), batch)())
+        if "grid" in config and "task" in config:  # the scaling sweep's student
+            model = config["model"]
+            return mlp_probe_layers(int(model["depth"]) if model["kind"] == "mlp" else 0)
+        if "rank" in config and "weight" in config:  # the rank sweep's KS chain
+            from ksmm.chain import KSLinearChain
+
+            w = config["weight"]
+            shape = (w["out_features"], w["in_features"])
+            if w.get("path"):
+                from experiments.weights import load_weight
+
+                shape = tuple(load_weight(w["path"]).shape)
+            with torch.device("meta"):
+                chain = KSLinearChain(shape[1], shape[0], int(config["rank"]),
+                                      structure=config["model"]["structure"],
+                                      nblocks=config["model"]["nblocks"])  # fmt: skip
+            return chain_probe_layers(len(chain.factors))
+    except Exception:  # an old or foreign config: the caller falls back to other sources
+        return None
+    return None

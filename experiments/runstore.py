@@ -136,17 +136,29 @@ def iter_metrics(run_dir: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_metrics(run_dir: Path, keys: list[str] | None = None):
-    """``metrics.jsonl`` as a pandas DataFrame (one row per log call, ``_step`` first)."""
+    """``metrics.jsonl`` as a pandas DataFrame (one row per log call, ``_step`` first).
+
+    pandas' C JSON reader does the work; a file it rejects (a corrupt line from a killed job)
+    is read line by line instead, skipping the bad lines with a warning naming each.
+    """
     import pandas as pd
 
-    records = list(iter_metrics(run_dir))
-    if keys is not None:
-        records = [
-            {k: r[k] for k in ("_step", *keys) if k in r}
-            for r in records
-            if any(k in r for k in keys)
-        ]
-    frame = pd.DataFrame.from_records(records)
+    path = Path(run_dir) / METRICS_FILE
+    frame = None
+    if keys is None and path.exists():
+        try:
+            frame = pd.read_json(path, lines=True, dtype=False)
+        except (ValueError, TypeError):
+            frame = None  # corrupt or non-object lines: the careful reader names them
+    if frame is None:
+        records = list(iter_metrics(run_dir))
+        if keys is not None:
+            records = [
+                {k: r[k] for k in ("_step", *keys) if k in r}
+                for r in records
+                if any(k in r for k in keys)
+            ]
+        frame = pd.DataFrame.from_records(records)
     if "_step" in frame.columns:
         frame = frame[["_step", *[c for c in frame.columns if c != "_step"]]]
     return frame

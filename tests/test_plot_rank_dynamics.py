@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from analysis.cli import UserError
-from analysis.plot_rank_dynamics import layer_columns, main
+from analysis.plot_rank_dynamics import main, scope_tables
 
 
 def write_run(path, records):
@@ -32,16 +33,37 @@ def test_plots_from_a_run_folder(tmp_path, capsys):
 
 
 def test_old_key_style_and_numeric_layer_order():
-    cols = [
-        "_step",
-        "layer_10_numerical_rank",
-        "layer_2_numerical_rank",
-        "numerical_rank_rank_drop_gini",
-    ]
-    assert layer_columns(cols, "numerical_rank") == [
-        ("layer_2", "layer_2_numerical_rank"),
-        ("layer_10", "layer_10_numerical_rank"),
-    ]
+    history = pd.DataFrame(
+        [{"_step": 0, "layer_10_numerical_rank": 3.0, "layer_2_numerical_rank": 5.0,
+          "numerical_rank_rank_drop_gini": 0.1}]
+    )  # fmt: skip
+    (table,) = scope_tables(history, "numerical_rank").values()
+    assert list(table.columns) == ["layer_2", "layer_10"]
+    assert table.iloc[0].tolist() == [5.0, 3.0]
+
+
+def test_unknown_order_is_an_error_and_layer_order_fixes_it(tmp_path):
+    records = [{"_step": s, "ranks/conv/effective_rank": 9.0, "ranks/fc/effective_rank": 4.0}
+               for s in range(3)]  # fmt: skip
+    write_run(tmp_path / "run", records)
+    with pytest.raises(UserError, match="layer order unknown for conv, fc: pass --layer-order"):
+        main(["--run-dir", str(tmp_path / "run")])
+    assert main(["--run-dir", str(tmp_path / "run"), "--layer-order", "conv,fc"]) == 0
+
+
+def test_scopes_share_the_panels(tmp_path, capsys):
+    records = [
+        {"_step": 2 * s + j, **{f"B{b}_LR0.1/ranks/hidden_{i}/effective_rank": 9.0 - i - s / 5
+                                for i in range(3)}}
+        for s in range(4) for j, b in enumerate((16, 32))
+    ]  # fmt: skip
+    write_run(tmp_path / "run", records)
+    assert main(["--run-dir", str(tmp_path / "run")]) == 0
+    assert "2 scopes; pass --scope" in capsys.readouterr().out
+    assert main(["--run-dir", str(tmp_path / "run"), "--scope", "B32_LR0.1"]) == 0
+    assert (tmp_path / "run" / "rank_heatmap_effective_rank.png").exists()
+    with pytest.raises(UserError, match="no scope 'B64'"):
+        main(["--run-dir", str(tmp_path / "run"), "--scope", "B64"])
 
 
 def test_no_rank_metrics_is_a_clear_error(tmp_path):

@@ -1,0 +1,135 @@
+"""Per-layer ranks in a run's logged history: find them, order the layers, compute the dynamics.
+
+Plain functions over column names and pandas DataFrames (one row per logged step, ``_step``
+first), shared by ``plot_rank_dynamics.py`` and ``upload_rank_dynamics.py``. Imports no Hydra
+and no W&B.
+
+Two key styles are read:
+
+- ``ranks/{layer}/{measure}``: this suite's probe and the old notebook;
+- ``{layer}_{measure}``: the old training scripts.
+
+Either may sit under a scope, ``{scope}/ranks/{layer}/{measure}``: the scaling sweep logs one
+scope per (batch size, lr) cell in one run. Each scope is its own layer stack and gets its own
+dynamics, written as ``{scope}/{measure}_{metric}`` (no scope: ``{measure}_{metric}``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.ranks import DYNAMICS_METRICS, compute_rank_decay_dynamics
+
+STEP = "_step"
+# one tidy row per (step, scope, rank type): what rank_dynamics.csv holds
+DYNAMICS_COLUMNS = ["step", "scope", "rank_type", *DYNAMICS_METRICS]
+
+# {scope: {measure: {layer: column}}}
+RankColumns = dict[str, dict[str, dict[str, str]]]
+
+
+def parse_rank_column(column: str, measures: Sequence[str]) -> tuple[str, str, str] | None:
+    """(scope, layer, measure) of a rank column in either key style, else None."""
+    padded = f"/{column}"
+    if "/ranks/" in padded:
+        head, _, tail = padded.rpartition("/ranks/")
+        layer, sep, measure = tail.partition("/")
+        if sep and layer and measure in measures:
+            return head.strip("/"), layer, measure
+        return None  # ranks/input_rank and the like
+    scope, _, name = column.rpartition("/")
+    for measure in measures:
+        # {layer}_{measure}; a dynamics key ({measure}_{metric}) never ends in _{measure}
+        if name.endswith(f"_{measure}") and len(name) > len(measure) + 1:
+            return scope, name[: -len(measure) - 1], measure
+    return None
+
+
+def rank_columns(columns: Iterable[str], measures: Sequence[str]) -> RankColumns:
+    """Every rank column, grouped by scope and measure."""
+    found: RankColumns = {}
+    for col in columns:
+        parsed = parse_rank_column(str(col), measures)
+        if parsed is not None:
+            scope, layer, measure = parsed
+            found.setdefault(scope, {}).setdefault(measure, {})[layer] = col
+    return found
+
+
+def indexed_order(layers: Iterable[str]) -> list[str] | None:
+    """Layers sorted by their number (``layer_2`` before ``layer_10``) when every name is one
+    common stem plus a distinct number; else None (the order cannot be read off the names)."""
+    layers = list(layers)
+    matches = [re.fullmatch(r"(.*?)(\d+)", layer) for layer in layers]
+    if not layers or not all(matches) or len({m.group(1) for m in matches}) != 1:
+        return None
+    numbers = [int(m.group(2)) for m in matches]
+    if len(set(numbers)) != len(numbers):
+        return None
+    return [layer for _, layer in sorted(zip(numbers, layers, strict=True))]
+
+
+def resolve_layer_order(
+    layers: Iterable[str],
+    config_order: Sequence[str] | None = None,
+    given_order: Sequence[str] | None = None,
+) -> tuple[list[str] | None, str]:
+    """(order, source) for a run's logged layer names, never a guess.
+
+    Sources, first that covers exactly these layers: ``--layer-order`` (the user said so), the
+    model rebuilt from the run's config, indexed names. None and an explanation otherwise.
+    """
+    names = set(layers)
+    for order, source in ((given_order, "--layer-order"), (config_order, "config")):
+        if order and set(order) >= names:
+            return [layer for layer in order if layer in names], source
+    indexed = indexed_order(names)
+    if indexed is not None:
+        return indexed, "indexed names"
+    listed = ", ".join(sorted(names))
+    return None, f"layer order unknown for {listed}: pass --layer-order"
+
+
+def dynamics_key(scope: str, measure: str, metric: str) -> str:
+    return f"{scope}/{measure}_{metric}" if scope else f"{measure}_{metric}"
+
+
+def rank_table(history: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """(steps x layers) ranks: the rows that hold every given column, indexed by step."""
+    present = [c for c in columns if c in history.columns]
+    if len(present) < len(columns) or STEP not in history.columns:
+        return pd.DataFrame(columns=list(columns), dtype=float)
+    table = history[[STEP, *columns]]
+    if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):
+        table = table.apply(pd.to_numeric, errors="coerce")  # W&B rows may hold "NaN" strings
+    table = table.dropna(how="any").drop_duplicates(STEP, keep="last")
+    return table.set_index(STEP).sort_index()
+
+
+def dynamics_rows(
+    history: pd.DataFrame,
+    scope: str,
+    measure: str,
+    columns: Sequence[str],
+    mode: str = "difference",
+    input_rank_column: str | None = None,
+) -> pd.DataFrame:
+    """Tidy dynamics of one scope and measure: one row per step that holds every layer's rank
+    (``columns`` in layer order) and, when given, the input rank (prepended as R_0)."""
+    wanted = [*columns, input_rank_column] if input_rank_column else list(columns)
+    table = rank_table(history, wanted)
+    ranks = table[list(columns)].to_numpy(dtype=np.float64)
+    input_rank = table[input_rank_column].to_numpy(np.float64) if input_rank_column else None
+    dyn = compute_rank_decay_dynamics(ranks.reshape(len(table), len(columns)), mode, input_rank)
+    frame = pd.DataFrame({"step": table.index.to_numpy(dtype=np.int64), **dyn})
+    frame.insert(1, "scope", scope)
+    frame.insert(2, "rank_type", measure)
+    return frame[DYNAMICS_COLUMNS]
+
+
+def input_rank_column(scope: str) -> str:
+    return f"{scope}/ranks/input_rank" if scope else "ranks/input_rank"

@@ -1,0 +1,776 @@
+"""Write the 12 rank-decay dynamics metrics into runs that logged per-layer ranks.
+
+    python analysis/upload_rank_dynamics.py --runs-dir multirun/rank_sweep --dry-run
+    python analysis/upload_rank_dynamics.py --runs-dir multirun/rank_sweep --yes
+    python analysis/upload_rank_dynamics.py --entity ENTITY --project PROJECT --dry-run
+    python analysis/upload_rank_dynamics.py --entity ENTITY --project PROJECT --max-runs 3
+
+For each run: read its per-layer ranks (both key styles, see ``analysis/rank_history.py``), put
+the layers in forward order (``--layer-order``, else the model rebuilt from the run's config,
+else indexed names; a run whose order cannot be known is skipped with its layer names), compute
+per rank measure T ``T_rank_drop_gini``, ``T_rank_decay_centroid``, ``T_normalized_aurc`` at every
+step that holds all layers, and write the steps not written before:
+
+- local run store (``--runs-dir``): ``rank_dynamics.csv`` (one row per step, scope and rank
+  type) and the marker ``rank_dynamics.json`` in the run folder. The training process never
+  writes these two files, so running runs are handled the same way.
+- W&B: a finished, crashed or failed run gets them in place (resumed, on its own
+  ``rank_dynamics/step`` axis tied to the original step, summary marker ``rank_dynamics``); a
+  run still running gets them in a companion run (job_type rank_dynamics, same group, id
+  ``<run id>-rank-dynamics``), so that no two processes ever write one run.
+
+What was written before is read back (the CSV rows; the runs' ``rank_dynamics/step`` rows), so a
+second pass adds nothing and a pass interrupted half-way, run again, ends with every step
+present exactly once. Steps whose dynamics the live rank probe already logged count as written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a plain script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+import yaml
+from tqdm import tqdm
+
+from analysis.cli import ArgumentParser, UserError, run_cli
+from analysis.rank_history import (
+    STEP,
+    dynamics_key,
+    dynamics_rows,
+    input_rank_column,
+    rank_columns,
+    resolve_layer_order,
+)
+from analysis.ranks import DYNAMICS_METRICS, MODES, RANK_MEASURES
+from experiments import runstore
+from experiments.rank_probe import probed_layer_order
+
+VERSION = 1
+CSV_FILE = "rank_dynamics.csv"
+MARKER_FILE = "rank_dynamics.json"
+MARKER_KEY = "rank_dynamics"  # the W&B summary key of the marker
+STEP_AXIS = "rank_dynamics/step"
+COMPANION_JOB_TYPE = "rank_dynamics"
+CONFIRM_ABOVE = 10  # ask before writing to more runs than this (unless --yes)
+RETRIES = 6
+# W&B states after which nobody writes the run any more
+ENDED_STATES = ("finished", "crashed", "failed", "killed", "interrupted", "preempted")
+
+
+@dataclass(frozen=True)
+class Settings:
+    measures: tuple[str, ...]
+    mode: str
+    prepend_input_rank: bool
+    layer_order: tuple[str, ...] | None
+
+    def marker(self, last_step: int | None, **extra: Any) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "mode": self.mode,
+            "prepend_input_rank": self.prepend_input_rank,
+            "rank_types": list(self.measures),
+            "last_step": last_step,
+            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **extra,
+        }
+
+
+@dataclass
+class RunData:
+    """What a source read of one run: its history since the marker, what was written before."""
+
+    history: pd.DataFrame
+    written: set[tuple[int, str, str]]  # (step, scope, rank type) already present
+    config: dict[str, Any]
+    probe_mode: tuple[str, bool] | None  # the live probe's (mode, prepend_input_rank)
+
+
+@dataclass
+class Plan:
+    run: Any  # the source's run handle
+    label: str
+    action: str  # process | skip | error
+    reason: str = ""
+    rows: pd.DataFrame | None = None  # tidy dynamics rows to write
+    orders: dict[str, list[str]] = field(default_factory=dict)  # scope -> layers
+    order_source: str = ""
+    target: str = ""
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.rows is None else int(self.rows["step"].nunique())
+
+
+# -- what to add: shared by both sources ---------------------------------------------------------
+
+
+def plan_run(run: Any, label: str, read: Callable[[], RunData], settings: Settings) -> Plan:
+    """Read one run and decide what to write; never writes."""
+    data = read()
+    if data.probe_mode is not None and data.probe_mode != (settings.mode,
+                                                            settings.prepend_input_rank):  # fmt: skip
+        mode, prepend = data.probe_mode
+        return Plan(run, label, "skip", f"its probe logged {mode}-mode dynamics"
+                    f"{' with the input rank' if prepend else ''}: use --analysis-mode {mode}")  # fmt: skip
+    groups = rank_columns(data.history.columns, settings.measures)
+    if not groups:
+        return Plan(run, label, "skip", "no rank metrics")
+    config_order = probed_layer_order(data.config) if data.config else None
+    frames, orders, sources = [], {}, set()
+    for scope, by_measure in sorted(groups.items()):
+        layers = {layer for cols in by_measure.values() for layer in cols}
+        order, source = resolve_layer_order(layers, config_order, settings.layer_order)
+        if order is None:
+            where = f" in {scope}" if scope else ""
+            return Plan(run, label, "skip", source.replace("unknown", f"unknown{where}", 1))
+        orders[scope], sources = order, sources | {source}
+        r0 = input_rank_column(scope) if settings.prepend_input_rank else None
+        if r0 is not None and r0 not in data.history.columns:
+            return Plan(run, label, "skip", f"no {r0} to prepend (--prepend-input-rank)")
+        for measure, cols in by_measure.items():
+            present = [cols[layer] for layer in order if layer in cols]
+            if len(present) < 2:
+                continue  # one layer has no transition: nothing to measure
+            frames.append(dynamics_rows(data.history, scope, measure, present, settings.mode, r0))
+    if not frames:
+        return Plan(run, label, "skip", "fewer than two probed layers: no layer-to-layer decay")
+    rows = pd.concat(frames, ignore_index=True)
+    computable = rows["step"].nunique()
+    if data.written:
+        keys = zip(rows["step"], rows["scope"], rows["rank_type"], strict=True)
+        rows = rows[[k not in data.written for k in keys]]
+    plan = Plan(run, label, "process", rows=rows.reset_index(drop=True), orders=orders,
+                order_source=", ".join(sorted(sources)))  # fmt: skip
+    if rows.empty:
+        plan.action = "skip"
+        plan.reason = f"up to date (all {computable:,} steps written before or logged live)"
+    return plan
+
+
+def live_written(history: pd.DataFrame, measures: Sequence[str]) -> set[tuple[int, str, str]]:
+    """(step, scope, rank type) whose dynamics are in the history already (live probe or an
+    earlier in-place upload): normalized_aurc is finite whenever the ranks are, so its presence
+    marks a written step."""
+    written: set[tuple[int, str, str]] = set()
+    step_col = STEP_AXIS if STEP_AXIS in history.columns else None
+    for col in history.columns:
+        scope, _, name = str(col).rpartition("/")
+        for measure in measures:
+            if name != f"{measure}_normalized_aurc":
+                continue
+            present = pd.to_numeric(history[col], errors="coerce").notna()
+            steps = history.loc[present, STEP]
+            if step_col is not None:  # uploaded rows: the original step is on the axis
+                uploaded = pd.to_numeric(history.loc[present, step_col], errors="coerce")
+                steps = uploaded.where(uploaded.notna(), steps)
+            written.update((int(s), scope, measure) for s in steps)
+    return written
+
+
+# -- the local run store ------------------------------------------------------------------------
+
+
+class LocalStore:
+    """Run folders below ``root`` (each holds run.json), as the shared logger writes them."""
+
+    def __init__(self, root: Path, settings: Settings):
+        if not root.is_dir():
+            raise UserError(f"--runs-dir {root} is not a folder")
+        self.root, self.settings = root, settings
+
+    def runs(self) -> list[Path]:
+        return runstore.find_runs(self.root)
+
+    def label(self, run: Path) -> str:
+        return str(run)
+
+    def ids(self, run: Path) -> set[str]:
+        try:
+            return {run.name, str(self.record(run).get("run_id"))}
+        except RunError:
+            return {run.name}  # reported when the run is read
+
+    def target(self, run: Path) -> str:
+        return "local run folder"
+
+    def workers(self, runs: int) -> int:
+        """Forked workers for many runs on Linux (fork is unsafe on macOS, spawn is slow)."""
+        if sys.platform != "linux" or runs < 16:
+            return 1
+        return min(len(os.sched_getaffinity(0)), 8, runs // 8)
+
+    def record(self, run: Path) -> dict[str, Any]:
+        try:
+            record = runstore.read_json(run / runstore.RUN_FILE)
+        except (OSError, ValueError) as exc:
+            raise RunError(f"unreadable run folder {run}: {runstore.RUN_FILE}: {exc}") from None
+        if not isinstance(record, dict):
+            raise RunError(f"unreadable run folder {run}: {runstore.RUN_FILE} is not an object")
+        return record
+
+    def matches(self, run: Path, filters: dict[str, Any]) -> bool:
+        record = self.record(run)
+        config = None
+        for key, want in filters.items():
+            if key.startswith("config."):
+                config = config if config is not None else self.config(run)
+                have: Any = config
+                for part in key.split(".")[1:]:
+                    have = have.get(part) if isinstance(have, dict) else None
+            else:
+                have = record.get(key)
+            if have != want:
+                return False
+        return True
+
+    def config(self, run: Path) -> dict[str, Any]:
+        path = run / runstore.CONFIG_FILE
+        try:
+            config = yaml.safe_load(path.read_text()) if path.exists() else {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise RunError(f"unreadable run folder {run}: {runstore.CONFIG_FILE}: {exc}") from None
+        return config if isinstance(config, dict) else {}
+
+    def marker(self, run: Path) -> dict[str, Any] | None:
+        path = run / MARKER_FILE
+        if not path.exists():
+            return None
+        try:
+            return runstore.read_json(path)
+        except (OSError, ValueError):
+            return None  # a marker we cannot read is rebuilt from the CSV
+
+    def fast_skip(self, run: Path) -> str | None:
+        """'up to date' without reading metrics.jsonl: same settings, file unchanged."""
+        marker = self.marker(run)
+        metrics = run / runstore.METRICS_FILE
+        if (marker and metrics.exists() and self._same_settings(marker)
+                and marker.get("metrics_bytes") == metrics.stat().st_size):  # fmt: skip
+            return f"up to date (marker at step {marker.get('last_step')})"
+        return None
+
+    def _same_settings(self, marker: dict[str, Any]) -> bool:
+        s = self.settings
+        return (marker.get("mode"), marker.get("prepend_input_rank")) == (
+            s.mode, s.prepend_input_rank) and set(s.measures) <= set(marker.get("rank_types", []))  # fmt: skip
+
+    def read(self, run: Path) -> RunData:
+        record, config = self.record(run), self.config(run)
+        marker = self.marker(run)
+        if marker and (marker.get("mode"), marker.get("prepend_input_rank")) != (
+                self.settings.mode, self.settings.prepend_input_rank):  # fmt: skip
+            raise SkipRun(f"processed earlier in {marker.get('mode')} mode "
+                          f"(rank_dynamics.json): use --analysis-mode {marker.get('mode')}")  # fmt: skip
+        metrics = run / runstore.METRICS_FILE
+        if not metrics.exists():
+            raise SkipRun("no rank metrics (no metrics.jsonl)")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                history = runstore.read_metrics(run)
+        except OSError as exc:
+            raise RunError(f"unreadable run folder {run}: {runstore.METRICS_FILE}: {exc}") from None
+        for w in caught:
+            tqdm.write(f"warning: {w.message}", file=sys.stderr)
+        if STEP not in history.columns:
+            raise SkipRun("no rank metrics")
+        written = live_written(history, self.settings.measures)
+        csv = run / CSV_FILE
+        if csv.exists():
+            try:
+                done = pd.read_csv(csv, keep_default_na=False, na_values=[""],
+                                   dtype={"scope": str})  # fmt: skip
+                written |= set(zip(done["step"].astype(int), done["scope"].fillna(""),
+                                   done["rank_type"], strict=True))  # fmt: skip
+            except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+                raise RunError(f"unreadable {csv}: {exc} (remove it to recompute)") from None
+        probe = record.get("rank_probe") or None
+        probe_mode = None
+        if probe and live_written(history, self.settings.measures):
+            probe_mode = (probe.get("mode"), bool(probe.get("prepend_input_rank")))
+        return RunData(history, written, config, probe_mode)
+
+    def write(self, plan: Plan) -> int:
+        run: Path = plan.run
+        csv = run / CSV_FILE
+        rows = plan.rows
+        if csv.exists():
+            old = pd.read_csv(csv, keep_default_na=False, na_values=[""], dtype={"scope": str})
+            rows = pd.concat([old.fillna({"scope": ""}), rows], ignore_index=True)
+        rows = rows.sort_values(["scope", "rank_type", "step"], kind="stable")
+        with runstore.atomic_path(csv) as tmp:
+            rows.to_csv(tmp, index=False)
+        self.write_marker(plan, int(rows["step"].max()))
+        return plan.steps
+
+    def write_marker(self, plan: Plan, last_step: int | None) -> None:
+        metrics = plan.run / runstore.METRICS_FILE
+        size = metrics.stat().st_size if metrics.exists() else None
+        marker = self.settings.marker(last_step, metrics_bytes=size, layers=plan.orders,
+                                      order_source=plan.order_source)  # fmt: skip
+        runstore.write_json_atomic(plan.run / MARKER_FILE, marker)
+
+
+class RunError(Exception):
+    """One run cannot be processed; the batch goes on and the exit code says so."""
+
+
+class SkipRun(Exception):
+    """One run has nothing to process, for the reason given."""
+
+
+# -- W&B ---------------------------------------------------------------------------------------
+
+
+def http_response(exc: BaseException) -> Any:
+    """The HTTP response behind a W&B/requests error, looking through wrappers
+    (CommError.exc, __cause__, __context__); None if there is none."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        if isinstance(getattr(response, "status_code", None), int):
+            return response
+        todo += [getattr(e, "exc", None), e.__cause__, e.__context__]
+    return None
+
+
+def http_status(exc: BaseException) -> int | None:
+    response = http_response(exc)
+    return None if response is None else response.status_code
+
+
+def retry_delay(exc: BaseException, attempt: int) -> float:
+    """Seconds to wait: the server's RateLimit-Reset / Retry-After when it sends one, else
+    exponential backoff (1, 2, 4, ... s, at most 60)."""
+    headers = getattr(http_response(exc), "headers", None) or {}
+    for name in ("RateLimit-Reset", "Retry-After"):
+        try:
+            return min(max(float(headers[name]), 0.0), 300.0)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return min(2.0**attempt, 60.0)
+
+
+sleep = time.sleep  # tests replace it
+
+
+def with_retries(what: str, fn: Callable[[], Any], attempts: int = RETRIES) -> Any:
+    """Call ``fn``; on HTTP 429 or 5xx wait and retry, up to ``attempts`` times."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            status = http_status(exc)
+            if status is None or not (status == 429 or 500 <= status < 600):
+                raise
+            if attempt == attempts - 1:
+                raise RunError(f"{what}: HTTP {status} after {attempts} attempts") from None
+            delay = retry_delay(exc, attempt)
+            tqdm.write(f"{what}: HTTP {status}, retrying in {delay:.0f} s", file=sys.stderr)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def scan(run: Any, what: str, min_step: int = 0, keys: list[str] | None = None) -> pd.DataFrame:
+    """Every history row from ``min_step`` (``scan_history``, never the sampled ``history``).
+    A retry goes on after the last row received instead of starting over."""
+    rows: list[dict[str, Any]] = []
+
+    def fetch() -> None:
+        start = int(rows[-1][STEP]) + 1 if rows else min_step
+        for row in run.scan_history(keys=keys, page_size=1000, min_step=start):
+            rows.append(dict(row))
+
+    with_retries(what, fetch)
+    return pd.DataFrame.from_records(rows)
+
+
+def companion_id(run_id: str) -> str:
+    return f"{run_id}-rank-dynamics"
+
+
+def summary_marker(run: Any) -> dict[str, Any] | None:
+    marker = run.summary.get(MARKER_KEY) if run is not None else None
+    return dict(marker) if marker else None
+
+
+class WandbProject:
+    """Runs of one W&B project through the public API; writes through ``wandb.init``."""
+
+    def __init__(self, entity: str | None, project: str, settings: Settings,
+                 api: Any = None, init: Callable[..., Any] | None = None):  # fmt: skip
+        if api is None or init is None:
+            import wandb  # only the W&B source needs it
+
+            try:
+                api = api or wandb.Api(timeout=60)
+            except Exception as exc:  # no API key, no network: say so in one line
+                raise UserError(f"W&B API unavailable ({describe(exc)}); run `wandb login`, "
+                                "or use --runs-dir for the local run store") from None  # fmt: skip
+            init = init or functools.partial(
+                wandb.init, settings=wandb.Settings(console="off", quiet=True)
+            )
+        self.api, self.init, self.settings = api, init, settings
+        self.path = f"{entity}/{project}" if entity else project
+        self.entity, self.project = entity, project
+        self.companions: dict[str, Any] = {}
+
+    def runs(self, filters: dict[str, Any] | None) -> list[Any]:
+        def listing(f: dict[str, Any] | None) -> list[Any]:
+            return list(self.api.runs(self.path, filters=f, per_page=100))
+
+        runs = with_retries(f"listing {self.path}", lambda: listing(filters))
+        companions = with_retries(f"listing {self.path}",
+                                  lambda: listing({"jobType": COMPANION_JOB_TYPE}))  # fmt: skip
+        self.companions = {r.id: r for r in companions}
+        return [r for r in runs if getattr(r, "job_type", None) != COMPANION_JOB_TYPE]
+
+    def label(self, run: Any) -> str:
+        return f"{self.path}/{run.id} ({run.name}, {run.state})"
+
+    def ids(self, run: Any) -> set[str]:
+        return {run.id, run.name}
+
+    def workers(self, runs: int) -> int:
+        return 1  # one process: retries and rate limits stay simple
+
+    def matches(self, run: Any, filters: dict[str, Any]) -> bool:
+        return True  # the server applied the filters
+
+    def fast_skip(self, run: Any) -> str | None:
+        """An ended run whose in-place marker covers these settings gets nothing new."""
+        marker = summary_marker(run)
+        s = self.settings
+        if (run.state in ENDED_STATES and marker and marker.get("complete")
+                and (marker.get("mode"), marker.get("prepend_input_rank")) == (s.mode, s.prepend_input_rank)
+                and set(s.measures) <= set(marker.get("rank_types", []))):  # fmt: skip
+            return f"up to date (marker at step {marker.get('last_step')})"
+        return None
+
+    def read(self, run: Any) -> RunData:
+        s = self.settings
+        companion = self.companions.get(companion_id(run.id))
+        markers = [m for m in (summary_marker(run), summary_marker(companion)) if m]
+        for marker in markers:
+            if (marker.get("mode"), marker.get("prepend_input_rank")) != (
+                s.mode,
+                s.prepend_input_rank,
+            ):
+                raise SkipRun(f"processed earlier in {marker.get('mode')} mode (summary "
+                              f"{MARKER_KEY}): use --analysis-mode {marker.get('mode')}")  # fmt: skip
+        # steps up to a marker's last_step were all processed before; rows written since
+        # (in place) sit after the run's own rows, so scanning from there sees them too
+        done = [m["last_step"] for m in markers if isinstance(m.get("last_step"), int)]
+        min_step = max(done) + 1 if done else 0
+        history = scan(run, f"reading {run.id}", min_step)
+        if history.empty or STEP not in history.columns:
+            if min_step:
+                raise SkipRun(f"up to date (no rows after step {min_step - 1})")
+            raise SkipRun("no rank metrics")
+        original = history[history[STEP_AXIS].isna()] if STEP_AXIS in history.columns else history
+        written = live_written(history, s.measures)
+        if companion is not None:
+            written |= live_written(scan(companion, f"reading {companion.id}"), s.measures)
+        config = dict(run.config or {})
+        probe = config.get("rank_probe") if isinstance(config.get("rank_probe"), dict) else None
+        probe_mode = None
+        if probe and probe.get("enabled", True) and live_written(original, s.measures):
+            probe_mode = (probe.get("mode", "difference"), bool(probe.get("prepend_input_rank")))
+        return RunData(original, written, config, probe_mode)
+
+    def target(self, run: Any) -> str:
+        return "in place" if run.state in ENDED_STATES else "companion run"
+
+    def write(self, plan: Plan) -> int:
+        run, s = plan.run, self.settings
+        state = run.state  # as listed: resuming the run changes it
+        in_place = state in ENDED_STATES
+        kwargs: dict[str, Any] = {"entity": run.entity, "project": run.project}
+        if in_place:
+            kwargs.update(id=run.id, resume="must")
+        else:
+            kwargs.update(id=companion_id(run.id), resume="allow", job_type=COMPANION_JOB_TYPE,
+                          group=getattr(run, "group", None) or run.id,
+                          name=f"{run.name}-rank-dynamics",
+                          config={**dict(run.config or {}), "rank_dynamics_source": run.id})  # fmt: skip
+        writer = self.init(reinit="create_new", **kwargs)
+        try:
+            writer.define_metric(STEP_AXIS)
+            wide = plan.rows.assign(
+                key_prefix=[dynamics_key(sc, m, "") for sc, m in
+                            zip(plan.rows["scope"], plan.rows["rank_type"], strict=True)]
+            )  # fmt: skip
+            for prefix in wide["key_prefix"].unique():
+                for metric in DYNAMICS_METRICS:
+                    writer.define_metric(f"{prefix}{metric}", step_metric=STEP_AXIS)
+            for step, group in wide.groupby("step", sort=True):
+                payload: dict[str, Any] = {STEP_AXIS: int(step)}
+                for row in group.itertuples(index=False):
+                    for metric in DYNAMICS_METRICS:
+                        value = getattr(row, metric)
+                        payload[f"{row.key_prefix}{metric}"] = None if _nan(value) else value
+                writer.log(payload)
+            last = int(plan.rows["step"].max())
+            previous = summary_marker(
+                run if in_place else self.companions.get(companion_id(run.id))
+            )
+            if previous and isinstance(previous.get("last_step"), int):
+                last = max(last, previous["last_step"])
+            writer.summary[MARKER_KEY] = s.marker(last, complete=in_place, layers=plan.orders,
+                                                  order_source=plan.order_source)  # fmt: skip
+        except BaseException:
+            writer.finish(exit_code=1)
+            raise
+        # keep a failed or crashed run marked as such: a non-zero exit code
+        writer.finish(exit_code=0 if not in_place or state == "finished" else 1)
+        return plan.steps
+
+
+def _nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+def parse_list(values: Sequence[str] | None) -> list[str]:
+    """``a b``, ``a,b`` and ``a, b`` all give [a, b]."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+def parse_settings(args: Any) -> Settings:
+    measures = parse_list(args.rank_types) or list(RANK_MEASURES)
+    unknown = [m for m in measures if m not in RANK_MEASURES]
+    if unknown:
+        raise UserError(f"unknown rank type {', '.join(unknown)}: choose from "
+                        f"{', '.join(RANK_MEASURES)}")  # fmt: skip
+    if args.analysis_mode not in MODES:
+        raise UserError(f"unknown analysis mode {args.analysis_mode!r}: choose difference or ratio")
+    if args.max_runs is not None and args.max_runs < 1:
+        raise UserError(f"--max-runs must be a positive integer, got {args.max_runs}")
+    order = parse_list([args.layer_order]) if args.layer_order else None
+    if order is not None and len(set(order)) != len(order):
+        raise UserError(f"--layer-order names a layer twice: {args.layer_order}")
+    return Settings(tuple(dict.fromkeys(measures)), args.analysis_mode, args.prepend_input_rank,
+                    tuple(order) if order else None)  # fmt: skip
+
+
+def parse_filters(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        filters = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--filters is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(filters, dict):
+        raise UserError('--filters must be a JSON object, e.g. \'{"state": "finished"}\'')
+    return filters
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="Compute rank-decay dynamics from logged per-layer ranks and write them "
+        "into the runs (W&B or the local run store).",
+    )
+    p.add_argument("--entity", help="W&B entity (default: your default entity)")
+    p.add_argument("--project", help="W&B project (needed unless --runs-dir)")
+    p.add_argument("--runs-dir", type=Path, help="read and write the local run store instead")
+    p.add_argument("--rank-types", nargs="+", metavar="T",
+                   help=f"rank measures (default: all four: {' '.join(RANK_MEASURES)})")  # fmt: skip
+    p.add_argument("--analysis-mode", default="difference", help="difference (default) | ratio")
+    p.add_argument("--prepend-input-rank", action="store_true",
+                   help="use the logged ranks/input_rank as R_0 (the old uploader did; recorded "
+                   "in the marker)")  # fmt: skip
+    p.add_argument("--layer-order", metavar="A,B,C",
+                   help="forward order for runs whose layer names carry none")  # fmt: skip
+    p.add_argument("--run-ids", nargs="+", metavar="ID",
+                   help="only these runs (W&B ids; local run ids or folder names)")  # fmt: skip
+    p.add_argument("--filters", metavar="JSON",
+                   help='W&B filter, e.g. \'{"state": "finished", "config.rank": 8}\' (local: '
+                   "plain equality on run.json fields and config.*)")  # fmt: skip
+    p.add_argument("--max-runs", type=int, help="at most this many runs (after filtering)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--yes", action="store_true", help="do not ask before writing to many runs")
+    return p
+
+
+def select_runs(source: Any, args: Any, filters: dict[str, Any] | None) -> list[Any]:
+    if isinstance(source, LocalStore):
+        if filters and any(k.startswith("$") or isinstance(v, dict) for k, v in filters.items()):
+            raise UserError("--filters with --runs-dir takes plain equality only, e.g. "
+                            '\'{"state": "finished", "config.rank": 8}\'')  # fmt: skip
+        runs = source.runs()
+    else:
+        runs = source.runs(filters)
+    ids = set(parse_list(args.run_ids))
+    return [run for run in runs if not ids or source.ids(run) & ids]
+
+
+def confirm(count: int, where: str, yes: bool) -> None:
+    if yes or count <= CONFIRM_ABOVE:
+        return
+    question = f"Write rank dynamics to {count} runs in {where}? [y/N] "
+    if not sys.stdin.isatty():
+        raise UserError(f"about to write to {count} runs in {where} and there is no terminal "
+                        "to confirm: pass --yes (or --dry-run to see the plan)")  # fmt: skip
+    if input(question).strip().lower() not in ("y", "yes"):
+        raise UserError("cancelled: nothing was written")
+
+
+def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = parse_settings(args)
+    filters = parse_filters(args.filters)
+    if args.runs_dir is not None:
+        source: Any = LocalStore(args.runs_dir, settings)
+        where = str(args.runs_dir)
+    elif args.project:
+        source = WandbProject(args.entity, args.project, settings, api=api, init=init)
+        where = source.path
+    else:
+        raise UserError("say where the runs are: --project (and --entity) for W&B, or --runs-dir")
+
+    print("Rank dynamics analysis")
+    print(f"  Source: {where}")
+    print(f"  Rank types: {', '.join(settings.measures)}")
+    print(f"  Analysis mode: {settings.mode}"
+          f"{' (input rank prepended)' if settings.prepend_input_rank else ''}")  # fmt: skip
+    try:
+        runs = select_runs(source, args, filters)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a wrong project, no network, rate limits that did not end
+        raise UserError(f"cannot list the runs of {where}: {describe(exc)}") from None
+    if isinstance(source, LocalStore) and filters:
+        runs = [r for r in runs if _safe_match(source, r, filters)]
+    if args.max_runs is not None:
+        runs = runs[: args.max_runs]
+    print(f"Found {len(runs)} runs in {where}")
+
+    workers = source.workers(len(runs))
+    plans = in_workers(functools.partial(plan_one, source, settings=settings), runs, workers,
+                       "Reading runs")  # fmt: skip
+    to_write = [p for p in plans if p.action == "process"]
+    skipped = [p for p in plans if p.action == "skip"]
+    errors = [p for p in plans if p.action == "error"]
+
+    print("Plan:" if args.dry_run else "Summary:")
+    print(f"  Runs that will be processed: {len(to_write)} "
+          f"({sum(p.steps for p in to_write):,} new steps)")  # fmt: skip
+    print(f"  Runs that will be skipped: {len(skipped)}")
+    for plan in to_write if args.dry_run else []:
+        print(f"  process {plan.label}: {plan.steps:,} new steps -> {plan.target} "
+              f"(layer order from {plan.order_source})")  # fmt: skip
+    for plan in skipped:
+        print(f"  skip    {plan.label}: {plan.reason}")
+    for plan in errors:
+        print(f"error: {plan.label}: {plan.reason}", file=sys.stderr)
+
+    added = 0
+    if args.dry_run:
+        print("Dry run: nothing was written.")
+    elif to_write:
+        confirm(len(to_write), where, args.yes)
+        results = in_workers(functools.partial(write_one, source), to_write, workers,
+                             "Processing runs")  # fmt: skip
+        for plan, (steps, error) in zip(to_write, results, strict=True):
+            added += steps
+            if error is not None:  # one failing run never stops the batch
+                plan.action, plan.reason = "error", error
+                errors.append(plan)
+                print(f"error: {plan.label}: {plan.reason}", file=sys.stderr)
+    processed = [p for p in to_write if p.action == "process"] if not args.dry_run else []
+
+    print()
+    print("Processing complete!" if not args.dry_run else "Dry run complete (nothing written)")
+    print(f"  Total runs: {len(plans)}")
+    print(f"  Processed: {len(processed)}")
+    print(f"  Skipped: {len(skipped)}")
+    print(f"  Errors: {len(errors)}")
+    print(f"  New steps added: {added:,}")
+    return 1 if errors else 0
+
+
+def _safe_match(source: LocalStore, run: Path, filters: dict[str, Any]) -> bool:
+    try:
+        return source.matches(run, filters)
+    except RunError:
+        return True  # kept, so that reading it reports the problem
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, RunError):
+        return str(exc)
+    status = http_status(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"HTTP {status}: {text}" if status else f"{type(exc).__name__}: {text}"
+
+
+def write_one(source: Any, plan: Plan) -> tuple[int, str | None]:
+    try:
+        return source.write(plan), None
+    except Exception as exc:
+        return 0, describe(exc)
+
+
+def in_workers(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str) -> list:
+    """``[fn(x) for x in items]`` with a progress bar, in ``workers`` forked processes when
+    more than one (reading and writing run folders is CPU-bound JSON and CSV work)."""
+    bar = tqdm(total=len(items), desc=desc, unit="run", file=sys.stderr, disable=None)
+    with bar:
+        if workers <= 1:
+            results = []
+            for item in items:
+                results.append(fn(item))
+                bar.update()
+            return results
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = []
+            for result in pool.map(fn, items, chunksize=4):
+                results.append(result)
+                bar.update()
+            return results
+
+
+def plan_one(source: Any, run: Any, settings: Settings) -> Plan:
+    label = source.label(run)
+    try:
+        reason = source.fast_skip(run)
+        if reason is not None:
+            return Plan(run, label, "skip", reason)
+        plan = plan_run(run, label, lambda: source.read(run), settings)
+        if plan.action == "process":
+            plan.target = source.target(run)
+        return plan
+    except SkipRun as exc:
+        return Plan(run, label, "skip", str(exc))
+    except Exception as exc:  # one failing run never stops the batch
+        return Plan(run, label, "error", describe(exc))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run_cli(main)

@@ -1,0 +1,408 @@
+"""upload_rank_dynamics: the W&B path against a stand-in server, the local run store, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import upload_rank_dynamics as up
+from analysis.cli import UserError
+from analysis.rank_history import indexed_order, parse_rank_column, resolve_layer_order
+from analysis.ranks import RANK_MEASURES, compute_rank_decay_dynamics
+from tests.entrypoint import run_script
+from tests.wandb_standin import StandInServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "analysis" / "upload_rank_dynamics.py"
+LAYERS = ["factor_0", "factor_1", "factor_2"]
+
+
+def ranks_at(step: int, layers=LAYERS) -> list[float]:
+    """Ranks that decay layer to layer and change with the step (so rows differ)."""
+    return [30.0 - 4 * i - (step % 7) * (i + 1) * 0.5 for i in range(len(layers))]
+
+
+def rank_row(step: int, layers=LAYERS, style: str = "suite", scope: str = "") -> dict:
+    row = {"loss": 1.0 / (step + 1)}
+    for layer, r in zip(layers, ranks_at(step, layers), strict=True):
+        for k, measure in enumerate(RANK_MEASURES):
+            key = f"ranks/{layer}/{measure}" if style == "suite" else f"{layer}_{measure}"
+            row[f"{scope}/{key}" if scope else key] = r + k
+    return row
+
+
+def history(steps, **kwargs) -> list[dict]:
+    """A run's log calls: ranks every 10 steps, a loss in between."""
+    return [rank_row(s, **kwargs) if s % 10 == 0 else {"loss": 1.0} for s in range(steps)]
+
+
+def expected(step: int, measure_index: int = 0, layers=LAYERS) -> dict[str, float]:
+    ranks = np.array(ranks_at(step, layers)) + measure_index
+    return compute_rank_decay_dynamics(ranks)
+
+
+@pytest.fixture
+def server():
+    return StandInServer()
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(up, "sleep", waits.append)
+    return waits
+
+
+def upload(server: StandInServer, *flags: str) -> int:
+    argv = ["--entity", server.entity, "--project", server.project, "--yes", *flags]
+    return up.main(argv, api=server.api(), init=server.init)
+
+
+def uploaded_rows(run) -> list[dict]:
+    return [r for r in run.rows if up.STEP_AXIS in r]
+
+
+def test_finished_running_and_crashed_runs(server, capsys):
+    finished = server.add("fin", history(100))
+    crashed = server.add("cra", history(60), state="crashed")
+    running = server.add("run", history(50), state="running", group="g1")
+    own_rows = len(running.rows)
+
+    assert upload(server) == 0
+    out = capsys.readouterr().out
+    assert "Total runs: 3" in out and "Processed: 3" in out and "Errors: 0" in out
+    assert "New steps added: 21" in out  # 10 + 6 + 5 rank steps
+
+    # in place, tied to the original step on the rank_dynamics/step axis
+    rows = uploaded_rows(finished)
+    assert [r[up.STEP_AXIS] for r in rows] == list(range(0, 100, 10))
+    assert all(r["_step"] > 99 for r in rows)  # after the run's own history
+    assert finished.defined["effective_rank_rank_drop_gini"] == up.STEP_AXIS
+    for row in rows:
+        for k, measure in enumerate(RANK_MEASURES):
+            want = expected(row[up.STEP_AXIS], k)
+            for metric, value in want.items():
+                assert row[f"{measure}_{metric}"] == pytest.approx(value, nan_ok=True)
+    marker = finished.summary[up.MARKER_KEY]
+    assert marker["last_step"] == 90 and marker["mode"] == "difference" and marker["complete"]
+    assert finished.state == "finished" and finished.exit_codes == [0]
+    assert crashed.exit_codes == [1]  # a crashed run stays marked as not finished cleanly
+    assert len(uploaded_rows(crashed)) == 6
+
+    # the running run is never written: a companion in the same group holds its steps
+    assert len(running.rows) == own_rows
+    companion = server.runs[up.companion_id("run")]
+    assert companion.job_type == "rank_dynamics" and companion.group == "g1"
+    assert companion.config["rank_dynamics_source"] == "run"
+    assert [r[up.STEP_AXIS] for r in companion.rows] == [0, 10, 20, 30, 40]
+
+    # a second pass adds nothing
+    inits = len(server.inits)
+    assert upload(server) == 0
+    assert "New steps added: 0" in capsys.readouterr().out
+    assert len(server.inits) == inits
+
+
+def test_running_run_then_finished_gets_each_step_once(server, capsys):
+    run = server.add("r", history(50), state="running")
+    assert upload(server) == 0
+    for s in range(50, 120):  # training goes on and ends
+        run.append(rank_row(s) if s % 10 == 0 else {"loss": 1.0})
+    assert upload(server) == 0  # still running: only the new steps, to the companion
+    companion = server.runs[up.companion_id("r")]
+    assert [r[up.STEP_AXIS] for r in companion.rows] == list(range(0, 120, 10))
+    run.state = "finished"
+    for s in range(120, 141):
+        run.append(rank_row(s) if s % 10 == 0 else {"loss": 1.0})
+    assert upload(server) == 0
+    in_place = [r[up.STEP_AXIS] for r in uploaded_rows(run)]
+    assert in_place == [120, 130, 140]
+    assert upload(server) == 0
+    assert "New steps added: 0" in capsys.readouterr().out.split("Processing complete")[-1]
+
+
+def test_interrupted_upload_ends_with_every_step_once(server, capsys):
+    run = server.add("a", history(200))
+    server.fail_logs_after = 7  # the connection drops after 7 of 20 rows
+    assert upload(server) == 1
+    assert "Errors: 1" in capsys.readouterr().out
+    assert len(uploaded_rows(run)) == 7 and up.MARKER_KEY not in run.summary
+    server.fail_logs_after = None
+    assert upload(server) == 0
+    steps = [r[up.STEP_AXIS] for r in uploaded_rows(run)]
+    assert sorted(steps) == list(range(0, 200, 10))  # exactly once each
+
+
+def test_rate_limit_then_success(server, no_sleep, capsys):
+    run = server.add("a", history(30))
+    run.fail_scans = [429]
+    assert upload(server) == 0
+    assert no_sleep == [3.0]  # the server's RateLimit-Reset
+    assert len(uploaded_rows(run)) == 3
+    assert "HTTP 429, retrying in 3 s" in capsys.readouterr().err
+
+
+def test_server_errors_that_do_not_end_fail_one_run_only(server, capsys):
+    bad = server.add("bad", history(30))
+    bad.fail_scans = [503] * up.RETRIES
+    good = server.add("good", history(30))
+    assert upload(server) == 1
+    captured = capsys.readouterr()
+    assert "HTTP 503 after 6 attempts" in captured.err
+    assert "Processed: 1" in captured.out and "Errors: 1" in captured.out
+    assert len(uploaded_rows(good)) == 3 and not uploaded_rows(bad)
+
+
+def test_missing_keys_and_no_rank_metrics(server, capsys):
+    server.add("plain", [{"loss": 1.0}] * 5)
+    gappy = history(40)
+    del gappy[20]["ranks/factor_1/effective_rank"]  # one layer missing at one step
+    run = server.add("gappy", gappy)
+    assert upload(server, "--rank-types", "effective_rank") == 0
+    out = capsys.readouterr().out
+    assert "plain" in out and "no rank metrics" in out
+    assert [r[up.STEP_AXIS] for r in uploaded_rows(run)] == [0, 10, 30]
+
+
+def test_layer_names_without_known_order(server, capsys):
+    layers = ["conv", "fc", "head"]
+    run = server.add("sem", history(30, layers=layers, style="old"))
+    assert upload(server) == 0
+    out = capsys.readouterr().out
+    assert "layer order unknown for conv, fc, head: pass --layer-order" in out
+    assert not uploaded_rows(run)
+    assert upload(server, "--layer-order", "conv,fc,head") == 0
+    rows = uploaded_rows(run)
+    assert len(rows) == 3
+    want = compute_rank_decay_dynamics(np.array(ranks_at(10, layers)))
+    assert rows[1]["effective_rank_rank_decay_centroid"] == pytest.approx(
+        want["rank_decay_centroid"]
+    )
+
+
+def test_dry_run_writes_nothing_and_prints_the_plan(server, capsys):
+    server.add("a", history(30))
+    server.add("b", [{"loss": 1.0}])
+    assert upload(server, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "process team/proj/a (a, finished): 3 new steps -> in place" in out
+    assert "skip    team/proj/b (b, finished): no rank metrics" in out
+    assert "nothing was written" in out.lower()
+    assert server.inits == []
+
+
+def test_max_runs_and_run_ids_and_filters(server, capsys):
+    for name in "abc":
+        server.add(name, history(20), config={"lr": 0.1 if name != "c" else 0.2})
+    assert upload(server, "--run-ids", "b", "--dry-run") == 0
+    assert "Found 1 runs" in capsys.readouterr().out
+    assert upload(server, "--max-runs", "2", "--dry-run") == 0
+    assert "Found 2 runs" in capsys.readouterr().out
+    assert upload(server, "--filters", '{"lr": 0.2}', "--dry-run") == 0
+    assert "team/proj/c" in capsys.readouterr().out
+
+
+def test_live_probe_dynamics_count_as_written(server, capsys):
+    rows = history(30)
+    for row in rows:
+        if "ranks/factor_0/effective_rank" in row:
+            row["effective_rank_normalized_aurc"] = 0.5
+    config = {"rank_probe": {"enabled": True, "mode": "difference", "prepend_input_rank": False}}
+    run = server.add("live", rows, config=config)
+    assert upload(server, "--rank-types", "effective_rank") == 0
+    assert "up to date" in capsys.readouterr().out and not uploaded_rows(run)
+    assert upload(server, "--rank-types", "effective_rank", "--analysis-mode", "ratio") == 0
+    assert "its probe logged difference-mode dynamics" in capsys.readouterr().out
+
+
+def test_listing_failure_is_one_line(server):
+    server.fail_listings = [404]
+    with pytest.raises(UserError, match="cannot list the runs of team/proj: HTTP 404"):
+        upload(server)
+
+
+# -- the local run store ---------------------------------------------------------------------
+
+
+def write_local_run(folder: Path, records, config=None, record=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    run = {"run_id": folder.name, "state": "finished", **(record or {})}
+    (folder / "run.json").write_text(json.dumps(run))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config or {}))
+    with open(folder / "metrics.jsonl", "w") as f:
+        for step, rec in enumerate(records):
+            f.write(json.dumps({"_step": step, **rec}) + "\n")
+    return folder
+
+
+def local(tmp_path: Path, *flags: str) -> int:
+    return up.main(["--runs-dir", str(tmp_path), "--yes", *flags])
+
+
+def test_local_store_writes_csv_and_marker_once(tmp_path, capsys):
+    run = write_local_run(tmp_path / "r1", history(50))
+    assert local(tmp_path) == 0
+    assert "New steps added: 5" in capsys.readouterr().out
+    table = pd.read_csv(run / up.CSV_FILE, keep_default_na=False, na_values=[""])
+    assert len(table) == 5 * 4 and set(table["rank_type"]) == set(RANK_MEASURES)
+    row = table[(table["rank_type"] == "effective_rank") & (table["step"] == 20)].iloc[0]
+    assert row["rank_drop_gini"] == pytest.approx(expected(20)["rank_drop_gini"])
+    marker = json.loads((run / up.MARKER_FILE).read_text())
+    assert marker["last_step"] == 40 and marker["layers"] == {"": LAYERS}
+    assert marker["order_source"] == "indexed names"
+
+    assert local(tmp_path) == 0  # second pass: the marker says metrics.jsonl did not change
+    out = capsys.readouterr().out
+    assert "New steps added: 0" in out and "up to date (marker at step 40)" in out
+
+    with open(run / "metrics.jsonl", "a") as f:  # the run went on
+        f.write(json.dumps({"_step": 60, **rank_row(60)}) + "\n")
+    assert local(tmp_path) == 0
+    assert "New steps added: 1" in capsys.readouterr().out
+    table = pd.read_csv(run / up.CSV_FILE)
+    assert sorted(table["step"].unique()) == [0, 10, 20, 30, 40, 60]
+    assert len(table) == 6 * 4  # nothing twice
+
+
+def test_local_dry_run_writes_nothing(tmp_path, capsys):
+    run = write_local_run(tmp_path / "r1", history(30))
+    assert local(tmp_path, "--dry-run") == 0
+    assert "3 new steps -> local run folder" in capsys.readouterr().out
+    assert not (run / up.CSV_FILE).exists() and not (run / up.MARKER_FILE).exists()
+
+
+def test_layer_order_from_the_saved_config(tmp_path, capsys):
+    # the multimodal encoder's probed layers: names that carry no order on their own
+    layers = ["net.2", "net.5", "net.8", "proj"]
+    config = {"model": {"image_encoder_layers": 3, "conv_width": 8, "latent_dim": 16},
+              "data": {"image_size": 16}}  # fmt: skip
+    run = write_local_run(tmp_path / "mm", history(30, layers=layers), config=config)
+    assert local(tmp_path, "--rank-types", "effective_rank") == 0
+    marker = json.loads((run / up.MARKER_FILE).read_text())
+    assert marker["layers"] == {"": layers} and marker["order_source"] == "config"
+    table = pd.read_csv(run / up.CSV_FILE)
+    want = compute_rank_decay_dynamics(np.array(ranks_at(10, layers)))
+    got = table[table["step"] == 10].iloc[0]
+    assert got["rank_decay_centroid"] == pytest.approx(want["rank_decay_centroid"])
+
+
+def test_scoped_cells_get_their_own_dynamics(tmp_path):
+    records = []
+    for s in range(0, 30, 10):
+        for cell in ("B16_LR0.010000", "B32_LR0.010000"):
+            records.append({**rank_row(s, layers=["hidden_0", "hidden_1"], scope=cell)})
+    run = write_local_run(tmp_path / "grid", records)
+    assert local(tmp_path, "--rank-types", "numerical_rank") == 0
+    table = pd.read_csv(run / up.CSV_FILE)
+    assert sorted(set(table["scope"])) == ["B16_LR0.010000", "B32_LR0.010000"]
+    assert len(table) == 6
+
+
+def test_corrupt_line_and_unreadable_folder(tmp_path, capsys):
+    good = write_local_run(tmp_path / "good", history(30))
+    with open(good / "metrics.jsonl", "a") as f:
+        f.write('{"_step": 31, "ranks/fac\n')
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "run.json").write_text("{not json")
+    assert local(tmp_path) == 1  # one run failed: non-zero exit, the other processed
+    captured = capsys.readouterr()
+    assert "metrics.jsonl:31: corrupt line skipped" in captured.err
+    assert f"error: {bad}: unreadable run folder {bad}: run.json" in captured.err
+    assert "Processed: 1" in captured.out and "Errors: 1" in captured.out
+    assert (good / up.CSV_FILE).exists()
+
+
+def test_confirmation_needed_for_many_runs(tmp_path, monkeypatch):
+    for i in range(up.CONFIRM_ABOVE + 1):
+        write_local_run(tmp_path / f"r{i}", history(20))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    with pytest.raises(UserError, match="there is no terminal to confirm: pass --yes"):
+        up.main(["--runs-dir", str(tmp_path)])
+    assert not list(tmp_path.rglob(up.CSV_FILE))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda _: "n")
+    with pytest.raises(UserError, match="cancelled"):
+        up.main(["--runs-dir", str(tmp_path)])
+    monkeypatch.setattr("builtins.input", lambda _: "y")
+    assert up.main(["--runs-dir", str(tmp_path)]) == 0
+    assert len(list(tmp_path.rglob(up.CSV_FILE))) == up.CONFIRM_ABOVE + 1
+
+
+def test_other_mode_than_the_marker_is_skipped(tmp_path, capsys):
+    write_local_run(tmp_path / "r", history(30))
+    assert local(tmp_path) == 0
+    assert local(tmp_path, "--analysis-mode", "ratio") == 0
+    assert "processed earlier in difference mode" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--rank-types", "effective_rank,bogus_rank"], "unknown rank type bogus_rank"),
+        (["--analysis-mode", "log"], "unknown analysis mode 'log'"),
+        (["--max-runs", "0"], "--max-runs must be a positive integer, got 0"),
+        (["--filters", "{oops"], "--filters is not valid JSON"),
+        (["--filters", '{"state": {"$ne": "x"}}'], "plain equality only"),
+        (["--layer-order", "a,b,a"], "names a layer twice"),
+    ],
+)
+def test_bad_flags(tmp_path, flags, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("$", r"\$")):
+        local(tmp_path, *flags)
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    missing = run_script(SCRIPT, ["--runs-dir", str(tmp_path / "nope")], cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: --runs-dir {tmp_path / 'nope'} is not a folder"
+    nowhere = run_script(SCRIPT, ["--dry-run"], cwd=tmp_path)
+    assert nowhere.returncode == 2 and "Traceback" not in nowhere.stderr
+    assert "--project (and --entity) for W&B, or --runs-dir" in nowhere.stderr
+
+
+def test_key_parsing_and_order_helpers():
+    m = RANK_MEASURES
+    assert parse_rank_column("ranks/net.2/effective_rank", m) == ("", "net.2", "effective_rank")
+    assert parse_rank_column("B16_LR0.1/ranks/hidden_0/numerical_rank", m) == (
+        "B16_LR0.1", "hidden_0", "numerical_rank")  # fmt: skip
+    assert parse_rank_column("layer_3_l1_distribution_rank", m) == (
+        "", "layer_3", "l1_distribution_rank")  # fmt: skip
+    assert parse_rank_column("ranks/input_rank", m) is None
+    assert parse_rank_column("effective_rank_rank_drop_gini", m) is None
+    assert parse_rank_column("effective_rank", m) is None
+    assert indexed_order(["layer_10", "layer_2", "layer_1"]) == ["layer_1", "layer_2", "layer_10"]
+    assert indexed_order(["conv1", "fc1"]) is None  # two stems: no order
+    order, source = resolve_layer_order(["b", "a"], given_order=["a", "b", "c"])
+    assert (order, source) == (["a", "b"], "--layer-order")
+    order, reason = resolve_layer_order(["fc", "conv"])
+    assert order is None and reason == "layer order unknown for conv, fc: pass --layer-order"
+
+
+def test_nan_ranks_are_not_steps():
+    # a degenerate probe (NaN ranks) has no dynamics to write; it is not a "0" either
+    rows = [{"_step": 0, **rank_row(0)}, {"_step": 10, **rank_row(10)}]
+    rows[1]["ranks/factor_1/effective_rank"] = math.nan
+    frame = pd.DataFrame(rows)
+    from analysis.rank_history import dynamics_rows
+
+    cols = [f"ranks/{layer}/effective_rank" for layer in LAYERS]
+    out = dynamics_rows(frame, "", "effective_rank", cols)
+    assert list(out["step"]) == [0]
+
+
+def test_many_runs_in_worker_processes(tmp_path, capsys):
+    for i in range(16):  # enough runs for forked workers where there are several cores
+        write_local_run(tmp_path / f"r{i:02d}", history(20))
+    bad = write_local_run(tmp_path / "zz_bad", history(20))
+    (bad / "run.json").write_text("[]")
+    assert local(tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "Processed: 16" in out and "Errors: 1" in out and "New steps added: 32" in out
+    assert len(list(tmp_path.rglob(up.CSV_FILE))) == 16
