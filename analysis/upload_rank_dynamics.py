@@ -68,6 +68,7 @@ MARKER_KEY = "rank_dynamics"  # the W&B summary key of the marker
 STEP_AXIS = "rank_dynamics/step"
 COMPANION_JOB_TYPE = "rank_dynamics"
 CONFIRM_ABOVE = 10  # ask before writing to more runs than this (unless --yes)
+TRIAL_RUNS = 3  # --trial: the old test_uploader.py's three runs
 RETRIES = 6
 # W&B states after which nobody writes the run any more
 ENDED_STATES = ("finished", "crashed", "failed", "killed", "interrupted", "preempted")
@@ -323,7 +324,7 @@ class LocalStore:
     def write_marker(self, plan: Plan, last_step: int | None) -> None:
         metrics = plan.run / runstore.METRICS_FILE
         size = metrics.stat().st_size if metrics.exists() else None
-        marker = self.settings.marker(last_step, metrics_bytes=size, layers=plan.orders,
+        marker = self.settings.marker(last_step, metrics_bytes=size, layers=layer_record(plan.orders),
                                       order_source=plan.order_source)  # fmt: skip
         runstore.write_json_atomic(plan.run / MARKER_FILE, marker)
 
@@ -538,7 +539,7 @@ class WandbProject:
             )
             if previous and isinstance(previous.get("last_step"), int):
                 last = max(last, previous["last_step"])
-            writer.summary[MARKER_KEY] = s.marker(last, complete=in_place, layers=plan.orders,
+            writer.summary[MARKER_KEY] = s.marker(last, complete=in_place, layers=layer_record(plan.orders),
                                                   order_source=plan.order_source)  # fmt: skip
         except BaseException:
             writer.finish(exit_code=1)
@@ -546,6 +547,11 @@ class WandbProject:
         # keep a failed or crashed run marked as such: a non-zero exit code
         writer.finish(exit_code=0 if not in_place or state == "finished" else 1)
         return plan.steps
+
+
+def layer_record(orders: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """The layer order used, per scope, for the marker (a list: W&B keys must not be empty)."""
+    return [{"scope": scope, "layers": layers} for scope, layers in orders.items()]
 
 
 def _nan(value: Any) -> bool:
@@ -613,6 +619,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-runs", type=int, help="at most this many runs (after filtering)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--yes", action="store_true", help="do not ask before writing to many runs")
+    p.add_argument("--trial", action="store_true",
+                   help="the old test_uploader.py: plan 3 runs, then write one of them (asks "
+                   "first, unless --yes)")  # fmt: skip
     return p
 
 
@@ -637,6 +646,16 @@ def confirm(count: int, where: str, yes: bool) -> None:
                         "to confirm: pass --yes (or --dry-run to see the plan)")  # fmt: skip
     if input(question).strip().lower() not in ("y", "yes"):
         raise UserError("cancelled: nothing was written")
+
+
+def trial_confirmed(label: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print("Trial: pass --yes to write one run for real")
+        return False
+    return input(f"Write rank dynamics to one run, {label}, for real? [y/N] ").strip().lower() in (
+        "y", "yes")  # fmt: skip
 
 
 def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) -> int:
@@ -665,8 +684,8 @@ def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) ->
         raise UserError(f"cannot list the runs of {where}: {describe(exc)}") from None
     if isinstance(source, LocalStore) and filters:
         runs = [r for r in runs if _safe_match(source, r, filters)]
-    if args.max_runs is not None:
-        runs = runs[: args.max_runs]
+    if args.max_runs is not None or args.trial:
+        runs = runs[: min(args.max_runs or TRIAL_RUNS, TRIAL_RUNS) if args.trial else args.max_runs]
     print(f"Found {len(runs)} runs in {where}")
 
     workers = source.workers(len(runs))
@@ -680,7 +699,7 @@ def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) ->
     print(f"  Runs that will be processed: {len(to_write)} "
           f"({sum(p.steps for p in to_write):,} new steps)")  # fmt: skip
     print(f"  Runs that will be skipped: {len(skipped)}")
-    for plan in to_write if args.dry_run else []:
+    for plan in to_write if args.dry_run or args.trial else []:
         print(f"  process {plan.label}: {plan.steps:,} new steps -> {plan.target} "
               f"(layer order from {plan.order_source})")  # fmt: skip
     for plan in skipped:
@@ -689,6 +708,9 @@ def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) ->
         print(f"error: {plan.label}: {plan.reason}", file=sys.stderr)
 
     added = 0
+    if args.trial and not args.dry_run and to_write:
+        to_write = to_write[:1]
+        args.dry_run = not trial_confirmed(to_write[0].label, args.yes)
     if args.dry_run:
         print("Dry run: nothing was written.")
     elif to_write:

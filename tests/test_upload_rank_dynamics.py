@@ -254,7 +254,7 @@ def test_local_store_writes_csv_and_marker_once(tmp_path, capsys):
     row = table[(table["rank_type"] == "effective_rank") & (table["step"] == 20)].iloc[0]
     assert row["rank_drop_gini"] == pytest.approx(expected(20)["rank_drop_gini"])
     marker = json.loads((run / up.MARKER_FILE).read_text())
-    assert marker["last_step"] == 40 and marker["layers"] == {"": LAYERS}
+    assert marker["last_step"] == 40 and marker["layers"] == [{"scope": "", "layers": LAYERS}]
     assert marker["order_source"] == "indexed names"
 
     assert local(tmp_path) == 0  # second pass: the marker says metrics.jsonl did not change
@@ -285,7 +285,9 @@ def test_layer_order_from_the_saved_config(tmp_path, capsys):
     run = write_local_run(tmp_path / "mm", history(30, layers=layers), config=config)
     assert local(tmp_path, "--rank-types", "effective_rank") == 0
     marker = json.loads((run / up.MARKER_FILE).read_text())
-    assert marker["layers"] == {"": layers} and marker["order_source"] == "config"
+    assert (
+        marker["layers"] == [{"scope": "", "layers": layers}] and marker["order_source"] == "config"
+    )
     table = pd.read_csv(run / up.CSV_FILE)
     want = compute_rank_decay_dynamics(np.array(ranks_at(10, layers)))
     got = table[table["step"] == 10].iloc[0]
@@ -406,3 +408,20 @@ def test_many_runs_in_worker_processes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Processed: 16" in out and "Errors: 1" in out and "New steps added: 32" in out
     assert len(list(tmp_path.rglob(up.CSV_FILE))) == 16
+
+
+def test_trial_plans_three_runs_and_writes_one(server, capsys, monkeypatch):
+    for name in "abcd":
+        server.add(name, history(20))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda _: "n")
+    assert up.main(["--project", "proj", "--entity", "team", "--trial"], api=server.api(),
+                   init=server.init) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Found 3 runs" in out and out.count("process team/proj/") == 3
+    assert server.inits == []  # declined: nothing written
+    monkeypatch.setattr("builtins.input", lambda _: "y")
+    assert up.main(["--project", "proj", "--entity", "team", "--trial"], api=server.api(),
+                   init=server.init) == 0  # fmt: skip
+    assert "Processed: 1" in capsys.readouterr().out
+    assert [i["id"] for i in server.inits] == ["a"]
