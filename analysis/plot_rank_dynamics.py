@@ -59,6 +59,16 @@ def scope_tables(
     return tables
 
 
+def cell_steps(history: pd.DataFrame, scope: str, table: pd.DataFrame) -> np.ndarray:
+    """The x axis of a scope: its own step counter (``{scope}/step``, what the scaling sweep
+    logs per cell) when the run has one, else the run's ``_step``."""
+    column = f"{scope}/step"
+    if scope and column in history.columns:
+        own = history.drop_duplicates("_step", keep="last").set_index("_step")[column]
+        return own.reindex(table.index).to_numpy()
+    return table.index.to_numpy()
+
+
 def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFrame, dict, str]:
     """(history, config, name) of a local run folder or a W&B run."""
     if run_dir is not None:
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         scope: compute_rank_decay_dynamics(table.to_numpy(), mode=args.mode)
         for scope, table in tables.items()
     }
-    steps = {scope: table.index.to_numpy() for scope, table in tables.items()}
+    steps = {scope: cell_steps(history, scope, table) for scope, table in tables.items()}
     out = args.out or args.run_dir or Path(".")
     title = f"Rank decay dynamics ({args.mode} mode, {args.rank_type}) for run: {name}"
     paths = [plot(dynamics, steps, title, out / f"rank_dynamics_{args.rank_type}_{args.mode}.png")]

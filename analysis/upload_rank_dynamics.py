@@ -185,6 +185,16 @@ def live_written(history: pd.DataFrame, measures: Sequence[str]) -> set[tuple[in
     return written
 
 
+def live_probe_mode(config: dict[str, Any], record: dict[str, Any], history: pd.DataFrame,
+                    measures: Sequence[str]) -> tuple[str, bool] | None:  # fmt: skip
+    """(mode, prepend_input_rank) of dynamics the live probe logged into ``history``; None
+    when it logged none. The run's config says how the probe was set (run.json as fallback)."""
+    probe = config.get("rank_probe") or record.get("rank_probe")
+    if not isinstance(probe, dict) or not live_written(history, measures):
+        return None
+    return probe.get("mode", "difference"), bool(probe.get("prepend_input_rank", False))
+
+
 # -- the local run store ------------------------------------------------------------------------
 
 
@@ -302,10 +312,7 @@ class LocalStore:
                                    done["rank_type"], strict=True))  # fmt: skip
             except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
                 raise RunError(f"unreadable {csv}: {exc} (remove it to recompute)") from None
-        probe = record.get("rank_probe") or None
-        probe_mode = None
-        if probe and live_written(history, self.settings.measures):
-            probe_mode = (probe.get("mode"), bool(probe.get("prepend_input_rank")))
+        probe_mode = live_probe_mode(config, record, history, self.settings.measures)
         return RunData(history, written, config, probe_mode)
 
     def write(self, plan: Plan) -> int:
@@ -495,10 +502,7 @@ class WandbProject:
         if companion is not None:
             written |= live_written(scan(companion, f"reading {companion.id}"), s.measures)
         config = dict(run.config or {})
-        probe = config.get("rank_probe") if isinstance(config.get("rank_probe"), dict) else None
-        probe_mode = None
-        if probe and probe.get("enabled", True) and live_written(original, s.measures):
-            probe_mode = (probe.get("mode", "difference"), bool(probe.get("prepend_input_rank")))
+        probe_mode = live_probe_mode(config, {}, original, s.measures)
         return RunData(original, written, config, probe_mode)
 
     def target(self, run: Any) -> str:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis.cli import UserError
-from analysis.plot_rank_dynamics import main, scope_tables
+from analysis.plot_rank_dynamics import cell_steps, main, scope_tables
 
 
 def write_run(path, records):
@@ -62,6 +62,12 @@ def test_scopes_share_the_panels(tmp_path, capsys):
     assert "2 scopes; pass --scope" in capsys.readouterr().out
     assert main(["--run-dir", str(tmp_path / "run"), "--scope", "B32_LR0.1"]) == 0
     assert (tmp_path / "run" / "rank_heatmap_effective_rank.png").exists()
+    history = pd.DataFrame(
+        [{"_step": 7, "B8/ranks/h_0/effective_rank": 3.0, "B8/ranks/h_1/effective_rank": 2.0,
+          "B8/step": 300}]
+    )  # fmt: skip
+    table = scope_tables(history, "effective_rank")["B8"]
+    assert cell_steps(history, "B8", table).tolist() == [300]  # the cell's own step, not _step
     with pytest.raises(UserError, match="no scope 'B64'"):
         main(["--run-dir", str(tmp_path / "run"), "--scope", "B64"])
 
