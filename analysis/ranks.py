@@ -33,7 +33,7 @@ def singular_values(features: torch.Tensor | np.ndarray) -> torch.Tensor:
     """
     x = torch.as_tensor(features).detach().to("cpu", torch.float64)
     b, d = x.shape[-2:]
-    if d > 2 * b:
+    if d >= 2 * b:
         # Wide features: the (B x B) Gram matrix's eigenvalues are sigma^2, and eigvalsh of it
         # is much cheaper than an SVD of (B x D). float64 keeps small sigmas accurate enough.
         gram = x @ x.transpose(-1, -2)
