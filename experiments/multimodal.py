@@ -40,7 +40,7 @@ from experiments.multimodal_model import (
     latent_stats,
     retrieval_top1,
 )
-from experiments.rank_probe import RankProbe, hooked_features, input_rank
+from experiments.rank_probe import RankProbe, encoder_probe_layers, hooked_features, input_rank
 from experiments.runtime import (
     TrainingFailed,
     check_override_keys,
@@ -259,9 +259,8 @@ def encoder_rank_probe(
 ) -> RankProbe:
     """Ranks of each encoder block's output (after its activation) and of the latent."""
     pc, encoder = cfg.rank_probe, model.encoder
-    blocks = [f"net.{i}" for i, m in enumerate(encoder.net) if isinstance(m, torch.nn.GELU)]
     batch = images[: pc.probe_size].to(device)
-    features = hooked_features(encoder, [*blocks, "proj"], batch)
+    features = hooked_features(encoder, encoder_probe_layers(encoder), batch)
     return RankProbe(
         features, pc.every, input_rank(batch), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
     )
