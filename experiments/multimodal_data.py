@@ -22,7 +22,9 @@ from omegaconf import DictConfig
 from analysis.cli import UserError
 
 SHAPES = ("circle", "square", "triangle", "diamond")
-ANGLES = {"horizontal": 0.0, "vertical": 90.0, "rising": 45.0, "falling": 135.0}
+# degrees of the lines' normal from the vertical, in image coordinates (y down): at 135 the lines
+# run x + y = const, up to the right ("rising"); at 45, x - y = const, down to the right
+ANGLES = {"horizontal": 0.0, "vertical": 90.0, "rising": 135.0, "falling": 45.0}
 DENSITIES = {"dense": 3.0, "sparse": 5.0}  # line spacing in pixels at 48x48
 SIZES = {"small": 0.32, "large": 0.46}  # radius as a fraction of a grid cell
 ROWS = ("top", "middle", "bottom")

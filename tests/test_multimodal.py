@@ -8,11 +8,12 @@ import math
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from entrypoint import run_script
 
-from experiments.multimodal_data import Tokenizer, synthetic_pairs
+from experiments.multimodal_data import ANGLES, Tokenizer, render, synthetic_pairs
 from experiments.multimodal_model import caption_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,20 @@ def test_tokenizer_and_data_are_deterministic():
     tok = Tokenizer.build(a.captions, vocab_size=1266)
     ids = tok.encode(a.captions[0], 64)
     assert ids[0] == tok.bos and tok.decode(ids[1:]) == a.captions[0]
+
+
+@pytest.mark.parametrize("angle", list(ANGLES))
+def test_hatching_runs_the_way_its_caption_word_says(angle):
+    # one large square, dense hatching, in the middle cell; its interior without the outline
+    scene = ((4, 1, list(ANGLES).index(angle), 0, 1),)
+    ink = render(scene, 48, np.random.default_rng(0))[19:29, 19:29] < 0.5
+    pairs = {  # ink pixels whose neighbour one step along a direction is ink too
+        "horizontal": (ink[:, :-1] & ink[:, 1:]).sum(),
+        "vertical": (ink[:-1, :] & ink[1:, :]).sum(),
+        "rising": (ink[1:, :-1] & ink[:-1, 1:]).sum(),  # right and up (rows go down)
+        "falling": (ink[:-1, :-1] & ink[1:, 1:]).sum(),  # right and down
+    }
+    assert max(pairs, key=pairs.get) == angle, pairs
 
 
 def test_one_step_train(tmp_path):
