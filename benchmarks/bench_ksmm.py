@@ -10,7 +10,7 @@ import time
 import torch
 from torch import nn
 
-from ksmm import KSLinearChain, ks_einsum
+from ksmm import KSLinearChain, ks_einsum, native
 
 
 class EinsumChain(nn.Module):
@@ -65,7 +65,11 @@ def main(argv=None):
     if args.quick:
         shapes, ranks, batch, repeats = [(256, 512)], [8, 64], 64, min(repeats, 3)
     torch.manual_seed(0)
-    print(f"device={device} threads={torch.get_num_threads()} batch={batch} repeats={repeats}")
+    fused = native.available(torch.zeros(1, device=device))
+    print(
+        f"device={device} threads={torch.get_num_threads()} batch={batch} repeats={repeats} "
+        f"fused butterfly kernel={'on' if fused else 'off (PyTorch ops)'}"
+    )
     print("ms = median forward+backward (weight and input grads); FLOP = forward 2*B*params;")
     print("ratios use the median; min ms shows the noise floor on a shared machine")
 

@@ -1,8 +1,11 @@
 """A chain of KS factors y = x (K_L ... K_1)^T; patterns[0] (K_1) is applied first."""
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .factor import KSLinear, KSPattern, ks_apply_fm
 from .floors import check_structure, lowrank_factors, monarch_factors
 
@@ -64,7 +67,15 @@ def _apply_ops(ops, x: Tensor) -> Tensor:
     h = x.t()
     n = h.shape[1]
     pend = None  # (pattern, bmm output) awaiting its output permutation
-    for i, (p, w) in enumerate(ops):
+    for i, op in enumerate(ops):
+        if callable(op):  # a feature-major block (the chain's butterfly): (P, n) -> (P, n)
+            if pend is not None:
+                q, y = pend
+                pend = None
+                h = y.view(q.a, q.d, q.b, n).transpose(1, 2).reshape(q.out_features, n)
+            h = op(h)
+            continue
+        p, w = op
         last = i == len(ops) - 1
         tiny = p.c == 2 and p.b <= 2 and p.d > 1  # 2x2 butterfly blocks
         if pend is not None:
@@ -210,28 +221,49 @@ class KSLinearChain(nn.Module):
         parameters and gradients, only the association order changes.
         """
         nfly = self._butterfly_span()
-        if nfly is None or self.rank >= rows:
+        if nfly is None:
             ops = self._merged()
+        elif self.rank >= rows:  # the butterfly runs on the batch
+            if native.available(self.factors[0].weight):
+                i0, i1 = nfly
+                fly = partial(self._butterfly, i0, i1, transpose=False, merge_max=self.merge_max)
+                ops = self._merged(0, i0) + [fly] + self._merged(i1)
+            else:
+                ops = self._merged()
         else:
             i0, i1 = nfly
-            pre, fly, post = (
-                self._merged(0, i0),
-                self._merged(i0, i1, self.fold_merge_max),
-                self._merged(i1),
-            )
+            pre, post = self._merged(0, i0), self._merged(i1)
             # The neighbour is dense (a = d = 1; at rank 1 the two bottleneck factors merge).
             if pre:  # input side: x -> V (r x N) -> E (P x r) -> B ...: fold B E
                 pat, e = pre[-1]
-                be_t = _apply_ops(fly, e.reshape(pat.b, pat.c).t())  # E^T's rows through B
-                pre[-1] = (pat, be_t.t().reshape(pat))
+                be = self._butterfly(i0, i1, e.reshape(pat.b, pat.c), transpose=False)
+                pre[-1] = (pat, be.reshape(pat))
             else:  # output side: B -> V (r x P) -> U: fold V B = (B^T V^T)^T
                 pat, v = post[0]
-                fly_t = [(KSPattern(q.a, q.c, q.b, q.d), w.transpose(1, 2)) for q, w in fly[::-1]]
-                post[0] = (pat, _apply_ops(fly_t, v.reshape(pat.b, pat.c)).reshape(pat))
+                bv = self._butterfly(i0, i1, v.reshape(pat.b, pat.c).t(), transpose=True)
+                post[0] = (pat, bv.t().reshape(pat))
             ops = pre + post
-        pat, w = ops[-1]
-        ops[-1] = (pat, w * self.output_scale.to(w.dtype))
+        if callable(ops[-1]):  # the butterfly is last (an input-side bottleneck only)
+            ops.append(lambda h: h * self.output_scale.to(h.dtype))
+        else:
+            pat, w = ops[-1]
+            ops[-1] = (pat, w * self.output_scale.to(w.dtype))
         return ops
+
+    def _butterfly(self, start, stop, h: Tensor, transpose: bool, merge_max=None) -> Tensor:
+        """B h for the butterfly factors[start:stop] (B^T h with ``transpose``) on a
+        feature-major h (P, n): the fused kernel on CPU, else the PyTorch ops (levels merged
+        up to ``merge_max``; unmerged by default, which suits a narrow h)."""
+        levels = [(p.a, p.d) for p in self.patterns[start:stop]]
+        weights = [f.weight for f in self.factors[start:stop]]
+        if transpose:
+            levels, weights = levels[::-1], weights[::-1]
+        if native.available(h) and all(w.dtype == h.dtype for w in weights):
+            return native.butterfly_fm(h, levels, weights, transpose)
+        ops = self._merged(start, stop, merge_max or self.fold_merge_max)
+        if transpose:
+            ops = [(KSPattern(q.a, q.c, q.b, q.d), w.transpose(1, 2)) for q, w in ops[::-1]]
+        return _apply_ops(ops, h.t()).t()
 
     def _butterfly_span(self):
         """(first, stop) factor indices of the square butterfly inside a bottlenecked chain."""

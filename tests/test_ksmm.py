@@ -12,6 +12,7 @@ from ksmm import (
     ks_dense,
     ks_einsum,
     loss_floor,
+    native,
     projection,
     zero_predictor_loss,
 )
@@ -280,9 +281,15 @@ def test_hadamard_positive_control():
     assert time.perf_counter() - t0 < 20
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "pytorch-ops"])
 @pytest.mark.parametrize("shape", [(48, 64), (64, 64), (100, 40), (300, 500)])
-def test_butterfly_fold_matches_running_on_the_batch(shape):
-    """Folding B into the bottleneck (rows > rank) and running B on the batch agree, grads too."""
+def test_butterfly_fold_matches_running_on_the_batch(shape, fused, monkeypatch):
+    """Folding B into the bottleneck (rows > rank) and running B on the batch agree, grads too,
+    with the fused CPU kernel and with the pure PyTorch path."""
+    if fused and not native.available(torch.zeros(1)):
+        pytest.skip("no C compiler: the fused kernel is unavailable")
+    if not fused:
+        monkeypatch.setattr(native, "_lib", False)
     m, n = shape
     chain = KSLinearChain(n, m, 8, output_scale=1.7).double()
     dense = ks_chain_reference(chain)
@@ -313,3 +320,35 @@ def test_factor_outputs_end_at_the_chain_output():
     assert len(outs) == len(chain.patterns)
     assert [o.shape[1] for o in outs] == [p.out_features for p in chain.patterns]
     torch.testing.assert_close(outs[-1], chain(x))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_fused_butterfly_gradcheck(transpose):
+    if not native.available(torch.zeros(1, dtype=torch.float64)):
+        pytest.skip("no C compiler: the fused kernel is unavailable")
+    torch.manual_seed(0)
+    levels = [(1, 8), (2, 4), (4, 2), (8, 1)]  # P = 16
+    if transpose:
+        levels = levels[::-1]
+    ws = [torch.randn(a * d, 2, 2, dtype=F64, requires_grad=True) for a, d in levels]
+    h = torch.randn(16, 3, dtype=F64, requires_grad=True)
+    ref = h.t()
+    for (a, d), w in zip(levels, ws, strict=True):
+        w_abcd = w.view(a, d, 2, 2).permute(0, 3, 2, 1)
+        ref = ks_einsum(ref, w_abcd.transpose(1, 2) if transpose else w_abcd)
+    torch.testing.assert_close(native.butterfly_fm(h, levels, ws, transpose), ref.t())
+    assert torch.autograd.gradcheck(
+        lambda h, *w: native.butterfly_fm(h, levels, w, transpose), (h, *ws)
+    )
+
+
+def test_fused_kernel_without_a_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("KSMM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(UserWarning, match="fused butterfly kernel is unavailable"):
+        assert not native.available(torch.zeros(1))
+    chain = KSLinearChain(64, 48, 8).double()
+    x = torch.randn(32, 64, dtype=F64)
+    torch.testing.assert_close(chain(x), x @ ks_chain_reference(chain).T)
+    assert not list(tmp_path.rglob("*.so"))

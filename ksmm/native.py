@@ -1,0 +1,150 @@
+"""A fused CPU kernel for a stack of 2x2 butterfly levels (``_butterfly.c``), built on first use.
+
+In eager PyTorch a butterfly level on a narrow input costs a handful of tiny kernels whose
+dispatch overhead, not arithmetic, sets the time: eleven levels cost more than the whole
+rank-8 low-rank pair they sit next to. The C kernel runs every level, forward or backward, in
+one call. It is compiled with the system C compiler into a per-user cache the first time it is
+needed (about a second); with no compiler, on other devices and dtypes, or with
+``KSMM_NATIVE=0``, chains run the pure PyTorch path, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("_butterfly.c")
+_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_lib = None  # the loaded library, False when it cannot be built
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KSMM_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root or Path.home() / ".cache") / "ksmm"
+
+
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
+
+
+def _compile(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    base = [cc, *_FLAGS]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        errors = ""
+        # target_clones (x86 + gcc) picks AVX-512 / AVX2 at load time; without it, plain -O3
+        for extra in ([], ["-DKS_CLONES="]):
+            proc = subprocess.run(
+                [*base, *extra, str(_SOURCE), "-o", str(so)], capture_output=True, text=True
+            )
+            if proc.returncode == 0:
+                os.replace(so, out)  # atomic: concurrent jobs never load a half-written file
+                return
+            errors = proc.stderr.strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"{cc} failed: {errors[0]}")
+
+
+def _load():
+    global _lib
+    if _lib is None:
+        _lib = False
+        if os.environ.get("KSMM_NATIVE", "1") == "0":
+            return None
+        stamp = _SOURCE.read_bytes() + " ".join([sys.platform, *_FLAGS]).encode()
+        key = hashlib.sha256(stamp).hexdigest()[:16]
+        path = _cache_dir() / f"butterfly-{key}.so"
+        try:
+            if not path.exists():
+                _compile(path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError) as exc:
+            warnings.warn(
+                f"ksmm: the fused butterfly kernel is unavailable ({exc}); using the pure "
+                "PyTorch path (same results, slower on CPU).",
+                stacklevel=3,
+            )
+            return None
+        ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        for s in _DTYPES.values():
+            fwd, bwd = lib[f"ks_butterfly_forward_{s}"], lib[f"ks_butterfly_backward_{s}"]
+            fwd.argtypes = [ptr, long, long, int_, ptr, ptr, ptr, ptr]
+            bwd.argtypes = [ptr, ptr, ptr, long, long, int_, ptr, ptr, ptr, ptr, ptr]
+            fwd.restype = bwd.restype = None
+        _lib = lib
+    return _lib or None
+
+
+def available(x: Tensor) -> bool:
+    """Whether the fused kernel can run a butterfly on tensors like ``x``."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES and _load() is not None
+
+
+def _ptr(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _arrays(levels, weights, trans):
+    n = len(levels)
+    return (
+        (ctypes.c_long * n)(*(a for a, _ in levels)),
+        (ctypes.c_long * n)(*(d for _, d in levels)),
+        (ctypes.c_void_p * n)(*(w.data_ptr() for w in weights)),
+        (ctypes.c_int * n)(*([int(trans)] * n)),
+    )
+
+
+class _Butterfly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, levels, trans, *weights):
+        p, n = h.shape
+        weights = [w.contiguous() for w in weights]
+        acts = h.new_empty(len(levels) + 1, p, n)
+        acts[0].copy_(h)
+        s = _DTYPES[h.dtype]
+        arrays = _arrays(levels, weights, trans)
+        with torch.no_grad():
+            getattr(_load(), f"ks_butterfly_forward_{s}")(_ptr(acts), p, n, len(levels), *arrays)
+        ctx.save_for_backward(acts, *weights)
+        ctx.levels, ctx.trans = levels, trans
+        return acts[-1].clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        acts, *weights = ctx.saved_tensors
+        levels = ctx.levels
+        _, p, n = acts.shape
+        g = g.contiguous().clone()  # the kernel overwrites it
+        gx = torch.empty_like(g)
+        gws = [torch.empty_like(w) for w in weights]
+        arrays = _arrays(levels, weights, ctx.trans)
+        getattr(_load(), f"ks_butterfly_backward_{_DTYPES[g.dtype]}")(
+            _ptr(acts),
+            _ptr(g),
+            _ptr(gx),
+            p,
+            n,
+            len(levels),
+            *arrays,
+            (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
+        )
+        return (gx, None, None, *gws)
+
+
+def butterfly_fm(h: Tensor, levels, weights, trans: bool = False) -> Tensor:
+    """Feature-major h (P, n) through 2x2 butterfly levels in order: level t has KS pattern
+    (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as KSLinear
+    stores it, (a*d, 2, 2); ``trans`` applies every block transposed. Check ``available`` first."""
+    return _Butterfly.apply(h.contiguous(), tuple(levels), bool(trans), *weights)
