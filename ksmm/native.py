@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -79,7 +80,9 @@ def _load():
             return None
         ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         for s in _DTYPES.values():
-            fwd, bwd = lib[f"ks_butterfly_forward_{s}"], lib[f"ks_butterfly_backward_{s}"]
+            # attribute access: lib[name] would make a new, unconfigured function object
+            fwd = getattr(lib, f"ks_butterfly_forward_{s}")
+            bwd = getattr(lib, f"ks_butterfly_backward_{s}")
             fwd.argtypes = [ptr, long, long, int_, ptr, ptr, ptr, ptr]
             bwd.argtypes = [ptr, ptr, ptr, long, long, int_, ptr, ptr, ptr, ptr, ptr]
             fwd.restype = bwd.restype = None
@@ -106,27 +109,53 @@ def _arrays(levels, weights, trans):
     )
 
 
+class _Lease:
+    """Held by a forward pass that saved a workspace, until its backward pass has run."""
+
+
+_workspaces: dict = {}  # (device, dtype, shape) -> (workspace, weakref to its lease)
+
+
+def _workspace(shape, like: Tensor, ctx) -> Tensor:
+    """A buffer for the saved activations, reused from step to step: a fresh multi-MB tensor
+    every step costs more in page faults than the whole kernel. Taken again only once the
+    backward pass that needed it has run (or its graph is gone); otherwise a new one."""
+    key = (like.device, like.dtype, tuple(shape))
+    entry = _workspaces.get(key)
+    free = entry is not None and entry[1]() is None
+    buf = entry[0] if free else like.new_empty(shape)
+    ctx.lease = _Lease()
+    _workspaces[key] = (buf, weakref.ref(ctx.lease))
+    return buf
+
+
 class _Butterfly(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, levels, trans, *weights):
         p, n = h.shape
         weights = [w.contiguous() for w in weights]
-        acts = h.new_empty(len(levels) + 1, p, n)
+        # L + 1 activation slabs, and one scratch slab for the backward pass
+        work = _workspace((len(levels) + 2, p, n), h, ctx)
+        acts = work[:-1]
+        # copy_ also bumps the buffer's version: a graph still holding an older forward's
+        # activations fails loudly on a second backward instead of reading these
         acts[0].copy_(h)
         s = _DTYPES[h.dtype]
         arrays = _arrays(levels, weights, trans)
         with torch.no_grad():
             getattr(_load(), f"ks_butterfly_forward_{s}")(_ptr(acts), p, n, len(levels), *arrays)
-        ctx.save_for_backward(acts, *weights)
+        ctx.save_for_backward(work, *weights)
         ctx.levels, ctx.trans = levels, trans
         return acts[-1].clone()
 
     @staticmethod
     def backward(ctx, g):
-        acts, *weights = ctx.saved_tensors
+        work, *weights = ctx.saved_tensors
         levels = ctx.levels
-        _, p, n = acts.shape
-        g = g.contiguous().clone()  # the kernel overwrites it
+        _, p, n = work.shape
+        # the kernel overwrites its g: hand it the scratch slab (.data: scratch is no saved
+        # state, so this copy must not count as a change to the saved activations)
+        acts, g = work[:-1], work.data[-1].copy_(g)
         gx = torch.empty_like(g)
         gws = [torch.empty_like(w) for w in weights]
         arrays = _arrays(levels, weights, ctx.trans)
@@ -140,6 +169,7 @@ class _Butterfly(torch.autograd.Function):
             *arrays,
             (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
         )
+        ctx.lease = None  # the workspace may serve the next forward
         return (gx, None, None, *gws)
 
 

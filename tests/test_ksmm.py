@@ -352,3 +352,20 @@ def test_fused_kernel_without_a_compiler_falls_back_with_one_warning(tmp_path, m
     x = torch.randn(32, 64, dtype=F64)
     torch.testing.assert_close(chain(x), x @ ks_chain_reference(chain).T)
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_fused_workspace_two_forwards_before_one_backward():
+    """Gradient accumulation: the second forward must not reuse the first one's saved
+    activations (the fused kernel's workspace is only lent again after its backward)."""
+    torch.manual_seed(0)
+    chain = KSLinearChain(64, 48, 8).double()
+    dense = ks_chain_reference(chain)
+    x1, x2 = (torch.randn(32, 64, dtype=F64) for _ in range(2))
+    (chain(x1).square().sum() + chain(x2).square().sum()).backward()
+    got = [p.grad.clone() for p in chain.parameters()]
+    chain.zero_grad()
+    ref = ks_chain_reference(chain)
+    ((x1 @ ref.T).square().sum() + (x2 @ ref.T).square().sum()).backward()
+    for g, p in zip(got, chain.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+    assert torch.allclose(dense, ref)
