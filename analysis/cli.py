@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -24,14 +25,24 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # not Python's two lines with the source line
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> NoReturn:
-    """Run ``main(argv)`` and exit: 2 on ``UserError``, 130 on Ctrl-C, else main's return code."""
+    """Run ``main(argv)`` and exit: 2 on ``UserError``, 1 on a file-system error (a folder that
+    cannot be made or read), 130 on Ctrl-C, else main's return code."""
+    warnings.formatwarning = _one_line_warning
     try:
         code = main(argv)
     except UserError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -75,13 +75,19 @@ def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFra
         if not (run_dir / METRICS_FILE).is_file():
             raise UserError(f"{run_dir} holds no {METRICS_FILE} (not a run folder?)")
         config_path = run_dir / CONFIG_FILE
-        config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+        try:
+            config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UserError(f"unreadable {config_path}: {exc}") from None
         return read_metrics(run_dir), config or {}, run_dir.name
     import wandb  # only the W&B source needs it
 
-    from analysis.upload_rank_dynamics import scan
+    from analysis.upload_rank_dynamics import describe, scan
 
-    run = wandb.Api().run(run_path)
+    try:
+        run = wandb.Api(timeout=60).run(run_path)
+    except Exception as exc:  # no API key, no network, no such run: one line
+        raise UserError(f"cannot read W&B run {run_path}: {describe(exc)}") from None
     frame = scan(run, f"reading {run_path}")  # every row (history() is sampled), with retries
     if "_step" not in frame.columns:
         raise UserError(f"run {run_path} has no history")
@@ -148,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     tables = {scope: table for scope, table in tables.items() if not table.empty}
     if not tables:
         raise UserError(f"no step holds {args.rank_type} for every layer")
+    if all(len(table.columns) < 2 for table in tables.values()):
+        layers = ", ".join(next(iter(tables.values())).columns)
+        raise UserError(f"fewer than two layers ({layers}): rank decay needs a layer-to-layer drop")
     dynamics = {
         scope: compute_rank_decay_dynamics(table.to_numpy(), mode=args.mode)
         for scope, table in tables.items()
     }
     steps = {scope: cell_steps(history, scope, table) for scope, table in tables.items()}
     out = args.out or args.run_dir or Path(".")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
     title = f"Rank decay dynamics ({args.mode} mode, {args.rank_type}) for run: {name}"
     paths = [plot(dynamics, steps, title, out / f"rank_dynamics_{args.rank_type}_{args.mode}.png")]
     if len(tables) == 1:

@@ -269,11 +269,13 @@ class LocalStore:
             return None  # a marker we cannot read is rebuilt from the CSV
 
     def fast_skip(self, run: Path) -> str | None:
-        """'up to date' without reading metrics.jsonl: same settings, file unchanged."""
+        """'up to date' without reading metrics.jsonl: same settings, and neither
+        metrics.jsonl nor rank_dynamics.csv changed (a deleted or replaced CSV is rebuilt)."""
         marker = self.marker(run)
         metrics = run / runstore.METRICS_FILE
         if (marker and metrics.exists() and self._same_settings(marker)
-                and marker.get("metrics_bytes") == metrics.stat().st_size):  # fmt: skip
+                and marker.get("metrics_bytes") == metrics.stat().st_size
+                and marker.get("csv_bytes") == _size(run / CSV_FILE)):  # fmt: skip
             return f"up to date (marker at step {marker.get('last_step')})"
         return None
 
@@ -285,10 +287,8 @@ class LocalStore:
     def read(self, run: Path) -> RunData:
         record, config = self.record(run), self.config(run)
         marker = self.marker(run)
-        if marker and (marker.get("mode"), marker.get("prepend_input_rank")) != (
-                self.settings.mode, self.settings.prepend_input_rank):  # fmt: skip
-            raise SkipRun(f"processed earlier in {marker.get('mode')} mode "
-                          f"(rank_dynamics.json): use --analysis-mode {marker.get('mode')}")  # fmt: skip
+        if marker and (why := settings_mismatch(marker, self.settings)):
+            raise SkipRun(f"{why} (rank_dynamics.json)")
         metrics = run / runstore.METRICS_FILE
         if not metrics.exists():
             raise SkipRun("no rank metrics (no metrics.jsonl)")
@@ -329,10 +329,9 @@ class LocalStore:
         return plan.steps
 
     def write_marker(self, plan: Plan, last_step: int | None) -> None:
-        metrics = plan.run / runstore.METRICS_FILE
-        size = metrics.stat().st_size if metrics.exists() else None
-        marker = self.settings.marker(last_step, metrics_bytes=size, layers=layer_record(plan.orders),
-                                      order_source=plan.order_source)  # fmt: skip
+        marker = self.settings.marker(last_step, metrics_bytes=_size(plan.run / runstore.METRICS_FILE),
+                                      csv_bytes=_size(plan.run / CSV_FILE),
+                                      layers=layer_record(plan.orders), order_source=plan.order_source)  # fmt: skip
         runstore.write_json_atomic(plan.run / MARKER_FILE, marker)
 
 
@@ -482,12 +481,8 @@ class WandbProject:
         companion = self.companions.get(companion_id(run.id))
         markers = [m for m in (summary_marker(run), summary_marker(companion)) if m]
         for marker in markers:
-            if (marker.get("mode"), marker.get("prepend_input_rank")) != (
-                s.mode,
-                s.prepend_input_rank,
-            ):
-                raise SkipRun(f"processed earlier in {marker.get('mode')} mode (summary "
-                              f"{MARKER_KEY}): use --analysis-mode {marker.get('mode')}")  # fmt: skip
+            if why := settings_mismatch(marker, s):
+                raise SkipRun(f"{why} (summary {MARKER_KEY})")
         # steps up to a marker's last_step were all processed before; rows written since
         # (in place) sit after the run's own rows, so scanning from there sees them too
         done = [m["last_step"] for m in markers if isinstance(m.get("last_step"), int)]
@@ -635,10 +630,18 @@ def select_runs(source: Any, args: Any, filters: dict[str, Any] | None) -> list[
             raise UserError("--filters with --runs-dir takes plain equality only, e.g. "
                             '\'{"state": "finished", "config.rank": 8}\'')  # fmt: skip
         runs = source.runs()
+        if not runs:
+            raise UserError(f"no runs in {args.runs_dir} (a run folder holds run.json)")
     else:
         runs = source.runs(filters)
     ids = set(parse_list(args.run_ids))
-    return [run for run in runs if not ids or source.ids(run) & ids]
+    if not ids:
+        return runs
+    chosen = [run for run in runs if source.ids(run) & ids]
+    missing = ids - set().union(*(source.ids(run) for run in chosen))
+    if missing:
+        raise UserError(f"--run-ids matched no run for: {', '.join(sorted(missing))}")
+    return chosen
 
 
 def confirm(count: int, where: str, yes: bool) -> None:
@@ -746,9 +749,24 @@ def _safe_match(source: LocalStore, run: Path, filters: dict[str, Any]) -> bool:
         return True  # kept, so that reading it reports the problem
 
 
+def _size(path: Path) -> int | None:
+    return path.stat().st_size if path.exists() else None
+
+
+def settings_mismatch(marker: dict[str, Any], settings) -> str | None:
+    """Why a run processed earlier with other settings is skipped (None when they match)."""
+    mode, prepend = marker.get("mode"), bool(marker.get("prepend_input_rank"))
+    if mode != settings.mode:
+        return f"processed earlier in {mode} mode: use --analysis-mode {mode}"
+    if prepend != bool(settings.prepend_input_rank):
+        flag = "with" if prepend else "without"
+        return f"processed earlier {flag} --prepend-input-rank: run it {flag} that flag"
+    return None
+
+
 def describe(exc: BaseException) -> str:
     if isinstance(exc, RunError):
-        return str(exc)
+        return " ".join(str(exc).split())  # one line, even for a parser's multi-line message
     status = http_status(exc)
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"HTTP {status}: {text}" if status else f"{type(exc).__name__}: {text}"

@@ -27,7 +27,8 @@ from experiments import runstore
 
 WANDB_MODES = ("offline", "online", "disabled")
 # Config keys whose values must never reach a log, a file or W&B.
-_SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+# whole key names (api_key, wandb_api_key, hf_token, client_secret), not model.prefix_tokens
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password)$", re.IGNORECASE)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -115,6 +116,7 @@ class ExperimentLogger:
         self._wandb = None  # the wandb module while W&B is live
         self._run = None
         self._rank_probe = None
+        self._probed_step: int | None = None
 
         summary_path = self.run_dir / runstore.SUMMARY_FILE
         if resuming and summary_path.exists():
@@ -123,10 +125,7 @@ class ExperimentLogger:
             steps = [r["_step"] for r in runstore.iter_metrics(self.run_dir) if "_step" in r]
             self.step = max(steps, default=-1)
 
-        runstore.write_text_atomic(
-            self.run_dir / runstore.CONFIG_FILE,
-            yaml.safe_dump(runstore.to_jsonable(self.config), sort_keys=False),
-        )
+        self._write_config()
         self._record: dict[str, Any] = {
             "run_id": self.run_id,
             "name": self.name,
@@ -216,6 +215,12 @@ class ExperimentLogger:
 
     # -- local record --------------------------------------------------------------------------
 
+    def _write_config(self) -> None:
+        runstore.write_text_atomic(
+            self.run_dir / runstore.CONFIG_FILE,
+            yaml.safe_dump(runstore.to_jsonable(self.config), sort_keys=False),
+        )
+
     def _write_record(self) -> None:
         runstore.write_json_atomic(self.run_dir / runstore.RUN_FILE, self._record)
 
@@ -255,13 +260,16 @@ class ExperimentLogger:
         }
         self._write_record()
 
-    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
-        """Log scalars at ``step`` (default: the next step). Returns the step used."""
+    def log(self, metrics: Mapping[str, Any], step: int | None = None, probe: bool = False) -> int:
+        """Log scalars at ``step`` (default: the next step); the rank probe joins when it is
+        due or ``probe`` asks for it (e.g. at the end of training). Returns the step used."""
         step = self._next_step(step)
         self.step = max(self.step, step)
         values = dict(metrics)
-        if self._rank_probe is not None and self._rank_probe.due(step):
-            values.update(self._rank_probe.measure())
+        wanted = probe or (self._rank_probe is not None and self._rank_probe.due(step))
+        if self._rank_probe is not None and wanted and step != self._probed_step:
+            values.update(self._rank_probe.measure())  # once per step, however many log calls
+            self._probed_step = step
         self._metrics.write({"_step": step, **values})
         self._to_wandb("log", lambda run: run.log(values, step=step))
         return step
@@ -269,6 +277,14 @@ class ExperimentLogger:
     def scoped(self, prefix: str) -> ScopedLogger:
         """A view that logs every key as ``{prefix}/{key}`` (per-cell namespaces in a sweep)."""
         return ScopedLogger(self, prefix)
+
+    def update_config(self, values: Mapping[str, Any]) -> None:
+        """Add config values known only once the job has started (sample counts, parameter
+        count), to config.yaml and to the W&B run's config."""
+        values = redact(dict(values))
+        self.config.update(values)
+        self._write_config()
+        self._to_wandb("config", lambda run: run.config.update(values, allow_val_change=True))
 
     def log_summary(self, values: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         """Set summary values (last write wins), locally and in W&B."""

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra
+import pandas as pd
 import psutil
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from analysis.cli import UserError
 from experiments import runstore
 from experiments.logger import ExperimentLogger
-from experiments.multimodal_data import PairSet, Tokenizer, load_pairs, words
+from experiments.multimodal_data import PairSet, Tokenizer, distinct_scenes, load_pairs, words
 from experiments.multimodal_model import (
     MultimodalModel,
     alignment_loss,
@@ -80,8 +81,34 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "train.grad_clip": tc.grad_clip,  # 0: no clipping; below 0 would reverse the step
+        "train.weight_decay": tc.weight_decay,
+        "train.min_lr": tc.min_lr,
+        "train.warmup_steps": tc.warmup_steps,
+        "loss.image_weight": cfg.loss.image_weight,
+        "loss.caption_weight": cfg.loss.caption_weight,
+        "loss.alignment_weight": cfg.loss.alignment_weight,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"{key} must be >= 0, got {value}")
+    if not 0 <= mc.dropout < 1:
+        raise UserError(f"model.dropout must be in [0, 1), got {mc.dropout}")
+    if dc.max_caption_len and dc.max_caption_len < 3:
+        raise UserError(
+            f"data.max_caption_len={dc.max_caption_len} leaves no room for a word between bos "
+            "and eos: use 0 (the longest training caption) or at least 3"
+        )
     if dc.source == "synthetic" and (dc.num_train < 2 or dc.num_val < 2):
         raise UserError("data.num_train and data.num_val must be at least 2")
+    if dc.source == "synthetic" and 1 <= dc.max_objects <= 9:
+        available = distinct_scenes(dc.max_objects)
+        if dc.num_train + dc.num_val > available:
+            raise UserError(
+                f"data.num_train + data.num_val = {dc.num_train + dc.num_val} pairs, but only "
+                f"{available} different scenes exist with data.max_objects={dc.max_objects}"
+            )
     if dc.source == "synthetic" and dc.max_objects > 9:
         raise UserError(f"data.max_objects must be at most 9 (a 3x3 grid), got {dc.max_objects}")
     if mc.embedding_dim % mc.num_heads:
@@ -89,10 +116,51 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
             f"model.embedding_dim={mc.embedding_dim} must be divisible by "
             f"model.num_heads={mc.num_heads}"
         )
-    if cfg.resume and not (job_dir() / "last.pt").is_file():
-        raise UserError(f"resume=true but there is no last.pt in {job_dir()} (set run_dir=...)")
+    if cfg.resume:
+        check_resume_config(cfg)
     resolve_device(cfg.runtime.device)
     return load_pairs(cfg, cfg.seed)
+
+
+# What a resumed run may change: when and how it logs, where it runs, and when it stops.
+RESUMABLE_CHANGES = (
+    "resume",
+    "run_dir",
+    "logger",
+    "runtime",
+    "rank_probe",
+    "train.max_steps",
+    "train.log_frequency",
+    "train.image_log_frequency",
+    "train.checkpoint_frequency",
+    "train.num_samples",
+)
+
+
+def check_resume_config(cfg: DictConfig) -> None:
+    """A resumed run goes on with the data, model, loss and schedule it started with: any other
+    difference from the run's saved config.yaml is an error that names the keys."""
+    out = job_dir()
+    if not (out / "last.pt").is_file():
+        raise UserError(f"resume=true but there is no last.pt in {out} (set run_dir=...)")
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return  # a run folder from before config.yaml was written: nothing to compare with
+    saved, now = (
+        pd.json_normalize(OmegaConf.to_container(c, resolve=True)).iloc[0].to_dict()
+        for c in (OmegaConf.load(saved_path), cfg)
+    )
+    changed = [  # keys the run added to its config after it started are not settings
+        f"{k} ({saved[k]!r} there, {now[k]!r} now)"
+        for k in sorted(now)
+        if k in saved and saved[k] != now[k] and not k.startswith(RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise UserError(
+            f"resume=true with other settings than the run in {out} was started with: "
+            f"{', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}; "
+            "resume with the same overrides"
+        )
 
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -228,8 +296,9 @@ def evaluate(
         + lc.alignment_weight * result["loss_alignment"]
     )
     result["caption_perplexity"] = math.exp(result["loss_caption"])
-    result["retrieval_top1"] = hits / max(1.0, n_ret)
-    result["retrieval_chance"] = chance / max(1.0, n_ret)
+    # NaN, not 0, when no batch had two pairs to retrieve between (batch_size=1)
+    result["retrieval_top1"] = hits / n_ret if n_ret else math.nan
+    result["retrieval_chance"] = chance / n_ret if n_ret else math.nan
     return result
 
 
@@ -252,6 +321,29 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 # -- the job ------------------------------------------------------------------------------------
+
+
+def old_config_names(cfg: DictConfig, train_samples: int, val_samples: int, model) -> dict:
+    """The old trainer's flat config dictionary (its W&B dashboards filter on these names)."""
+    mc, tc, lc = cfg.model, cfg.train, cfg.loss
+    return {
+        "latent_dim": mc.latent_dim,
+        "vocab_size": cfg.data.vocab_size,
+        "embedding_dim": mc.embedding_dim,
+        "image_encoder_layers": mc.image_encoder_layers,
+        "transformer_layers": mc.transformer_layers,
+        "batch_size": tc.batch_size,
+        "learning_rate": tc.lr,
+        "weight_decay": tc.weight_decay,
+        "optimizer": "AdamW",
+        "scheduler": "CosineAnnealing",
+        "image_loss_weight": lc.image_weight,
+        "caption_loss_weight": lc.caption_weight,
+        "alignment_loss_weight": lc.alignment_weight,
+        "train_samples": train_samples,
+        "val_samples": val_samples,
+        "total_parameters": model.num_parameters,
+    }
 
 
 def encoder_rank_probe(
@@ -309,6 +401,7 @@ def multimodal_job(
     if cfg.rank_probe.enabled:
         logger.attach_rank_probe(encoder_rank_probe(cfg, model, val.images, device))
 
+    logger.update_config(old_config_names(cfg, len(train.images), len(val.images), model))
     logger.log_summary(
         train_samples=len(train.images),
         val_samples=len(val.images),
@@ -404,7 +497,8 @@ def multimodal_job(
                 val_train_loss_ratio=ev["total_loss"] / train_avg if train_avg else math.nan,
                 image_caption_loss_ratio=ev["loss_image"] / max(ev["loss_caption"], 1e-12),
             )
-            logger.log(epoch_metrics, step=step)
+            # the last evaluation always probes ranks, so a short run has them too
+            logger.log(epoch_metrics, step=step, probe=step == stop)
             rows = sample_table(model, val, tokenizer, tc.num_samples, device)
             logger.log_table(
                 "sample_captions", ["index", "reference", "generated", "exact"], rows, step

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ class PairSet:
 
 
 def words(caption: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", caption.lower())
+    return re.findall(r"[\w']+", caption.lower())  # letters of any script, digits
 
 
 class Tokenizer:
@@ -149,6 +150,12 @@ def render(scene: tuple[Obj, ...], size: int, rng: np.random.Generator) -> np.nd
     return img
 
 
+def distinct_scenes(max_objects: int) -> int:
+    """How many different scenes the generator can draw with up to ``max_objects`` objects."""
+    per_object = len(SHAPES) * len(ANGLES) * len(DENSITIES) * len(SIZES)
+    return sum(math.comb(9, n) * per_object**n for n in range(1, max_objects + 1))
+
+
 def _scenes(rng: np.random.Generator, count: int, max_objects: int, seen: set) -> list:
     out = []
     while len(out) < count:
@@ -192,9 +199,10 @@ def synthetic_pairs(
 def read_captions(path: Path) -> list[tuple[str, str]]:
     """(image path, caption) rows from a CSV (header: image, caption) or a JSONL file."""
     if not path.is_file():
-        raise UserError(f"captions file {path} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UserError(f"captions file {path} {what}")
     rows: list[tuple[str, str]] = []
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: Excel's BOM
     if path.suffix.lower() in (".jsonl", ".json"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -220,7 +228,8 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise UserError(f"image {path} listed in the captions file does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UserError(f"image {path} listed in the captions file {what}")
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB").resize((size, size))

@@ -189,16 +189,38 @@ def run_job(
         log.exception("job failed: %s", describe_error(exc))
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_GROUPS = ("experiment", "logger")
+
+
 def check_override_keys(schema: type, argv: list[str], where: str) -> None:
-    """A mistyped override key as one ``error:`` line and exit 2, before Hydra starts (Hydra's
-    own message spans several lines). Config groups and Hydra's own keys are left to Hydra."""
+    """A mistyped override key, an unknown preset or a value of the wrong type as one
+    ``error:`` line and exit 2, before Hydra starts (Hydra's own messages span several lines).
+    Sweeps (``a,b``), lists and Hydra's own keys are left to Hydra."""
     config = OmegaConf.structured(schema)
+
+    def fail(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
     for arg in argv:
         if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
             continue
-        key = arg.split("=", 1)[0]
-        if key in ("experiment", "logger") or "/" in key:
-            continue  # config groups
+        key, value = arg.split("=", 1)
+        if key in CONFIG_GROUPS:
+            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            for choice in value.split(","):
+                if choice not in (*options, "null"):
+                    fail(f"unknown {key} '{choice}' (one of: {', '.join(options)})")
+            continue
+        if "/" in key:
+            continue  # other config groups (hydra/launcher=...)
         if OmegaConf.select(config, key, default="<missing>") == "<missing>":
-            print(f"error: unknown config key '{key}' (see {where})", file=sys.stderr)
-            sys.exit(2)
+            fail(f"unknown config key '{key}' (see {where})")
+        if any(c in value for c in ",()[]{}$"):
+            continue  # a sweep, a list or an interpolation: Hydra's grammar, not YAML
+        try:
+            OmegaConf.merge(config, OmegaConf.from_dotlist([arg]))
+        except Exception as exc:  # OmegaConf's ValidationError and friends: one line
+            reason = str(exc).splitlines()[0]
+            fail(f"{key}={value}: {reason}")

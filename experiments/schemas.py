@@ -213,7 +213,7 @@ class MultimodalLossConfig:
 
 @dataclass
 class MultimodalTrainConfig:
-    epochs: int = 22
+    epochs: int = 16
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-5

@@ -140,6 +140,31 @@ def test_resume_continues_at_the_step_where_it_stopped(tmp_path):
     assert steps[:3] == [1, 2, 3] and steps[3] == 4 and steps[-1] == 4  # 2 epochs of 2 steps
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
     assert json.loads((out / "run.json").read_text())["run_id"] == run_id
+    config = (out / "config.yaml").read_text()
+    assert "prefix_tokens: 4" in config and "train_samples: 16" in config  # old flat names too
+
+
+def test_resume_with_other_settings_is_an_error(tmp_path):
+    out = tmp_path / "job"
+    args = [*TINY, "train.epochs=2", f"hydra.run.dir={out}"]
+    assert run([*args, "train.max_steps=1"], tmp_path).returncode == 0
+    before = (out / "config.yaml").read_text()
+    proc = run([*args, "data.num_train=12", "resume=true", f"run_dir={out}"], tmp_path)
+    assert proc.returncode == 2
+    assert "data.num_train (16 there, 12 now)" in proc.stderr.strip().splitlines()[-1]
+    assert (out / "config.yaml").read_text() == before  # the run's record is untouched
+
+
+def test_excel_csv_and_unicode_captions(tmp_path):
+    root = _folder(
+        tmp_path, "\ufeffimage,caption\n0.png,un chat élevé\n1.png,日本の猫\n2.png,a bird\n"
+    )
+    out = tmp_path / "job"
+    proc = run([*TINY, "train.max_steps=1", "data.source=folder", f"data.folder={root}",
+                f"hydra.run.dir={out}"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    itos = torch.load(out / "last.pt", weights_only=False)["tokenizer"]["itos"]
+    assert "élevé" in itos or "日本の猫" in itos
 
 
 def _folder(tmp_path: Path, captions: str, image_bytes: bytes | None = None) -> Path:
@@ -163,6 +188,11 @@ BAD_INPUTS = {
     "unreadable image": (OK + "bad.png,a fox\n", b"not a png", "bad.png cannot be read"),
     "empty caption file": ("image,caption\n", None, "holds no image-caption pairs"),
     "empty caption": (OK + "1.png,  \n", None, "caption of 1.png"),
+    "a folder listed as an image": (
+        OK + "sub,a fox\n",
+        None,
+        "sub listed in the captions file is a folder",
+    ),
 }
 
 
@@ -170,6 +200,8 @@ BAD_INPUTS = {
 def test_bad_folder_one_line_nonzero(tmp_path, case):
     captions, image_bytes, message = BAD_INPUTS[case]
     folder = tmp_path / "nope" if captions is None else _folder(tmp_path, captions, image_bytes)
+    if captions is not None:
+        (folder / "sub").mkdir()
     check_one_line_error(tmp_path, ["data.source=folder", f"data.folder={folder}"], message)
 
 
@@ -180,10 +212,16 @@ def test_bad_folder_one_line_nonzero(tmp_path, case):
         ("trian.lr=0.1", "unknown config key 'trian.lr'"),
         ("model.latentdim=3", "unknown config key 'model.latentdim'"),
         ("loss.alignment=l2", "loss.alignment must be one of"),
+        ("experiment=nope", "unknown experiment 'nope'"),
+        ("train.lr=abc", "train.lr=abc: Value 'abc'"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+        ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+        ("data.max_caption_len=1", "data.max_caption_len=1 leaves no room"),
+        ("data.max_objects=1 data.num_train=600", "only 576 different scenes exist"),
     ],
 )
 def test_bad_config_one_line_nonzero(tmp_path, override, message):
-    check_one_line_error(tmp_path, [override], message)
+    check_one_line_error(tmp_path, override.split(), message)
 
 
 def check_one_line_error(tmp_path: Path, args: list[str], message: str) -> None:

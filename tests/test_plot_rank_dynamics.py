@@ -72,6 +72,17 @@ def test_scopes_share_the_panels(tmp_path, capsys):
         main(["--run-dir", str(tmp_path / "run"), "--scope", "B64"])
 
 
+def test_one_layer_and_an_out_file_are_clear_errors(tmp_path):
+    records = [{"_step": s, "ranks/l0/effective_rank": 5.0 - s} for s in range(3)]
+    write_run(tmp_path / "run", records)
+    with pytest.raises(UserError, match="fewer than two layers"):
+        main(["--run-dir", str(tmp_path / "run")])
+    write_run(tmp_path / "two", [{**r, "ranks/l1/effective_rank": 2.0} for r in records])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        main(["--run-dir", str(tmp_path / "two"), "--out", str(tmp_path / "file")])
+
+
 def test_no_rank_metrics_is_a_clear_error(tmp_path):
     write_run(tmp_path / "run", [{"_step": 0, "loss": 1.0}])
     with pytest.raises(UserError, match="no rank metrics for effective_rank"):

@@ -50,7 +50,7 @@ def reference(s: list[float], prop: float = 0.99, eps: float = 0.01) -> dict[str
 SPECTRA = [
     [10.0, 5.0, 2.0, 1.0, 0.5],
     [1.0] * 12,
-    [100.0, 1.0, 0.5, 0.001],
+    [100.0, 1.5, 0.5, 0.001],  # not 1.0: exactly eps * sigma_max is a tie rounding decides
     list(np.geomspace(1, 1e-4, 30)),
     [3.0],
 ]
@@ -66,10 +66,14 @@ def test_measures_match_the_definitions(spectrum):
         assert got[key] == pytest.approx(value, abs=1e-6), key
 
 
-@pytest.mark.parametrize("spectrum", SPECTRA)
-def test_wide_features_take_the_gram_path_and_agree(spectrum):
-    x = planted(spectrum, b=36, d=200)  # D > 2B: eigenvalues of X X^T
-    want = reference(spectrum + [0.0] * (36 - len(spectrum)))
+@pytest.mark.parametrize(
+    "spectrum, b, d",
+    [(s, 36, 200) for s in SPECTRA] + [(list(np.geomspace(1, 1e-7, 64)), 256, 1024)],
+)
+def test_wide_features_agree(spectrum, b, d):
+    # wide features with a 1e-7 spread: a Gram-matrix shortcut was off by 9e-5 here
+    x = planted(spectrum, b=b, d=d)
+    want = reference(spectrum + [0.0] * (b - len(spectrum)))
     got = rank_measures(x)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key

@@ -206,6 +206,8 @@ def test_max_runs_and_run_ids_and_filters(server, capsys):
     assert "Found 2 runs" in capsys.readouterr().out
     assert upload(server, "--filters", '{"lr": 0.2}', "--dry-run") == 0
     assert "team/proj/c" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--run-ids matched no run for: nosuchrun"):
+        upload(server, "--run-ids", "b", "nosuchrun", "--dry-run")
 
 
 def test_live_probe_dynamics_count_as_written(server, capsys):
@@ -268,6 +270,11 @@ def test_local_store_writes_csv_and_marker_once(tmp_path, capsys):
     table = pd.read_csv(run / up.CSV_FILE)
     assert sorted(table["step"].unique()) == [0, 10, 20, 30, 40, 60]
     assert len(table) == 6 * 4  # nothing twice
+
+    (run / up.CSV_FILE).unlink()  # the marker stays: the CSV is rebuilt, not "up to date"
+    assert local(tmp_path) == 0
+    assert "New steps added: 6" in capsys.readouterr().out
+    assert len(pd.read_csv(run / up.CSV_FILE)) == 6 * 4
 
 
 def test_local_dry_run_writes_nothing(tmp_path, capsys):
@@ -342,6 +349,13 @@ def test_other_mode_than_the_marker_is_skipped(tmp_path, capsys):
     assert local(tmp_path) == 0
     assert local(tmp_path, "--analysis-mode", "ratio") == 0
     assert "processed earlier in difference mode" in capsys.readouterr().out
+    assert local(tmp_path, "--prepend-input-rank") == 0
+    assert "processed earlier without --prepend-input-rank" in capsys.readouterr().out
+
+
+def test_an_empty_runs_dir_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="no runs in"):
+        local(tmp_path)
 
 
 @pytest.mark.parametrize(
