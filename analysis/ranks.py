@@ -129,6 +129,35 @@ def rank_measures_batched(
     return out
 
 
+_BLOCK_ROWS = 32_768
+
+
+def _dynamics_block(r: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gini, centroid, aurc) of a (rows, m + 1) block of ranks, vectorised over rows."""
+    m = r.shape[1] - 1
+    prev, nxt = r[:, :-1], r[:, 1:]
+    if mode == "difference":
+        drops = prev - nxt
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            drops = np.where(prev > 0, 1.0 - nxt / prev, 0.0)
+    pos = np.maximum(drops, 0.0, out=drops)  # NaN stays NaN
+    k = np.arange(1, m + 1, dtype=np.float64)
+    total = pos @ np.ones(m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # sums as matrix-vector products: one pass each instead of a temporary per product
+        centroid = (pos @ k) / total
+        pos.sort(axis=1)  # in place (pos is our own array): no second block-sized array
+        gini = (pos @ (2 * k - m - 1)) / (m * total)
+        # trapezoid sum_{i<m} (R_i + R_{i+1}) / R_0 = (2 sum R - R_0 - R_m) / R_0
+        aurc = (2 * (r @ np.ones(m + 1)) - r[:, 0] - r[:, -1]) / (2 * m * r[:, 0])
+    no_drop = ~(total > 0)
+    gini[no_drop] = np.nan
+    centroid[no_drop] = np.nan
+    aurc[~(r[:, 0] > 0)] = np.nan
+    return gini, centroid, aurc
+
+
 def compute_rank_decay_dynamics(
     ranks: Sequence[float] | np.ndarray,
     mode: str = "difference",
@@ -155,26 +184,17 @@ def compute_rank_decay_dynamics(
         nan = np.full(r.shape[0], np.nan)
         result = {"rank_drop_gini": nan, "rank_decay_centroid": nan, "normalized_aurc": nan}
         return {k: float(v[0]) for k, v in result.items()} if single else result
-    prev, nxt = r[:, :-1], r[:, 1:]
-    if mode == "difference":
-        drops = prev - nxt
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            drops = np.where(prev > 0, 1.0 - nxt / prev, 0.0)
-    pos = np.maximum(drops, 0.0, out=drops)  # NaN stays NaN
-    k = np.arange(1, m + 1, dtype=np.float64)
-    total = pos @ np.ones(m)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # sums as matrix-vector products: one pass each instead of a temporary per product
-        gini = (np.sort(pos, axis=1) @ (2 * k - m - 1)) / (m * total)
-        centroid = (pos @ k) / total
-        # trapezoid sum_{i<m} (R_i + R_{i+1}) / R_0 = (2 sum R - R_0 - R_m) / R_0
-        aurc = (2 * (r @ np.ones(m + 1)) - r[:, 0] - r[:, -1]) / (2 * m * r[:, 0])
-    no_drop = ~(total > 0)
-    gini[no_drop] = np.nan
-    centroid[no_drop] = np.nan
-    aurc[~(r[:, 0] > 0)] = np.nan
-    result = {"rank_drop_gini": gini, "rank_decay_centroid": centroid, "normalized_aurc": aurc}
+    # Blocks of rows: the same arithmetic, but temporaries of a few MB that the allocator
+    # reuses instead of fresh (steps x layers) arrays (page faults were half the time at 1M rows).
+    names = ("rank_drop_gini", "rank_decay_centroid", "normalized_aurc")
+    if r.shape[0] <= _BLOCK_ROWS:
+        result = dict(zip(names, _dynamics_block(r, mode), strict=True))
+        return {key: float(v[0]) for key, v in result.items()} if single else result
+    result = {name: np.empty(r.shape[0]) for name in names}
+    for lo in range(0, r.shape[0], _BLOCK_ROWS):
+        block = _dynamics_block(r[lo : lo + _BLOCK_ROWS], mode)
+        for name, values in zip(names, block, strict=True):
+            result[name][lo : lo + _BLOCK_ROWS] = values
     return {key: float(v[0]) for key, v in result.items()} if single else result
 
 

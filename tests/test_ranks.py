@@ -170,3 +170,16 @@ def test_metric_names():
     names = dynamics_metric_names()
     assert len(names) == 12 and "effective_rank_rank_drop_gini" in names
     assert "numerical_rank_normalized_aurc" in names
+
+
+@pytest.mark.parametrize("mode", ["difference", "ratio"])
+def test_many_rows_in_blocks_equal_row_by_row(mode):
+    rng = np.random.default_rng(0)
+    table = np.sort(rng.uniform(0, 50, size=(70_000, 6)), axis=1)[:, ::-1].copy()
+    table[5, 2] = np.nan  # NaN rows stay NaN, in whichever block they fall
+    table[40_000] = 3.0  # no drop
+    whole = compute_rank_decay_dynamics(table, mode=mode)
+    for i in (0, 5, 32_767, 32_768, 40_000, 69_999):
+        one = compute_rank_decay_dynamics(table[i], mode=mode)
+        for key, value in one.items():
+            np.testing.assert_allclose(whole[key][i], value, rtol=1e-12)  # NaN == NaN here
