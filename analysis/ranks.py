@@ -34,6 +34,9 @@ def singular_values(features: torch.Tensor | np.ndarray) -> torch.Tensor:
     # Always the SVD, never the cheaper Gram-matrix eigenvalues: squaring the spectrum loses
     # the small sigmas (effective_rank off by up to 3e-4 on a 1..1e-7 spectrum at 512x2048).
     x = torch.as_tensor(features).detach().to("cpu", torch.float64)
+    if x.shape[-1] > x.shape[-2]:
+        # same singular values; LAPACK is ~3x faster on the tall (D x B) orientation here
+        x = x.transpose(-1, -2)
     try:
         return torch.linalg.svdvals(x)
     except RuntimeError:  # did not converge: retry one matrix at a time, NaN where it fails

@@ -16,6 +16,7 @@ import secrets
 import signal
 import string
 import subprocess
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -268,8 +269,12 @@ class ExperimentLogger:
         values = dict(metrics)
         wanted = probe or (self._rank_probe is not None and self._rank_probe.due(step))
         if self._rank_probe is not None and wanted and step != self._probed_step:
+            started = time.perf_counter()
             values.update(self._rank_probe.measure())  # once per step, however many log calls
             self._probed_step = step
+            # what the probe costs this run, in its summary (benchmarks/bench_rank_probe.py)
+            spent = self.summary.get("rank_probe_seconds", 0.0) + time.perf_counter() - started
+            self.summary["rank_probe_seconds"] = round(spent, 4)
         self._metrics.write({"_step": step, **values})
         self._to_wandb("log", lambda run: run.log(values, step=step))
         return step
