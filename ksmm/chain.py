@@ -81,7 +81,7 @@ def _apply_ops(ops, x: Tensor) -> Tensor:
                 q, y = pend
                 pend = None
                 h = y.view(q.a, q.d, q.b, n).transpose(1, 2).reshape(q.out_features, n)
-            h = op(h)
+            h = op(h.t()).t()  # the op takes and returns rows
             continue
         p, w = op
         last = i == len(ops) - 1
@@ -244,12 +244,12 @@ class KSLinearChain(nn.Module):
             # The neighbour is dense (a = d = 1; at rank 1 the two bottleneck factors merge).
             if pre:  # input side: x -> V (r x N) -> E (P x r) -> B ...: fold B E
                 pat, e = pre[-1]
-                be = self._butterfly(i0, i1, e.reshape(pat.b, pat.c), transpose=False)
-                pre[-1] = (pat, be.reshape(pat))
+                be_t = self._butterfly(i0, i1, e.reshape(pat.b, pat.c).t(), transpose=False)
+                pre[-1] = (pat, be_t.t().contiguous().reshape(pat))  # row-major: fast grads
             else:  # output side: B -> V (r x P) -> U: fold V B = (B^T V^T)^T
                 pat, v = post[0]
-                bv = self._butterfly(i0, i1, v.reshape(pat.b, pat.c).t(), transpose=True)
-                post[0] = (pat, bv.t().contiguous().reshape(pat))  # row-major: BLAS-friendly grads
+                vb = self._butterfly(i0, i1, v.reshape(pat.b, pat.c), transpose=True)
+                post[0] = (pat, vb.reshape(pat))
             ops = pre + post
         if callable(ops[-1]):  # the butterfly is last (an input-side bottleneck only)
             ops.append(lambda h: h * self.output_scale.to(h.dtype))
@@ -258,20 +258,20 @@ class KSLinearChain(nn.Module):
             ops[-1] = (pat, w * self.output_scale.to(w.dtype))
         return ops
 
-    def _butterfly(self, start, stop, h: Tensor, transpose: bool, merge_max=None) -> Tensor:
-        """B h for the butterfly factors[start:stop] (B^T h with ``transpose``) on a
-        feature-major h (P, n): the fused kernel on CPU, else the PyTorch ops (levels merged
-        up to ``merge_max``; unmerged by default, which suits a narrow h)."""
+    def _butterfly(self, start, stop, x: Tensor, transpose: bool, merge_max=None) -> Tensor:
+        """Each row of x (n, P) through the butterfly factors[start:stop] (through B^T with
+        ``transpose``): the fused kernel on CPU, else the PyTorch ops (levels merged up to
+        ``merge_max``; unmerged by default, which suits a narrow x)."""
         levels = [(p.a, p.d) for p in self.patterns[start:stop]]
         weights = [f.weight for f in self.factors[start:stop]]
         if transpose:
             levels, weights = levels[::-1], weights[::-1]
-        if native.available(h) and all(w.dtype == h.dtype for w in weights):
-            return native.butterfly_fm(h, levels, weights, transpose)
+        if native.available(x) and all(w.dtype == x.dtype for w in weights):
+            return native.butterfly_rows(x, levels, weights, transpose)
         ops = self._merged(start, stop, merge_max or self.fold_merge_max)
         if transpose:
             ops = [(KSPattern(q.a, q.c, q.b, q.d), w.transpose(1, 2)) for q, w in ops[::-1]]
-        return _apply_ops(ops, h.t()).t()
+        return _apply_ops(ops, x)
 
     def _butterfly_span(self):
         """(first, stop) factor indices of the square butterfly inside a bottlenecked chain."""

@@ -131,22 +131,23 @@ def _workspace(shape, like: Tensor, ctx) -> Tensor:
 
 class _Butterfly(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, levels, trans, *weights):
-        p, n = h.shape
+    def forward(ctx, x, levels, trans, *weights):
+        n, p = x.shape
         weights = [w.contiguous() for w in weights]
         # L + 1 activation slabs, and one scratch slab for the backward pass
-        work = _workspace((len(levels) + 2, p, n), h, ctx)
+        work = _workspace((len(levels) + 2, p, n), x, ctx)
         acts = work[:-1]
-        # copy_ also bumps the buffer's version: a graph still holding an older forward's
-        # activations fails loudly on a second backward instead of reading these
-        acts[0].copy_(h)
-        s = _DTYPES[h.dtype]
+        # copy_ transposes the rows into the kernel's feature-major layout, and bumps the
+        # buffer's version: a graph still holding an older forward's activations fails loudly
+        # on a second backward instead of reading these
+        acts[0].copy_(x.t())
+        s = _DTYPES[x.dtype]
         arrays = _arrays(levels, weights, trans)
         with torch.no_grad():
             getattr(_load(), f"ks_butterfly_forward_{s}")(_ptr(acts), p, n, len(levels), *arrays)
         ctx.save_for_backward(work, *weights)
         ctx.levels, ctx.trans = levels, trans
-        return acts[-1].clone()
+        return acts[-1].t().contiguous()  # rows again, in memory of its own
 
     @staticmethod
     def backward(ctx, g):
@@ -155,8 +156,8 @@ class _Butterfly(torch.autograd.Function):
         _, p, n = work.shape
         # the kernel overwrites its g: hand it the scratch slab (.data: scratch is no saved
         # state, so this copy must not count as a change to the saved activations)
-        acts, g = work[:-1], work.data[-1].copy_(g)
-        gx = torch.empty_like(g)
+        acts, g = work[:-1], work.data[-1].copy_(g.t())
+        gx = torch.empty_like(g)  # feature-major; handed back as rows through .t()
         gws = [torch.empty_like(w) for w in weights]
         arrays = _arrays(levels, weights, ctx.trans)
         getattr(_load(), f"ks_butterfly_backward_{_DTYPES[g.dtype]}")(
@@ -170,11 +171,11 @@ class _Butterfly(torch.autograd.Function):
             (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
         )
         ctx.lease = None  # the workspace may serve the next forward
-        return (gx, None, None, *gws)
+        return (gx.t(), None, None, *gws)
 
 
-def butterfly_fm(h: Tensor, levels, weights, trans: bool = False) -> Tensor:
-    """Feature-major h (P, n) through 2x2 butterfly levels in order: level t has KS pattern
+def butterfly_rows(x: Tensor, levels, weights, trans: bool = False) -> Tensor:
+    """Each row of x (n, P) through 2x2 butterfly levels in order: level t has KS pattern
     (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as KSLinear
     stores it, (a*d, 2, 2); ``trans`` applies every block transposed. Check ``available`` first."""
-    return _Butterfly.apply(h.contiguous(), tuple(levels), bool(trans), *weights)
+    return _Butterfly.apply(x, tuple(levels), bool(trans), *weights)

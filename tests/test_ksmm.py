@@ -331,19 +331,24 @@ def test_fused_butterfly_gradcheck(transpose):
     if transpose:
         levels = levels[::-1]
     ws = [torch.randn(a * d, 2, 2, dtype=F64, requires_grad=True) for a, d in levels]
-    h = torch.randn(16, 3, dtype=F64, requires_grad=True)
-    ref = h.t()
+    x = torch.randn(3, 16, dtype=F64, requires_grad=True)
+    ref = x
     for (a, d), w in zip(levels, ws, strict=True):
         w_abcd = w.view(a, d, 2, 2).permute(0, 3, 2, 1)
         ref = ks_einsum(ref, w_abcd.transpose(1, 2) if transpose else w_abcd)
-    torch.testing.assert_close(native.butterfly_fm(h, levels, ws, transpose), ref.t())
+    torch.testing.assert_close(native.butterfly_rows(x, levels, ws, transpose), ref)
     assert torch.autograd.gradcheck(
-        lambda h, *w: native.butterfly_fm(h, levels, w, transpose), (h, *ws)
+        lambda x, *w: native.butterfly_rows(x, levels, w, transpose), (x, *ws)
+    )
+    assert torch.autograd.gradcheck(  # a non-contiguous input, as the chain passes
+        lambda x, *w: native.butterfly_rows(x.t(), levels, w, transpose),
+        (x.detach().t().contiguous().requires_grad_(), *ws),
     )
 
 
 def test_fused_kernel_without_a_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.delenv("KSMM_NATIVE", raising=False)
     monkeypatch.setenv("KSMM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.warns(UserWarning, match="fused butterfly kernel is unavailable"):
