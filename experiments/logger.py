@@ -29,7 +29,7 @@ from experiments import runstore
 WANDB_MODES = ("offline", "online", "disabled")
 # Config keys whose values must never reach a log, a file or W&B.
 # whole key names (api_key, wandb_api_key, hf_token, client_secret), not model.prefix_tokens
-_SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret|password)$", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret(_key)?|password|passwd)$", re.IGNORECASE)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -38,7 +38,7 @@ class Interrupted(KeyboardInterrupt):
 
 def redact(config: Any) -> Any:
     if isinstance(config, Mapping):
-        return {k: "***" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in config.items()}
+        return {k: "***" if SECRET_KEY.search(str(k)) else redact(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [redact(v) for v in config]
     return config

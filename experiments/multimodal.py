@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import pandas as pd
 import psutil
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -156,6 +158,8 @@ def check_resume_config(cfg: DictConfig) -> None:
         if k in saved and saved[k] != now[k] and not k.startswith(RESUMABLE_CHANGES)
     ]
     if changed:
+        # this launch's own Hydra files (.hydra/resume-<time>) go; the run's are untouched
+        shutil.rmtree(out / HydraConfig.get().output_subdir, ignore_errors=True)
         raise UserError(
             f"resume=true with other settings than the run in {out} was started with: "
             f"{', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}; "

@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.cli import UserError
-from experiments.logger import ExperimentLogger, describe_error
+from experiments.logger import SECRET_KEY, ExperimentLogger, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,11 @@ def _remove_job_folder(path: Path) -> None:
     ours = [p for p in path.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
     if not ours:
         shutil.rmtree(path, ignore_errors=True)
+        # and the parents Hydra made for it (outputs/<experiment>/), while empty and below cwd
+        cwd, parent = Path.cwd().resolve(), path.resolve().parent
+        while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
 
 
 def run_job(
@@ -193,6 +200,19 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_GROUPS = ("experiment", "logger")
 
 
+def check_preset(config, choice: str, where: str, fail: Callable[[str], None]) -> None:
+    """A preset written for another entry point: its first key this schema lacks, as one line
+    (a sweep preset's keys are the names under hydra.sweeper.params)."""
+    preset = yaml.safe_load((CONF_DIR / "experiment" / f"{choice}.yaml").read_text()) or {}
+    for name in pd.json_normalize(preset).columns:
+        name = name.removeprefix("hydra.sweeper.params.")
+        if name.startswith(("hydra", "defaults")):
+            continue
+        if OmegaConf.select(config, name, default="<missing>") == "<missing>":
+            fail(f"experiment '{choice}' is for another entry point: its key '{name}' is not "
+                 f"in {where}")  # fmt: skip
+
+
 def check_override_keys(schema: type, argv: list[str], where: str) -> None:
     """A mistyped override key, an unknown preset or a value of the wrong type as one
     ``error:`` line and exit 2, before Hydra starts (Hydra's own messages span several lines).
@@ -204,14 +224,22 @@ def check_override_keys(schema: type, argv: list[str], where: str) -> None:
         sys.exit(2)
 
     for arg in argv:
-        if arg.startswith(("-", "+", "~", "hydra")) or "=" not in arg:
+        if arg.startswith(("-", "hydra", "+hydra")) or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
+        if SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1]):
+            # Hydra would write it into .hydra/ before any code of ours could mask it
+            fail(f"'{key}' looks like a secret: keep API keys out of the config "
+                 "(`wandb login`, or the WANDB_API_KEY environment variable)")  # fmt: skip
+        if key.startswith(("+", "~")):
+            continue  # additions and deletions: Hydra checks them against the schema
         if key in CONFIG_GROUPS:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
             for choice in value.split(","):
                 if choice not in (*options, "null"):
                     fail(f"unknown {key} '{choice}' (one of: {', '.join(options)})")
+                if key == "experiment" and choice != "null":
+                    check_preset(config, choice, where, fail)
             continue
         if "/" in key:
             continue  # other config groups (hydra/launcher=...)

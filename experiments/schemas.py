@@ -254,10 +254,16 @@ def multimodal_run_dir(resume: bool, run_dir: str | None, fresh: str) -> str:
     return fresh
 
 
+def multimodal_hydra_subdir(resume: bool, stamp: str) -> str:
+    """Where Hydra writes its own files: ``.hydra``, or for a resume ``.hydra/resume-<time>``."""
+    return f".hydra/resume-{stamp}" if resume else ".hydra"
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (called by each entry point before main)."""
     if not OmegaConf.has_resolver("multimodal_run_dir"):
         OmegaConf.register_new_resolver("multimodal_run_dir", multimodal_run_dir)
+        OmegaConf.register_new_resolver("multimodal_hydra_subdir", multimodal_hydra_subdir)
     cs = ConfigStore.instance()
     cs.store(name="rank_sweep_schema", node=RankSweepConfig)
     cs.store(name="laplace_scaling_schema", node=LaplaceScalingConfig)

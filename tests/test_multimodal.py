@@ -148,11 +148,14 @@ def test_resume_with_other_settings_is_an_error(tmp_path):
     out = tmp_path / "job"
     args = [*TINY, "train.epochs=2", f"hydra.run.dir={out}"]
     assert run([*args, "train.max_steps=1"], tmp_path).returncode == 0
-    before = (out / "config.yaml").read_text()
+    record = sorted(p for p in out.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in record}
     proc = run([*args, "data.num_train=12", "resume=true", f"run_dir={out}"], tmp_path)
     assert proc.returncode == 2
     assert "data.num_train (16 there, 12 now)" in proc.stderr.strip().splitlines()[-1]
-    assert (out / "config.yaml").read_text() == before  # the run's record is untouched
+    # the run's record, Hydra's .hydra/ included, is untouched, and nothing was added
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == record
+    assert all(p.read_bytes() == before[p] for p in record)
 
 
 def test_excel_csv_and_unicode_captions(tmp_path):
@@ -213,6 +216,8 @@ def test_bad_folder_one_line_nonzero(tmp_path, case):
         ("model.latentdim=3", "unknown config key 'model.latentdim'"),
         ("loss.alignment=l2", "loss.alignment must be one of"),
         ("experiment=nope", "unknown experiment 'nope'"),
+        ("experiment=demo", "experiment 'demo' is for another entry point"),
+        ("+logger.api_key=abc", "looks like a secret"),
         ("train.lr=abc", "train.lr=abc: Value 'abc'"),
         ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
         ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
