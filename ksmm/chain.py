@@ -76,7 +76,7 @@ def _apply_ops(ops, x: Tensor) -> Tensor:
     n = h.shape[1]
     pend = None  # (pattern, bmm output) awaiting its output permutation
     for i, op in enumerate(ops):
-        if callable(op):  # a feature-major block (the chain's butterfly): (P, n) -> (P, n)
+        if callable(op):  # a block on rows, (n, P) -> (n, P): the butterfly, the output scale
             if pend is not None:
                 q, y = pend
                 pend = None

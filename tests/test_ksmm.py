@@ -282,7 +282,8 @@ def test_hadamard_positive_control():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "pytorch-ops"])
-@pytest.mark.parametrize("shape", [(48, 64), (64, 64), (100, 40), (300, 500)])
+# output-side bottleneck, square, both sides, input side only (the butterfly is last)
+@pytest.mark.parametrize("shape", [(48, 64), (64, 64), (100, 40), (300, 500), (64, 40)])
 def test_butterfly_fold_matches_running_on_the_batch(shape, fused, monkeypatch):
     """Folding B into the bottleneck (rows > rank) and running B on the batch agree, grads too,
     with the fused CPU kernel and with the pure PyTorch path."""
