@@ -24,13 +24,16 @@
 
 #define KS_DEFINE(T, S)                                                                        \
     KS_CLONES void ks_butterfly_forward_##S(T *acts, long P, long n, int L, const long *as,    \
-                                            const long *ds, T *const *ws, const int *trans) {  \
+                                            const long *ds, T *const *ws, const int *trans,    \
+                                            int nthreads) {                                    \
+        _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
         for (int t = 0; t < L; ++t) {                                                          \
             const T *x = acts + (size_t)t * P * n;                                             \
             T *y = acts + (size_t)(t + 1) * P * n;                                             \
             const long a = as[t], d = ds[t];                                                   \
-            for (long i = 0; i < a; ++i)                                                       \
-                for (long l = 0; l < d; ++l) {                                                 \
+            _Pragma("omp for schedule(static)")                                                \
+            for (long e = 0; e < a * d; ++e) {                                                 \
+                    const long i = e / d, l = e % d;                                           \
                     T m[4];                                                                    \
                     const T *wb = ws[t] + (i * d + l) * 4;                                     \
                     KS_BLOCK(T, wb, trans[t], m);                                              \
@@ -50,15 +53,20 @@
      * each level's weight gradient in the weight's layout, overwritten. */                    \
     KS_CLONES void ks_butterfly_backward_##S(const T *acts, T *g, T *gx, long P, long n,       \
                                              int L, const long *as, const long *ds,            \
-                                             T *const *ws, const int *trans, T *const *gws) {  \
-        T *cur = g, *nxt = gx;                                                                 \
+                                             T *const *ws, const int *trans, T *const *gws,    \
+                                             int nthreads) {                                   \
         /* ping-pong between g and gx so that the last level writes into gx */                 \
-        if (L % 2 == 0) { cur = gx; nxt = g; for (size_t e = 0; e < (size_t)P * n; ++e) gx[e] = g[e]; } \
+        if (L % 2 == 0)                                                                        \
+            for (size_t e = 0; e < (size_t)P * n; ++e) gx[e] = g[e];                           \
+        _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
+        {                                                                                      \
+        T *cur = L % 2 == 0 ? gx : g, *nxt = L % 2 == 0 ? g : gx;                              \
         for (int t = L - 1; t >= 0; --t) {                                                     \
             const T *x = acts + (size_t)t * P * n;                                             \
             const long a = as[t], d = ds[t];                                                   \
-            for (long i = 0; i < a; ++i)                                                       \
-                for (long l = 0; l < d; ++l) {                                                 \
+            _Pragma("omp for schedule(static)")                                                \
+            for (long e = 0; e < a * d; ++e) {                                                 \
+                    const long i = e / d, l = e % d;                                           \
                     T m[4];                                                                    \
                     const T *wb = ws[t] + (i * d + l) * 4;                                     \
                     KS_BLOCK(T, wb, trans[t], m);                                              \
@@ -79,6 +87,7 @@
                     else { gb[0] = s00; gb[2] = s01; gb[1] = s10; gb[3] = s11; }               \
                 }                                                                              \
             T *tmp = cur; cur = nxt; nxt = tmp;                                                \
+        }                                                                                      \
         }                                                                                      \
     }
 

@@ -34,7 +34,7 @@ def _cache_dir() -> Path:
     return Path(root or Path.home() / ".cache") / "ksmm"
 
 
-_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]  # + variants below
 
 
 def _compile(out: Path) -> None:
@@ -46,8 +46,10 @@ def _compile(out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
         errors = ""
-        # target_clones (x86 + gcc) picks AVX-512 / AVX2 at load time; without it, plain -O3
-        for extra in ([], ["-DKS_CLONES="]):
+        # target_clones (x86 + gcc) picks AVX-512 / AVX2 at load time; -fopenmp links
+        # libgomp.so.1, which resolves to the copy torch has loaded: the kernel's threads are
+        # torch's own pool (a second pool would fight torch's spinning workers for the cores)
+        for extra in (["-fopenmp"], ["-fopenmp", "-DKS_CLONES="], [], ["-DKS_CLONES="]):
             proc = subprocess.run(
                 [*base, *extra, str(_SOURCE), "-o", str(so)], capture_output=True, text=True
             )
@@ -83,8 +85,8 @@ def _load():
             # attribute access: lib[name] would make a new, unconfigured function object
             fwd = getattr(lib, f"ks_butterfly_forward_{s}")
             bwd = getattr(lib, f"ks_butterfly_backward_{s}")
-            fwd.argtypes = [ptr, long, long, int_, ptr, ptr, ptr, ptr]
-            bwd.argtypes = [ptr, ptr, ptr, long, long, int_, ptr, ptr, ptr, ptr, ptr]
+            fwd.argtypes = [ptr, long, long, int_, ptr, ptr, ptr, ptr, int_]
+            bwd.argtypes = [ptr, ptr, ptr, long, long, int_, ptr, ptr, ptr, ptr, ptr, int_]
             fwd.restype = bwd.restype = None
         _lib = lib
     return _lib or None
@@ -144,7 +146,9 @@ class _Butterfly(torch.autograd.Function):
         s = _DTYPES[x.dtype]
         arrays = _arrays(levels, weights, trans)
         with torch.no_grad():
-            getattr(_load(), f"ks_butterfly_forward_{s}")(_ptr(acts), p, n, len(levels), *arrays)
+            getattr(_load(), f"ks_butterfly_forward_{s}")(
+                _ptr(acts), p, n, len(levels), *arrays, torch.get_num_threads()
+            )
         ctx.save_for_backward(work, *weights)
         ctx.levels, ctx.trans = levels, trans
         return acts[-1].t().contiguous()  # rows again, in memory of its own
@@ -169,6 +173,7 @@ class _Butterfly(torch.autograd.Function):
             len(levels),
             *arrays,
             (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
+            torch.get_num_threads(),
         )
         ctx.lease = None  # the workspace may serve the next forward
         return (gx.t(), None, None, *gws)
