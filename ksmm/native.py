@@ -3,7 +3,7 @@
 In eager PyTorch a butterfly level on a narrow input costs a handful of tiny kernels whose
 dispatch overhead, not arithmetic, sets the time: eleven levels cost more than the whole
 rank-8 low-rank pair they sit next to. The C kernel runs every level, forward or backward, in
-one call. It is compiled with the system C compiler into a per-user cache the first time it is
+one call, on PyTorch's own OpenMP threads (``torch.get_num_threads()``). It is compiled with the system C compiler into a per-user cache the first time it is
 needed (about a second); with no compiler, on other devices and dtypes, or with
 ``KSMM_NATIVE=0``, chains run the pure PyTorch path, which computes the same thing.
 """
@@ -45,7 +45,7 @@ def _compile(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        errors = ""
+        errors = [""]
         # target_clones (x86 + gcc) picks AVX-512 / AVX2 at load time; -fopenmp links
         # libgomp.so.1, which resolves to the copy torch has loaded: the kernel's threads are
         # torch's own pool (a second pool would fight torch's spinning workers for the cores)
