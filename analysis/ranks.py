@@ -192,12 +192,12 @@ def compute_rank_decay_dynamics(
     names = ("rank_drop_gini", "rank_decay_centroid", "normalized_aurc")
     if r.shape[0] <= _BLOCK_ROWS:
         result = dict(zip(names, _dynamics_block(r, mode), strict=True))
-        return {key: float(v[0]) for key, v in result.items()} if single else result
-    result = {name: np.empty(r.shape[0]) for name in names}
-    for lo in range(0, r.shape[0], _BLOCK_ROWS):
-        block = _dynamics_block(r[lo : lo + _BLOCK_ROWS], mode)
-        for name, values in zip(names, block, strict=True):
-            result[name][lo : lo + _BLOCK_ROWS] = values
+    else:
+        result = {name: np.empty(r.shape[0]) for name in names}
+        for lo in range(0, r.shape[0], _BLOCK_ROWS):
+            block = _dynamics_block(r[lo : lo + _BLOCK_ROWS], mode)
+            for name, values in zip(names, block, strict=True):
+                result[name][lo : lo + _BLOCK_ROWS] = values
     return {key: float(v[0]) for key, v in result.items()} if single else result
 
 

@@ -267,8 +267,8 @@ class ExperimentLogger:
         step = self._next_step(step)
         self.step = max(self.step, step)
         values = dict(metrics)
-        wanted = probe or (self._rank_probe is not None and self._rank_probe.due(step))
-        if self._rank_probe is not None and wanted and step != self._probed_step:
+        rp = self._rank_probe
+        if rp is not None and step != self._probed_step and (probe or rp.due(step)):
             started = time.perf_counter()
             values.update(self._rank_probe.measure())  # once per step, however many log calls
             self._probed_step = step

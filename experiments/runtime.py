@@ -200,8 +200,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_GROUPS = ("experiment", "logger")
 
 
-def check_preset(config, choice: str, where: str, fail: Callable[[str], None]) -> None:
-    """A preset written for another entry point: its first key this schema lacks, as one line
+def check_preset(config, choice: str, where: str) -> None:
+    """A preset written for another entry point: its first key this schema lacks is an error
     (a sweep preset's keys are the names under hydra.sweeper.params)."""
     preset = yaml.safe_load((CONF_DIR / "experiment" / f"{choice}.yaml").read_text()) or {}
     for name in pd.json_normalize(preset).columns:
@@ -209,8 +209,8 @@ def check_preset(config, choice: str, where: str, fail: Callable[[str], None]) -
         if name.startswith(("hydra", "defaults")):
             continue
         if OmegaConf.select(config, name, default="<missing>") == "<missing>":
-            fail(f"experiment '{choice}' is for another entry point: its key '{name}' is not "
-                 f"in {where}")  # fmt: skip
+            raise UserError(f"experiment '{choice}' is for another entry point: its key "
+                            f"'{name}' is not in {where}")  # fmt: skip
 
 
 def check_override_keys(schema: type, argv: list[str], where: str) -> None:
@@ -218,37 +218,41 @@ def check_override_keys(schema: type, argv: list[str], where: str) -> None:
     ``error:`` line and exit 2, before Hydra starts (Hydra's own messages span several lines).
     Sweeps (``a,b``), lists and Hydra's own keys are left to Hydra."""
     config = OmegaConf.structured(schema)
-
-    def fail(message: str) -> None:
-        print(f"error: {message}", file=sys.stderr)
+    try:
+        for arg in argv:
+            _check_override(config, arg, where)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    for arg in argv:
-        if arg.startswith(("-", "hydra", "+hydra")) or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        if SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1]):
-            # Hydra would write it into .hydra/ before any code of ours could mask it
-            fail(f"'{key}' looks like a secret: keep API keys out of the config "
-                 "(`wandb login`, or the WANDB_API_KEY environment variable)")  # fmt: skip
-        if key.startswith(("+", "~")):
-            continue  # additions and deletions: Hydra checks them against the schema
-        if key in CONFIG_GROUPS:
-            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-            for choice in value.split(","):
-                if choice not in (*options, "null"):
-                    fail(f"unknown {key} '{choice}' (one of: {', '.join(options)})")
-                if key == "experiment" and choice != "null":
-                    check_preset(config, choice, where, fail)
-            continue
-        if "/" in key:
-            continue  # other config groups (hydra/launcher=...)
-        if OmegaConf.select(config, key, default="<missing>") == "<missing>":
-            fail(f"unknown config key '{key}' (see {where})")
-        if any(c in value for c in ",()[]{}$"):
-            continue  # a sweep, a list or an interpolation: Hydra's grammar, not YAML
-        try:
-            OmegaConf.merge(config, OmegaConf.from_dotlist([arg]))
-        except Exception as exc:  # OmegaConf's ValidationError and friends: one line
-            reason = str(exc).splitlines()[0]
-            fail(f"{key}={value}: {reason}")
+
+def _check_override(config, arg: str, where: str) -> None:
+    """One override: a UserError if it names a secret, an unknown preset or key, or a value of
+    the wrong type."""
+    if arg.startswith(("-", "hydra", "+hydra")) or "=" not in arg:
+        return
+    key, value = arg.split("=", 1)
+    if SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1]):
+        # Hydra would write it into .hydra/ before any code of ours could mask it
+        raise UserError(f"'{key}' looks like a secret: keep API keys out of the config "
+                        "(`wandb login`, or the WANDB_API_KEY environment variable)")  # fmt: skip
+    if key.startswith(("+", "~")):
+        return  # additions and deletions: Hydra checks them against the schema
+    if key in CONFIG_GROUPS:
+        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in (*options, "null"):
+                raise UserError(f"unknown {key} '{choice}' (one of: {', '.join(options)})")
+            if key == "experiment" and choice != "null":
+                check_preset(config, choice, where)
+        return
+    if "/" in key:
+        return  # other config groups (hydra/launcher=...)
+    if OmegaConf.select(config, key, default="<missing>") == "<missing>":
+        raise UserError(f"unknown config key '{key}' (see {where})")
+    if any(c in value for c in ",()[]{}$"):
+        return  # a sweep, a list or an interpolation: Hydra's grammar, not YAML
+    try:
+        OmegaConf.merge(config, OmegaConf.from_dotlist([arg]))
+    except Exception as exc:  # OmegaConf's ValidationError and friends: one line
+        raise UserError(f"{key}={value}: {str(exc).splitlines()[0]}") from None

@@ -22,6 +22,15 @@
         else { m[0] = wb[0]; m[1] = wb[2]; m[2] = wb[1]; m[3] = wb[3]; }                       \
     } while (0)
 
+/* The 2x2 block pair index e stands for at level t: its matrix m and the offsets r0, r1 of
+ * the two rows it mixes */
+#define KS_PAIR(T, e, t, d, m, r0, r1)                                                         \
+    const long i = (e) / (d), l = (e) % (d);                                                   \
+    T m[4];                                                                                    \
+    const T *wb = ws[t] + (i * (d) + l) * 4;                                                   \
+    KS_BLOCK(T, wb, trans[t], m);                                                              \
+    const size_t r0 = (size_t)(i * 2 * (d) + l) * n, r1 = r0 + (size_t)(d) * n
+
 #define KS_DEFINE(T, S)                                                                        \
     KS_CLONES void ks_butterfly_forward_##S(T *acts, long P, long n, int L, const long *as,    \
                                             const long *ds, T *const *ws, const int *trans,    \
@@ -33,11 +42,7 @@
             const long a = as[t], d = ds[t];                                                   \
             _Pragma("omp for schedule(static)")                                                \
             for (long e = 0; e < a * d; ++e) {                                                 \
-                    const long i = e / d, l = e % d;                                           \
-                    T m[4];                                                                    \
-                    const T *wb = ws[t] + (i * d + l) * 4;                                     \
-                    KS_BLOCK(T, wb, trans[t], m);                                              \
-                    const size_t r0 = (size_t)(i * 2 * d + l) * n, r1 = r0 + (size_t)d * n;    \
+                    KS_PAIR(T, e, t, d, m, r0, r1);                                            \
                     const T *x0 = x + r0, *x1 = x + r1;                                        \
                     T *y0 = y + r0, *y1 = y + r1;                                              \
                     for (long c = 0; c < n; ++c) {                                             \
@@ -66,11 +71,7 @@
             const long a = as[t], d = ds[t];                                                   \
             _Pragma("omp for schedule(static)")                                                \
             for (long e = 0; e < a * d; ++e) {                                                 \
-                    const long i = e / d, l = e % d;                                           \
-                    T m[4];                                                                    \
-                    const T *wb = ws[t] + (i * d + l) * 4;                                     \
-                    KS_BLOCK(T, wb, trans[t], m);                                              \
-                    const size_t r0 = (size_t)(i * 2 * d + l) * n, r1 = r0 + (size_t)d * n;    \
+                    KS_PAIR(T, e, t, d, m, r0, r1);                                            \
                     const T *x0 = x + r0, *x1 = x + r1, *g0 = cur + r0, *g1 = cur + r1;        \
                     T *h0 = nxt + r0, *h1 = nxt + r1;                                          \
                     T s00 = 0, s01 = 0, s10 = 0, s11 = 0;                                      \

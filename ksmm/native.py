@@ -92,6 +92,10 @@ def _load():
     return _lib or None
 
 
+def _kernel(direction: str, dtype: torch.dtype):
+    return getattr(_load(), f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
+
+
 def available(x: Tensor) -> bool:
     """Whether the fused kernel can run a butterfly on tensors like ``x``."""
     return x.device.type == "cpu" and x.dtype in _DTYPES and _load() is not None
@@ -143,12 +147,8 @@ class _Butterfly(torch.autograd.Function):
         # buffer's version: a graph still holding an older forward's activations fails loudly
         # on a second backward instead of reading these
         acts[0].copy_(x.t())
-        s = _DTYPES[x.dtype]
         arrays = _arrays(levels, weights, trans)
-        with torch.no_grad():
-            getattr(_load(), f"ks_butterfly_forward_{s}")(
-                _ptr(acts), p, n, len(levels), *arrays, torch.get_num_threads()
-            )
+        _kernel("forward", x.dtype)(_ptr(acts), p, n, len(levels), *arrays, torch.get_num_threads())
         ctx.save_for_backward(work, *weights)
         ctx.levels, ctx.trans = levels, trans
         return acts[-1].t().contiguous()  # rows again, in memory of its own
@@ -164,7 +164,7 @@ class _Butterfly(torch.autograd.Function):
         gx = torch.empty_like(g)  # feature-major; handed back as rows through .t()
         gws = [torch.empty_like(w) for w in weights]
         arrays = _arrays(levels, weights, ctx.trans)
-        getattr(_load(), f"ks_butterfly_backward_{_DTYPES[g.dtype]}")(
+        _kernel("backward", g.dtype)(
             _ptr(acts),
             _ptr(g),
             _ptr(gx),
