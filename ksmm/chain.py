@@ -65,25 +65,18 @@ def _apply_ops(ops, x: Tensor) -> Tensor:
     (a*d, b, batch) is left un-permuted ("pending") so its output permutation and the next
     factor's input permutation become one copy (as in fly's blockdiag_butterfly_multiply).
     """
-    if all(not callable(op) and op[0].a == op[0].d == 1 for op in ops):
-        # Dense factors only (a folded bottleneck chain): batch-major matmuls, as nn.Linear
-        # does. Feature-major here makes the weight gradient a (features x 8) product over the
-        # batch, which BLAS runs ~4x slower than its (8 x features) transpose.
-        for p, w in ops:
-            x = F.linear(x, w.reshape(p.b, p.c))
+    if all(callable(op) or op[0].a == op[0].d == 1 for op in ops):
+        # Dense factors and blocks on rows (the fused butterfly, the output scale): a
+        # bottlenecked butterfly chain. Batch-major matmuls, as nn.Linear does: feature-major
+        # here makes the weight gradient a (features x 8) product over the batch, which BLAS
+        # runs ~4x slower than its (8 x features) transpose.
+        for op in ops:
+            x = op(x) if callable(op) else F.linear(x, op[1].reshape(op[0].b, op[0].c))
         return x
     h = x.t()
     n = h.shape[1]
     pend = None  # (pattern, bmm output) awaiting its output permutation
-    for i, op in enumerate(ops):
-        if callable(op):  # a block on rows, (n, P) -> (n, P): the butterfly, the output scale
-            if pend is not None:
-                q, y = pend
-                pend = None
-                h = y.view(q.a, q.d, q.b, n).transpose(1, 2).reshape(q.out_features, n)
-            h = op(h.t()).t()  # the op takes and returns rows
-            continue
-        p, w = op
+    for i, (p, w) in enumerate(ops):
         last = i == len(ops) - 1
         tiny = p.c == 2 and p.b <= 2 and p.d > 1  # 2x2 butterfly blocks
         if pend is not None:

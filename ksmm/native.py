@@ -3,8 +3,9 @@
 In eager PyTorch a butterfly level on a narrow input costs a handful of tiny kernels whose
 dispatch overhead, not arithmetic, sets the time: eleven levels cost more than the whole
 rank-8 low-rank pair they sit next to. The C kernel runs every level, forward or backward, in
-one call, on PyTorch's own OpenMP threads (``torch.get_num_threads()``). It is compiled with the system C compiler into a per-user cache the first time it is
-needed (about a second); with no compiler, on other devices and dtypes, or with
+one call on the rows as they are (no transposes), on PyTorch's own OpenMP threads
+(``torch.get_num_threads()``). It is compiled with the system C compiler into a per-user cache
+the first time it is needed (about a second); with no compiler, on other devices and dtypes, or with
 ``KSMM_NATIVE=0``, chains run the pure PyTorch path, which computes the same thing.
 """
 
@@ -18,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-import weakref
 from pathlib import Path
 
 import torch
@@ -34,7 +34,14 @@ def _cache_dir() -> Path:
     return Path(root or Path.home() / ".cache") / "ksmm"
 
 
-_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]  # + variants below
+_FLAGS = [
+    "-O3",
+    "-fPIC",
+    "-shared",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-Wno-psabi",
+]  # + variants below
 
 
 def _compile(out: Path) -> None:
@@ -85,15 +92,20 @@ def _load():
             # attribute access: lib[name] would make a new, unconfigured function object
             fwd = getattr(lib, f"ks_butterfly_forward_{s}")
             bwd = getattr(lib, f"ks_butterfly_backward_{s}")
-            fwd.argtypes = [ptr, long, long, int_, ptr, ptr, ptr, ptr, int_]
-            bwd.argtypes = [ptr, ptr, ptr, long, long, int_, ptr, ptr, ptr, ptr, ptr, int_]
-            fwd.restype = bwd.restype = None
+            fwd.argtypes = [ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, int_]
+            bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, ptr]
+            bwd.argtypes += [int_]
+            fwd.restype = bwd.restype = int_
         _lib = lib
     return _lib or None
 
 
-def _kernel(direction: str, dtype: torch.dtype):
-    return getattr(_load(), f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
+def _call(direction: str, *args) -> None:
+    """The kernel for the first tensor's dtype, on tensor arguments' data pointers."""
+    kernel = getattr(_load(), f"ks_butterfly_{direction}_{_DTYPES[args[0].dtype]}")
+    args = [_ptr(a) if isinstance(a, Tensor) else a for a in args]
+    if kernel(*args, torch.get_num_threads()) != 0:
+        raise MemoryError("ksmm: the fused butterfly kernel could not allocate its scratch")
 
 
 def available(x: Tensor) -> bool:
@@ -106,81 +118,62 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
 
 
 def _arrays(levels, weights, trans):
+    """Each level's d, its weight and the orientation, as the kernel takes them."""
     n = len(levels)
     return (
-        (ctypes.c_long * n)(*(a for a, _ in levels)),
         (ctypes.c_long * n)(*(d for _, d in levels)),
         (ctypes.c_void_p * n)(*(w.data_ptr() for w in weights)),
-        (ctypes.c_int * n)(*([int(trans)] * n)),
+        int(trans),
     )
 
 
-class _Lease:
-    """Held by a forward pass that saved a workspace, until its backward pass has run."""
-
-
-_workspaces: dict = {}  # (device, dtype, shape) -> (workspace, weakref to its lease)
-
-
-def _workspace(shape, like: Tensor, ctx) -> Tensor:
-    """A buffer for the saved activations, reused from step to step: a fresh multi-MB tensor
-    every step costs more in page faults than the whole kernel. Taken again only once the
-    backward pass that needed it has run (or its graph is gone); otherwise a new one."""
-    key = (like.device, like.dtype, tuple(shape))
-    entry = _workspaces.get(key)
-    free = entry is not None and entry[1]() is None
-    buf = entry[0] if free else like.new_empty(shape)
-    ctx.lease = _Lease()
-    _workspaces[key] = (buf, weakref.ref(ctx.lease))
-    return buf
+def _strides(t: Tensor):
+    return (ctypes.c_long * 2)(*t.stride())
 
 
 class _Butterfly(torch.autograd.Function):
+    # Any strides in and out: a rank-r factor's rows are the columns of its stored weight, and
+    # a gradient in the parameter's own layout needs no copy before it is accumulated.
     @staticmethod
     def forward(ctx, x, levels, trans, *weights):
-        n, p = x.shape
         weights = [w.contiguous() for w in weights]
-        # L + 1 activation slabs, and one scratch slab for the backward pass
-        work = _workspace((len(levels) + 2, p, n), x, ctx)
-        acts = work[:-1]
-        # copy_ transposes the rows into the kernel's feature-major layout, and bumps the
-        # buffer's version: a graph still holding an older forward's activations fails loudly
-        # on a second backward instead of reading these
-        acts[0].copy_(x.t())
+        y = x.new_empty(x.shape)
+        n, p = x.shape
         arrays = _arrays(levels, weights, trans)
-        _kernel("forward", x.dtype)(_ptr(acts), p, n, len(levels), *arrays, torch.get_num_threads())
-        ctx.save_for_backward(work, *weights)
+        _call("forward", x, _strides(x), y, _strides(y), n, p, len(levels), *arrays)
+        # the backward pass recomputes the levels' inputs from x: nothing else to keep
+        ctx.save_for_backward(x, *weights)
         ctx.levels, ctx.trans = levels, trans
-        return acts[-1].t().contiguous()  # rows again, in memory of its own
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        work, *weights = ctx.saved_tensors
-        levels = ctx.levels
-        _, p, n = work.shape
-        # the kernel overwrites its g: hand it the scratch slab (.data: scratch is no saved
-        # state, so this copy must not count as a change to the saved activations)
-        acts, g = work[:-1], work.data[-1].copy_(g.t())
-        gx = torch.empty_like(g)  # feature-major; handed back as rows through .t()
+        x, *weights = ctx.saved_tensors
+        gx = torch.empty_like(x)
         gws = [torch.empty_like(w) for w in weights]
-        arrays = _arrays(levels, weights, ctx.trans)
-        _kernel("backward", g.dtype)(
-            _ptr(acts),
-            _ptr(g),
-            _ptr(gx),
-            p,
+        n, p = x.shape
+        levels = ctx.levels
+        _call(
+            "backward",
+            x,
+            _strides(x),
+            g,
+            _strides(g),
+            gx,
+            _strides(gx),
             n,
+            p,
             len(levels),
-            *arrays,
+            *_arrays(levels, weights, ctx.trans),
             (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
-            torch.get_num_threads(),
         )
-        ctx.lease = None  # the workspace may serve the next forward
-        return (gx.t(), None, None, *gws)
+        return (gx, None, None, *gws)
 
 
 def butterfly_rows(x: Tensor, levels, weights, trans: bool = False) -> Tensor:
     """Each row of x (n, P) through 2x2 butterfly levels in order: level t has KS pattern
     (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as KSLinear
     stores it, (a*d, 2, 2); ``trans`` applies every block transposed. Check ``available`` first."""
+    if not levels:
+        return x
     return _Butterfly.apply(x, tuple(levels), bool(trans), *weights)
