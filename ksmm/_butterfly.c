@@ -19,7 +19,6 @@
  * applied transposed.
  */
 #include <stddef.h>
-#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -63,194 +62,263 @@ KS_INLINE int ks_vec_ok(long d, long P) {
     return P % KS_V == 0 && (d % KS_V == 0 || KS_V % (2 * d) == 0);
 }
 
-KS_INLINE void ks_fwd_vec(long d, const float *A, const float *B, const float *x, float *y,
-                          long P) {
+/* rows a pass carries together: they share each level's planes and gradient sums, which
+ * otherwise cost more memory traffic than the rows themselves */
+#ifndef KS_R
+#define KS_R 4
+#endif
+
+/* nr rows (x[j] -> y[j]) through one level */
+KS_INLINE void ks_fwd_vec(long d, const float *A, const float *B, const float *const *x,
+                          float *const *y, long P, const int nr) {
     if (d < KS_V) {
         for (long p = 0; p < P; p += KS_V) {
-            const ks_vf u = ks_ld(x + p);
-            ks_st(y + p, ks_ld(A + p) * u + ks_ld(B + p) * ks_partner(u, d));
+            const ks_vf a = ks_ld(A + p), b = ks_ld(B + p);
+            for (int j = 0; j < nr; ++j) {
+                const ks_vf u = ks_ld(x[j] + p);
+                ks_st(y[j] + p, a * u + b * ks_partner(u, d));
+            }
         }
         return;
     }
     for (long p0 = 0; p0 < P; p0 += 2 * d)
         for (long p = p0, q = p0 + d; p < p0 + d; p += KS_V, q += KS_V) {
-            const ks_vf u = ks_ld(x + p), v = ks_ld(x + q);
-            ks_st(y + p, ks_ld(A + p) * u + ks_ld(B + p) * v);
-            ks_st(y + q, ks_ld(A + q) * v + ks_ld(B + q) * u);
+            const ks_vf ap = ks_ld(A + p), bp = ks_ld(B + p), aq = ks_ld(A + q), bq = ks_ld(B + q);
+            for (int j = 0; j < nr; ++j) {
+                const ks_vf u = ks_ld(x[j] + p), v = ks_ld(x[j] + q);
+                ks_st(y[j] + p, ap * u + bp * v);
+                ks_st(y[j] + q, aq * v + bq * u);
+            }
         }
 }
 
-/* g: the gradient of y -> h: the gradient of x; gA, gB accumulate */
-KS_INLINE void ks_bwd_vec(long d, const float *A, const float *B, const float *x,
-                          const float *g, float *h, float *gA, float *gB, long P) {
+/* g[j]: the gradient of row j's output -> h[j]: of its input x[j]; gA, gB accumulate */
+KS_INLINE void ks_bwd_vec(long d, const float *A, const float *B, const float *const *x,
+                          const float *const *g, float *const *h, float *gA, float *gB, long P,
+                          const int nr) {
     if (d < KS_V) {
         for (long p = 0; p < P; p += KS_V) {
-            const ks_vf gv = ks_ld(g + p), u = ks_ld(x + p);
-            ks_st(h + p, ks_ld(A + p) * gv + ks_partner(ks_ld(B + p) * gv, d));
-            ks_st(gA + p, ks_ld(gA + p) + gv * u);
-            ks_st(gB + p, ks_ld(gB + p) + gv * ks_partner(u, d));
+            const ks_vf a = ks_ld(A + p), b = ks_ld(B + p);
+            ks_vf sa = ks_ld(gA + p), sb = ks_ld(gB + p);
+            for (int j = 0; j < nr; ++j) {
+                const ks_vf gv = ks_ld(g[j] + p), u = ks_ld(x[j] + p);
+                ks_st(h[j] + p, a * gv + ks_partner(b * gv, d));
+                sa += gv * u;
+                sb += gv * ks_partner(u, d);
+            }
+            ks_st(gA + p, sa);
+            ks_st(gB + p, sb);
         }
         return;
     }
     for (long p0 = 0; p0 < P; p0 += 2 * d)
         for (long p = p0, q = p0 + d; p < p0 + d; p += KS_V, q += KS_V) {
-            const ks_vf u = ks_ld(x + p), v = ks_ld(x + q), gp = ks_ld(g + p), gq = ks_ld(g + q);
-            ks_st(h + p, ks_ld(A + p) * gp + ks_ld(B + q) * gq);
-            ks_st(h + q, ks_ld(A + q) * gq + ks_ld(B + p) * gp);
-            ks_st(gA + p, ks_ld(gA + p) + gp * u);
-            ks_st(gB + p, ks_ld(gB + p) + gp * v);
-            ks_st(gA + q, ks_ld(gA + q) + gq * v);
-            ks_st(gB + q, ks_ld(gB + q) + gq * u);
+            const ks_vf ap = ks_ld(A + p), bp = ks_ld(B + p), aq = ks_ld(A + q), bq = ks_ld(B + q);
+            ks_vf sap = ks_ld(gA + p), sbp = ks_ld(gB + p), saq = ks_ld(gA + q), sbq = ks_ld(gB + q);
+            for (int j = 0; j < nr; ++j) {
+                const ks_vf u = ks_ld(x[j] + p), v = ks_ld(x[j] + q);
+                const ks_vf gp = ks_ld(g[j] + p), gq = ks_ld(g[j] + q);
+                ks_st(h[j] + p, ap * gp + bq * gq);
+                ks_st(h[j] + q, aq * gq + bp * gp);
+                sap += gp * u, sbp += gp * v, saq += gq * v, sbq += gq * u;
+            }
+            ks_st(gA + p, sap), ks_st(gB + p, sbp), ks_st(gA + q, saq), ks_st(gB + q, sbq);
         }
+}
+
+/* elements of scratch a pass needs: the planes, then each thread's rows (and sums) */
+long ks_scratch_size(int backward, long P, int L, int nthreads) {
+    const long per = backward ? 2 * L * P + (long)(L + 3) * KS_R * P : 3 * KS_R * P;
+    return 2 * L * P + nthreads * per;
 }
 
 #define KS_DEFINE(T, S, VEC)                                                                   \
-    KS_INLINE void ks_fwd_##S(long d, const T *A, const T *B, const T *x, T *y, long P) {      \
+    KS_INLINE void ks_fwd_##S(long d, const T *A, const T *B, const T *const *x, T *const *y,  \
+                              long P, int nr) {                                                \
         if (VEC && ks_vec_ok(d, P)) {                                                          \
-            ks_fwd_vec(d, (const float *)A, (const float *)B, (const float *)x, (float *)y, P); \
+            const float *a = (const float *)A, *b = (const float *)B;                          \
+            const float *const *xf = (const float *const *)x;                                  \
+            float *const *yf = (float *const *)y;                                              \
+            if (nr == KS_R) ks_fwd_vec(d, a, b, xf, yf, P, KS_R); /* unrolled */              \
+            else ks_fwd_vec(d, a, b, xf, yf, P, nr);                                           \
             return;                                                                            \
         }                                                                                      \
-        for (long p0 = 0; p0 < P; p0 += 2 * d)                                                 \
-            for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {                              \
-                const T u = x[p], v = x[q];                                                    \
-                y[p] = A[p] * u + B[p] * v;                                                    \
-                y[q] = A[q] * v + B[q] * u;                                                    \
-            }                                                                                  \
+        for (int j = 0; j < nr; ++j)                                                           \
+            for (long p0 = 0; p0 < P; p0 += 2 * d)                                             \
+                for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {                          \
+                    const T u = x[j][p], v = x[j][q];                                          \
+                    y[j][p] = A[p] * u + B[p] * v;                                             \
+                    y[j][q] = A[q] * v + B[q] * u;                                             \
+                }                                                                              \
     }                                                                                          \
                                                                                                \
-    KS_INLINE void ks_bwd_##S(long d, const T *A, const T *B, const T *x, const T *g, T *h,    \
-                              T *gA, T *gB, long P) {                                          \
+    KS_INLINE void ks_bwd_##S(long d, const T *A, const T *B, const T *const *x,               \
+                              const T *const *g, T *const *h, T *gA, T *gB, long P, int nr) {  \
         if (VEC && ks_vec_ok(d, P)) {                                                          \
-            ks_bwd_vec(d, (const float *)A, (const float *)B, (const float *)x,                \
-                       (const float *)g, (float *)h, (float *)gA, (float *)gB, P);             \
+            const float *a = (const float *)A, *b = (const float *)B;                          \
+            const float *const *xf = (const float *const *)x, *const *gf = (const float *const *)g; \
+            float *const *hf = (float *const *)h;                                              \
+            float *sa = (float *)gA, *sb = (float *)gB;                                        \
+            if (nr == KS_R) ks_bwd_vec(d, a, b, xf, gf, hf, sa, sb, P, KS_R);                  \
+            else ks_bwd_vec(d, a, b, xf, gf, hf, sa, sb, P, nr);                               \
             return;                                                                            \
         }                                                                                      \
-        for (long p0 = 0; p0 < P; p0 += 2 * d)                                                 \
-            for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {                              \
-                const T u = x[p], v = x[q], gp = g[p], gq = g[q];                              \
-                h[p] = A[p] * gp + B[q] * gq;                                                  \
-                h[q] = A[q] * gq + B[p] * gp;                                                  \
-                gA[p] += gp * u; gB[p] += gp * v; gA[q] += gq * v; gB[q] += gq * u;            \
-            }                                                                                  \
+        for (int j = 0; j < nr; ++j)                                                           \
+            for (long p0 = 0; p0 < P; p0 += 2 * d)                                             \
+                for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {                          \
+                    const T u = x[j][p], v = x[j][q], gp = g[j][p], gq = g[j][q];              \
+                    h[j][p] = A[p] * gp + B[q] * gq;                                           \
+                    h[j][q] = A[q] * gq + B[p] * gp;                                           \
+                    gA[p] += gp * u, gB[p] += gp * v, gA[q] += gq * v, gB[q] += gq * u;        \
+                }                                                                              \
     }                                                                                          \
                                                                                                \
-    /* level t's planes from its weights: position p = i*2d + l (block i*d + l, entry 0 of its \
-     * pair) and q = p + d (entry 1) */                                                        \
-    KS_INLINE void ks_planes_##S(T *A, T *B, long P, long d, const T *w, int trans) {          \
+    /* level t's planes from its weights: position p = i*2d + l (block e = i*d + l, entry 0   \
+     * of its pair) and q = p + d (entry 1) */                                                 \
+    KS_INLINE void ks_planes_##S(T *A, T *B, long P, long d, const T *w, int trans, T f) {     \
         for (long p0 = 0, e = 0; p0 < P; p0 += 2 * d)                                          \
             for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {                         \
                 const T *wb = w + e * 4;                                                       \
-                A[p] = wb[0], A[q] = wb[3];                                                    \
-                B[p] = trans ? wb[1] : wb[2], B[q] = trans ? wb[2] : wb[1];                    \
+                A[p] = f * wb[0], A[q] = f * wb[3];                                            \
+                B[p] = f * (trans ? wb[1] : wb[2]), B[q] = f * (trans ? wb[2] : wb[1]);        \
             }                                                                                  \
     }                                                                                          \
                                                                                                \
-    /* row r of a strided (n, P) array: its start; element p is at row + p * sc */              \
-    /* a row to read: the row itself when contiguous, else gathered into buf */                \
-    KS_INLINE const T *ks_in_##S(const T *row, long sc, long P, T *buf) {                      \
-        if (sc == 1) return row;                                                               \
-        for (long p = 0; p < P; ++p) buf[p] = row[p * sc];                                     \
-        return buf;                                                                            \
+    /* rows r0 .. r0 + nr - 1 of a strided (n, P) array, to read: the rows themselves when     \
+     * contiguous (element stride 1), else gathered into buf (all nr rows in one pass over the  \
+     * array: a cache line holds the same position of several rows) */                        \
+    KS_INLINE void ks_rows_in_##S(const T *x, const long *sx, long r0, int nr, long P, T *buf, \
+                                  const T **rows) {                                            \
+        for (int j = 0; j < nr; ++j) rows[j] = sx[1] == 1 ? x + (r0 + j) * sx[0] : buf + j * P; \
+        if (sx[1] != 1)                                                                        \
+            for (long p = 0; p < P; ++p)                                                       \
+                for (int j = 0; j < nr; ++j) buf[j * P + p] = x[(r0 + j) * sx[0] + p * sx[1]]; \
     }                                                                                          \
                                                                                                \
-    KS_INLINE void ks_out_##S(T *row, long sc, long P, const T *buf) {                         \
-        if (sc != 1)                                                                           \
-            for (long p = 0; p < P; ++p) row[p * sc] = buf[p];                                 \
+    /* rows[j] -> row r0 + j of y, unless they are y's own rows (element stride 1) */          \
+    KS_INLINE void ks_rows_out_##S(T *y, const long *sy, long r0, int nr, long P,              \
+                                   T *const *rows) {                                           \
+        if (sy[1] != 1)                                                                        \
+            for (long p = 0; p < P; ++p)                                                       \
+                for (int j = 0; j < nr; ++j) y[(r0 + j) * sy[0] + p * sy[1]] = rows[j][p];     \
     }                                                                                          \
                                                                                                \
-    /* y = x through the levels, x and y (n, P) with strides (sx[0], sx[1]) and (sy[0], sy[1]); \
-     * returns 0, or -1 when out of memory */                                                  \
-    KS_CLONES int ks_butterfly_forward_##S(const T *x, const long *sx, T *y, const long *sy,   \
-                                           long n, long P, int L, const long *ds,              \
-                                           T *const *ws, int trans, int nthreads) {            \
-        /* planes, then per thread: the input row and two rows of scratch */                   \
-        T *mem = malloc(sizeof(T) * (2 * L * P + (size_t)nthreads * 3 * P));                   \
-        if (!mem) return -1;                                                                   \
+    /* y = scale * (x through the levels); x and y (n, P) with strides (sx[0], sx[1]) and     \
+     * (sy[0], sy[1]); mem: ks_scratch_size(0, P, L, nthreads) elements of scratch */          \
+    KS_CLONES void ks_butterfly_forward_##S(const T *x, const long *sx, T *y, const long *sy,  \
+                                            long n, long P, int L, const long *ds,             \
+                                            T *const *ws, int trans, T scale, T *mem,          \
+                                            int nthreads) {                                    \
         T *A = mem, *B = mem + L * P;                                                          \
+        const long groups = (n + KS_R - 1) / KS_R;                                             \
+        /* rows scattered into a strided y share cache lines: 16 rows to a thread */          \
+        const long chunk = sy[1] == 1 ? (groups + nthreads - 1) / nthreads : 16 / KS_R;        \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
         {                                                                                      \
             int me = 0;                                                                        \
             KS_THREAD_ID(me);                                                                  \
-            T *s = mem + 2 * L * P + (size_t)me * 3 * P;                                       \
+            /* slot k: s + k*KS_R*P, a row block; slots 0, 1: level outputs, 2: the input */   \
+            T *s = mem + 2 * L * P + (size_t)me * 3 * KS_R * P;                                \
             _Pragma("omp for schedule(static)")                                                \
-            for (int t = 0; t < L; ++t) ks_planes_##S(A + t * P, B + t * P, P, ds[t], ws[t], trans); \
-            _Pragma("omp for schedule(static)")                                                \
-            for (long r = 0; r < n; ++r) {                                                     \
-                const T *cur = ks_in_##S(x + r * sx[0], sx[1], P, s + 2 * P);                  \
-                T *yr = sy[1] == 1 ? y + r * sy[0] : s + (L - 1) % 2 * P;                      \
+            for (int t = 0; t < L; ++t)                                                        \
+                ks_planes_##S(A + t * P, B + t * P, P, ds[t], ws[t], trans,                    \
+                              t == L - 1 ? scale : 1);                                         \
+            _Pragma("omp for schedule(static, chunk)")                                         \
+            for (long gi = 0; gi < groups; ++gi) {                                             \
+                const long r0 = gi * KS_R;                                                     \
+                const int nr = n - r0 < KS_R ? (int)(n - r0) : KS_R;                           \
+                const T *cur[KS_R];                                                            \
+                T *out[KS_R], *yr[KS_R];                                                       \
+                ks_rows_in_##S(x, sx, r0, nr, P, s + 2 * KS_R * P, cur);                       \
+                for (int j = 0; j < nr; ++j)                                                   \
+                    yr[j] = sy[1] == 1 ? y + (r0 + j) * sy[0]                                  \
+                                       : s + ((L - 1) % 2 * KS_R + j) * P;                     \
                 for (int t = 0; t < L; ++t) {                                                  \
-                    T *out = t == L - 1 ? yr : s + t % 2 * P;                                  \
-                    ks_fwd_##S(ds[t], A + t * P, B + t * P, cur, out, P);                      \
-                    cur = out;                                                                 \
+                    for (int j = 0; j < nr; ++j)                                               \
+                        out[j] = t == L - 1 ? yr[j] : s + (t % 2 * KS_R + j) * P;              \
+                    ks_fwd_##S(ds[t], A + t * P, B + t * P, cur, out, P, nr);                  \
+                    for (int j = 0; j < nr; ++j) cur[j] = out[j];                              \
                 }                                                                              \
-                ks_out_##S(y + r * sy[0], sy[1], P, yr);                                       \
+                ks_rows_out_##S(y, sy, r0, nr, P, yr);                                         \
             }                                                                                  \
         }                                                                                      \
-        free(mem);                                                                             \
-        return 0;                                                                              \
     }                                                                                          \
                                                                                                \
     /* gy: the output's gradient; gx: the input's; gws[t]: level t's weight gradient in the   \
-     * weight's layout (all overwritten). Strides as in the forward pass. Returns 0, or -1     \
-     * when out of memory. */                                                                  \
-    KS_CLONES int ks_butterfly_backward_##S(const T *x, const long *sx, const T *gy,           \
-                                            const long *sgy, T *gx, const long *sgx, long n,   \
-                                            long P, int L, const long *ds, T *const *ws,       \
-                                            int trans, T *const *gws, int nthreads) {          \
-        /* planes, then per thread: gA and gB sums, and L + 3 rows of scratch */               \
-        const size_t per = (size_t)(3 * L + 3) * P;                                            \
-        T *mem = malloc(sizeof(T) * (2 * L * P + (size_t)nthreads * per));                     \
-        if (!mem) return -1;                                                                   \
+     * weight's layout (all overwritten). Strides as in the forward pass; mem:                 \
+     * ks_scratch_size(1, P, L, nthreads) elements of scratch. */                              \
+    KS_CLONES void ks_butterfly_backward_##S(const T *x, const long *sx, const T *gy,          \
+                                             const long *sgy, T *gx, const long *sgx, long n,  \
+                                             long P, int L, const long *ds, T *const *ws,      \
+                                             int trans, T scale, T *const *gws, T *mem,        \
+                                             int nthreads) {                                   \
+        /* planes, then per thread: gA and gB sums, and L + 3 row blocks */                    \
+        const size_t per = 2 * (size_t)L * P + (size_t)(L + 3) * KS_R * P;                     \
         T *A = mem, *B = mem + L * P;                                                          \
         int team = 1;                                                                          \
-        const long chunk = sgx[1] == 1 ? (n + nthreads - 1) / nthreads : 16;                  \
+        const long groups = (n + KS_R - 1) / KS_R;                                             \
+        const long chunk = sgx[1] == 1 ? (groups + nthreads - 1) / nthreads : 16 / KS_R;       \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
         {                                                                                      \
             int me = 0;                                                                        \
             KS_THREAD_ID(me);                                                                  \
             KS_TEAM_SIZE(team);                                                                \
-            /* s + t*P: the input of level t; s + L*P, s + (L+1)*P: gradients; then gy */      \
-            T *gA = mem + 2 * L * P + (size_t)me * per, *gB = gA + L * P, *s = gB + L * P;     \
+            T *gA = mem + 2 * L * P + me * per, *gB = gA + L * P, *s = gB + L * P;             \
+            /* row j of slot k: s + (k*KS_R + j)*P. Slot t < L: the input of level t; L and   \
+             * L + 1: gradients; L + 2: gy */                                                  \
             memset(gA, 0, sizeof(T) * 2 * L * P);                                              \
             _Pragma("omp for schedule(static)")                                                \
-            for (int t = 0; t < L; ++t) ks_planes_##S(A + t * P, B + t * P, P, ds[t], ws[t], trans); \
-            /* rows scattered into a strided gx share cache lines: 16 rows to a thread */     \
+            for (int t = 0; t < L; ++t)                                                        \
+                ks_planes_##S(A + t * P, B + t * P, P, ds[t], ws[t], trans,                    \
+                              t == L - 1 ? scale : 1);                                         \
             _Pragma("omp for schedule(static, chunk)")                                         \
-            for (long r = 0; r < n; ++r) {                                                     \
-                const T *in0 = ks_in_##S(x + r * sx[0], sx[1], P, s);                          \
-                const T *g = ks_in_##S(gy + r * sgy[0], sgy[1], P, s + (L + 2) * P);           \
-                for (int t = 0; t < L - 1; ++t)                                                \
-                    ks_fwd_##S(ds[t], A + t * P, B + t * P, t ? s + t * P : in0,               \
-                               s + (t + 1) * P, P);                                            \
-                T *gxr = sgx[1] == 1 ? gx + r * sgx[0] : s + L * P;                            \
-                for (int t = L - 1; t >= 0; --t) {                                             \
-                    T *h = t == 0 ? gxr : s + (L + t % 2) * P;                                 \
-                    ks_bwd_##S(ds[t], A + t * P, B + t * P, t ? s + t * P : in0, g, h,         \
-                               gA + t * P, gB + t * P, P);                                     \
-                    g = h;                                                                     \
+            for (long gi = 0; gi < groups; ++gi) {                                             \
+                const long r0 = gi * KS_R;                                                     \
+                const int nr = n - r0 < KS_R ? (int)(n - r0) : KS_R;                           \
+                const T *in0[KS_R], *cur[KS_R], *g[KS_R];                                      \
+                T *out[KS_R], *gxr[KS_R];                                                      \
+                ks_rows_in_##S(x, sx, r0, nr, P, s, in0);                                      \
+                ks_rows_in_##S(gy, sgy, r0, nr, P, s + (L + 2) * KS_R * P, g);                 \
+                for (int j = 0; j < nr; ++j) {                                                 \
+                    cur[j] = in0[j];                                                           \
+                    gxr[j] = sgx[1] == 1 ? gx + (r0 + j) * sgx[0] : s + (L * KS_R + j) * P;    \
                 }                                                                              \
-                ks_out_##S(gx + r * sgx[0], sgx[1], P, gxr);                                   \
+                for (int t = 0; t < L - 1; ++t) { /* the levels' inputs, again */              \
+                    for (int j = 0; j < nr; ++j) out[j] = s + ((t + 1) * KS_R + j) * P;        \
+                    ks_fwd_##S(ds[t], A + t * P, B + t * P, cur, out, P, nr);                  \
+                    for (int j = 0; j < nr; ++j) cur[j] = out[j];                              \
+                }                                                                              \
+                for (int t = L - 1; t >= 0; --t) {                                             \
+                    const T *lin[KS_R];                                                        \
+                    for (int j = 0; j < nr; ++j) {                                             \
+                        lin[j] = t ? s + (t * KS_R + j) * P : in0[j];                           \
+                        out[j] = t ? s + ((L + t % 2) * KS_R + j) * P : gxr[j];                \
+                    }                                                                          \
+                    ks_bwd_##S(ds[t], A + t * P, B + t * P, lin, g, out, gA + t * P,           \
+                               gB + t * P, P, nr);                                             \
+                    for (int j = 0; j < nr; ++j) g[j] = out[j];                                \
+                }                                                                              \
+                ks_rows_out_##S(gx, sgx, r0, nr, P, gxr);                                      \
             }                                                                                  \
             /* sum the threads' gA, gB into the weights' layout */                             \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t) {                                                      \
                 const long d = ds[t];                                                          \
+                const T f = t == L - 1 ? scale : 1;                                            \
                 T *w = gws[t];                                                                 \
                 for (long p0 = 0, e = 0; p0 < P; p0 += 2 * d)                                  \
                     for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {                 \
                         T ap = 0, aq = 0, bp = 0, bq = 0;                                      \
-                        for (int j = 0; j < team; ++j) {                                       \
-                            const T *a = mem + 2 * L * P + (size_t)j * per + t * P;            \
+                        for (int k = 0; k < team; ++k) {                                       \
+                            const T *a = mem + 2 * L * P + k * per + t * P;                    \
                             ap += a[p], aq += a[q], bp += a[L * P + p], bq += a[L * P + q];    \
                         }                                                                      \
                         T *wb = w + e * 4;                                                     \
-                        wb[0] = ap, wb[3] = aq;                                                \
-                        wb[trans ? 1 : 2] = bp, wb[trans ? 2 : 1] = bq;                        \
+                        wb[0] = f * ap, wb[3] = f * aq;                                        \
+                        wb[trans ? 1 : 2] = f * bp, wb[trans ? 2 : 1] = f * bq;                \
                     }                                                                          \
             }                                                                                  \
         }                                                                                      \
-        free(mem);                                                                             \
-        return 0;                                                                              \
     }
 
 #ifdef _OPENMP

@@ -215,7 +215,7 @@ class KSLinearChain(nn.Module):
         return ops
 
     def _ops(self, rows: int):
-        """The ops to run on a batch of ``rows`` inputs, output scale folded into the last one.
+        """The ops to run on a batch of ``rows`` inputs, output scale included.
 
         A butterfly chain with a rank-r bottleneck is U V B (or B E V, or both): when r < rows
         it is cheaper to multiply the P-wide butterfly B into the r-wide factor next to it
@@ -223,12 +223,15 @@ class KSLinearChain(nn.Module):
         parameters and gradients, only the association order changes.
         """
         nfly = self._butterfly_span()
+        fused = nfly is not None and native.available(self.factors[0].weight)
+        # the chain is linear: the fused kernel applies the output scale for free
+        scale = float(self.output_scale) if fused else None
         if nfly is None:
             ops = self._merged()
         elif self.rank >= rows:  # the butterfly runs on the batch
-            if native.available(self.factors[0].weight):
+            if fused:
                 i0, i1 = nfly
-                fly = partial(self._butterfly, i0, i1, transpose=False, merge_max=self.merge_max)
+                fly = partial(self._butterfly, i0, i1, transpose=False, scale=scale)
                 ops = self._merged(0, i0) + [fly] + self._merged(i1)
             else:
                 ops = self._merged()
@@ -238,34 +241,35 @@ class KSLinearChain(nn.Module):
             # The neighbour is dense (a = d = 1; at rank 1 the two bottleneck factors merge).
             if pre:  # input side: x -> V (r x N) -> E (P x r) -> B ...: fold B E
                 pat, e = pre[-1]
-                be_t = self._butterfly(i0, i1, e.reshape(pat.b, pat.c).t(), transpose=False)
+                be_t = self._butterfly(i0, i1, e.reshape(pat.b, pat.c).t(), False, scale=scale)
                 pre[-1] = (pat, be_t.t().contiguous().reshape(pat))  # row-major: fast grads
             else:  # output side: B -> V (r x P) -> U: fold V B = (B^T V^T)^T
                 pat, v = post[0]
-                vb = self._butterfly(i0, i1, v.reshape(pat.b, pat.c), transpose=True)
+                vb = self._butterfly(i0, i1, v.reshape(pat.b, pat.c), True, scale=scale)
                 post[0] = (pat, vb.reshape(pat))
             ops = pre + post
-        if callable(ops[-1]):  # the butterfly is last (an input-side bottleneck only)
-            ops.append(lambda h: h * self.output_scale.to(h.dtype))
-        else:
-            pat, w = ops[-1]
+        if scale is None:
+            pat, w = ops[-1]  # no fused butterfly, so the last op is a factor
             ops[-1] = (pat, w * self.output_scale.to(w.dtype))
         return ops
 
-    def _butterfly(self, start, stop, x: Tensor, transpose: bool, merge_max=None) -> Tensor:
+    def _butterfly(self, start, stop, x: Tensor, transpose: bool, merge_max=None, scale=None):
         """Each row of x (n, P) through the butterfly factors[start:stop] (through B^T with
-        ``transpose``): the fused kernel on CPU, else the PyTorch ops (levels merged up to
-        ``merge_max``; unmerged by default, which suits a narrow x)."""
+        ``transpose``), times ``scale`` if given: the fused kernel on CPU, else the PyTorch ops
+        (levels merged up to ``merge_max``; unmerged by default, which suits a narrow x)."""
         levels = [(p.a, p.d) for p in self.patterns[start:stop]]
         weights = [f.weight for f in list(self.factors)[start:stop]]
         if transpose:
             levels, weights = levels[::-1], weights[::-1]
         if native.available(x) and all(w.dtype == x.dtype for w in weights):
-            return native.butterfly_rows(x, levels, weights, transpose)
+            return native.butterfly_rows(
+                x, levels, weights, transpose, 1.0 if scale is None else scale
+            )
         ops = self._merged(start, stop, merge_max or self.fold_merge_max)
         if transpose:
             ops = [(KSPattern(q.a, q.c, q.b, q.d), w.transpose(1, 2)) for q, w in ops[::-1]]
-        return _apply_ops(ops, x)
+        y = _apply_ops(ops, x)
+        return y if scale is None else y * scale
 
     def _butterfly_span(self):
         """(first, stop) factor indices of the square butterfly inside a bottlenecked chain."""

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -88,24 +89,39 @@ def _load():
             )
             return None
         ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        for s in _DTYPES.values():
+        for s, real in [("f32", ctypes.c_float), ("f64", ctypes.c_double)]:
             # attribute access: lib[name] would make a new, unconfigured function object
             fwd = getattr(lib, f"ks_butterfly_forward_{s}")
             bwd = getattr(lib, f"ks_butterfly_backward_{s}")
-            fwd.argtypes = [ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, int_]
-            bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, ptr]
-            bwd.argtypes += [int_]
-            fwd.restype = bwd.restype = int_
+            fwd.argtypes = [ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, real, ptr, int_]
+            bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, real]
+            bwd.argtypes += [ptr, ptr, int_]
+            fwd.restype = bwd.restype = None
+        lib.ks_scratch_size.argtypes = [int_, long, int_, int_]
+        lib.ks_scratch_size.restype = long
         _lib = lib
     return _lib or None
 
 
-def _call(direction: str, *args) -> None:
+_local = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
+    """This thread's scratch buffer, reused between calls: a fresh multi-MB buffer each step
+    costs more in page faults (~2 us per 4 KB page on a VM) than the kernel itself."""
+    bufs = _local.__dict__.setdefault("scratch", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf
+
+
+def _call(direction: str, *args, p: int, levels: int) -> None:
     """The kernel for the first tensor's dtype, on tensor arguments' data pointers."""
-    kernel = getattr(_load(), f"ks_butterfly_{direction}_{_DTYPES[args[0].dtype]}")
-    args = [_ptr(a) if isinstance(a, Tensor) else a for a in args]
-    if kernel(*args, torch.get_num_threads()) != 0:
-        raise MemoryError("ksmm: the fused butterfly kernel could not allocate its scratch")
+    lib, dtype, threads = _load(), args[0].dtype, torch.get_num_threads()
+    kernel = getattr(lib, f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
+    scratch = _scratch(lib.ks_scratch_size(direction == "backward", p, levels, threads), dtype)
+    kernel(*[_ptr(a) if isinstance(a, Tensor) else a for a in args], _ptr(scratch), threads)
 
 
 def available(x: Tensor) -> bool:
@@ -117,13 +133,14 @@ def _ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _arrays(levels, weights, trans):
-    """Each level's d, its weight and the orientation, as the kernel takes them."""
+def _arrays(levels, weights, trans, scale):
+    """Each level's d, its weight, the orientation and the scale, as the kernel takes them."""
     n = len(levels)
     return (
         (ctypes.c_long * n)(*(d for _, d in levels)),
         (ctypes.c_void_p * n)(*(w.data_ptr() for w in weights)),
         int(trans),
+        scale,
     )
 
 
@@ -135,15 +152,27 @@ class _Butterfly(torch.autograd.Function):
     # Any strides in and out: a rank-r factor's rows are the columns of its stored weight, and
     # a gradient in the parameter's own layout needs no copy before it is accumulated.
     @staticmethod
-    def forward(ctx, x, levels, trans, *weights):
+    def forward(ctx, x, levels, trans, scale, *weights):
         weights = [w.contiguous() for w in weights]
         y = x.new_empty(x.shape)
         n, p = x.shape
-        arrays = _arrays(levels, weights, trans)
-        _call("forward", x, _strides(x), y, _strides(y), n, p, len(levels), *arrays)
+        arrays = _arrays(levels, weights, trans, scale)
+        _call(
+            "forward",
+            x,
+            _strides(x),
+            y,
+            _strides(y),
+            n,
+            p,
+            len(levels),
+            *arrays,
+            p=p,
+            levels=len(levels),
+        )
         # the backward pass recomputes the levels' inputs from x: nothing else to keep
         ctx.save_for_backward(x, *weights)
-        ctx.levels, ctx.trans = levels, trans
+        ctx.levels, ctx.trans, ctx.scale = levels, trans, scale
         return y
 
     @staticmethod
@@ -164,16 +193,19 @@ class _Butterfly(torch.autograd.Function):
             n,
             p,
             len(levels),
-            *_arrays(levels, weights, ctx.trans),
+            *_arrays(levels, weights, ctx.trans, ctx.scale),
             (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
+            p=p,
+            levels=len(levels),
         )
-        return (gx, None, None, *gws)
+        return (gx, None, None, None, *gws)
 
 
-def butterfly_rows(x: Tensor, levels, weights, trans: bool = False) -> Tensor:
-    """Each row of x (n, P) through 2x2 butterfly levels in order: level t has KS pattern
-    (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as KSLinear
-    stores it, (a*d, 2, 2); ``trans`` applies every block transposed. Check ``available`` first."""
+def butterfly_rows(x: Tensor, levels, weights, trans: bool = False, scale: float = 1.0) -> Tensor:
+    """Each row of x (n, P) through 2x2 butterfly levels in order, times ``scale``: level t has
+    KS pattern (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as
+    KSLinear stores it, (a*d, 2, 2); ``trans`` applies every block transposed. Check
+    ``available`` first."""
     if not levels:
-        return x
-    return _Butterfly.apply(x, tuple(levels), bool(trans), *weights)
+        return x * scale
+    return _Butterfly.apply(x, tuple(levels), bool(trans), float(scale), *weights)

@@ -372,7 +372,7 @@ def test_fused_butterfly_float32_matches_float64_reference(levels, transpose, la
     x = torch.randn(p, 37).t() if layout == "columns" else torch.randn(37, p)
     x.requires_grad_()
     g = torch.randn(p, 37).t()  # a strided output gradient in both layouts
-    y = native.butterfly_rows(x, levels, ws, transpose)
+    y = native.butterfly_rows(x, levels, ws, transpose, scale=-0.7)
     y.backward(g)
     ref_x = x.detach().double().requires_grad_()
     ref_ws = [w.detach().double().requires_grad_() for w in ws]
@@ -380,6 +380,7 @@ def test_fused_butterfly_float32_matches_float64_reference(levels, transpose, la
     for (a, d), w in zip(levels, ref_ws, strict=True):
         w_abcd = w.view(a, d, 2, 2).permute(0, 3, 2, 1)
         ref = ks_einsum(ref, w_abcd.transpose(1, 2) if transpose else w_abcd)
+    ref = -0.7 * ref
     ref.backward(g.double())
     tol = dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y, ref.float(), **tol)
