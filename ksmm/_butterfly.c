@@ -126,10 +126,16 @@ KS_INLINE void ks_bwd_vec(long d, const float *A, const float *B, const float *c
         }
 }
 
-/* elements of scratch a pass needs: the planes, then each thread's rows (and sums) */
-long ks_scratch_size(int backward, long P, int L, int nthreads) {
-    const long per = backward ? 2 * L * P + (long)(L + 3) * KS_R * P : 3 * KS_R * P;
-    return 2 * L * P + nthreads * per;
+/* rows in scratch are this far apart: rows P = 4096 floats apart all map to one L1 set, and a
+ * level streams a dozen of them at once */
+#define KS_PITCH(P) ((P) + 16)
+
+/* elements of scratch a pass needs: the planes, each thread's row blocks (and sums), and the
+ * rows of the strided arrays among its inputs and outputs */
+long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int strided) {
+    const long pitch = KS_PITCH(P);
+    const long per = backward ? 2 * L * pitch + (long)(L + 1) * KS_R * pitch : 2 * KS_R * pitch;
+    return 2 * L * pitch + nthreads * per + strided * n * pitch;
 }
 
 #define KS_DEFINE(T, S, VEC)                                                                   \
@@ -184,122 +190,126 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
             }                                                                                  \
     }                                                                                          \
                                                                                                \
-    /* rows r0 .. r0 + nr - 1 of a strided (n, P) array, to read: the rows themselves when     \
-     * contiguous (element stride 1), else gathered into buf (all nr rows in one pass over the  \
-     * array: a cache line holds the same position of several rows) */                        \
-    KS_INLINE void ks_rows_in_##S(const T *x, const long *sx, long r0, int nr, long P, T *buf, \
-                                  const T **rows) {                                            \
-        for (int j = 0; j < nr; ++j) rows[j] = sx[1] == 1 ? x + (r0 + j) * sx[0] : buf + j * P; \
-        if (sx[1] != 1)                                                                        \
-            for (long p = 0; p < P; ++p)                                                       \
-                for (int j = 0; j < nr; ++j) buf[j * P + p] = x[(r0 + j) * sx[0] + p * sx[1]]; \
-    }                                                                                          \
-                                                                                               \
-    /* rows[j] -> row r0 + j of y, unless they are y's own rows (element stride 1) */          \
-    KS_INLINE void ks_rows_out_##S(T *y, const long *sy, long r0, int nr, long P,              \
-                                   T *const *rows) {                                           \
-        if (sy[1] != 1)                                                                        \
-            for (long p = 0; p < P; ++p)                                                       \
-                for (int j = 0; j < nr; ++j) y[(r0 + j) * sy[0] + p * sy[1]] = rows[j][p];     \
+    /* dst = src for (n, P) arrays with any strides, in 16 x 16 tiles so that both sides are  \
+     * read and written a cache line at a time (the inner loop runs along a row: rows P apart  \
+     * would all map to one L1 set); shares the work with the enclosing team */               \
+    KS_INLINE void ks_copy_##S(const T *src, const long *ss, T *dst, const long *sd, long n,   \
+                               long P) {                                                       \
+        _Pragma("omp for schedule(static)")                                                    \
+        for (long p0 = 0; p0 < P; p0 += 16)                                                    \
+            for (long i0 = 0; i0 < n; i0 += 16)                                                \
+                for (long i = i0; i < i0 + 16 && i < n; ++i)                                   \
+                    for (long p = p0; p < p0 + 16 && p < P; ++p)                               \
+                        dst[i * sd[0] + p * sd[1]] = src[i * ss[0] + p * ss[1]];               \
     }                                                                                          \
                                                                                                \
     /* y = scale * (x through the levels); x and y (n, P) with strides (sx[0], sx[1]) and     \
-     * (sy[0], sy[1]); mem: ks_scratch_size(0, P, L, nthreads) elements of scratch */          \
+     * (sy[0], sy[1]); mem: ks_scratch_size(0, n, P, L, nthreads, strided) elements of scratch \
+     * where strided counts x and y with sx[1] != 1 or sy[1] != 1 */                           \
     KS_CLONES void ks_butterfly_forward_##S(const T *x, const long *sx, T *y, const long *sy,  \
                                             long n, long P, int L, const long *ds,             \
                                             T *const *ws, int trans, T scale, T *mem,          \
                                             int nthreads) {                                    \
-        T *A = mem, *B = mem + L * P;                                                          \
-        const long groups = (n + KS_R - 1) / KS_R;                                             \
-        /* rows scattered into a strided y share cache lines: 16 rows to a thread */          \
-        const long chunk = sy[1] == 1 ? (groups + nthreads - 1) / nthreads : 16 / KS_R;        \
+        const long pitch = KS_PITCH(P);                                                        \
+        T *A = mem, *B = mem + L * pitch, *rows = mem + 2 * L * pitch + (size_t)nthreads * 2 * KS_R * pitch; \
+        const long groups = (n + KS_R - 1) / KS_R, rs[2] = {pitch, 1};                             \
+        /* strided x and y go through rows of their own */                                     \
+        const T *xr = sx[1] == 1 ? x : rows;                                                   \
+        T *yr = sy[1] == 1 ? y : rows + (sx[1] == 1 ? 0 : n * pitch);                              \
+        const long *sxr = sx[1] == 1 ? sx : rs, *syr = sy[1] == 1 ? sy : rs;                   \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
         {                                                                                      \
             int me = 0;                                                                        \
             KS_THREAD_ID(me);                                                                  \
-            /* slot k: s + k*KS_R*P, a row block; slots 0, 1: level outputs, 2: the input */   \
-            T *s = mem + 2 * L * P + (size_t)me * 3 * KS_R * P;                                \
+            /* row block k: s + k*KS_R*P; blocks 0 and 1 hold alternate levels' outputs */     \
+            T *s = mem + 2 * L * pitch + (size_t)me * 2 * KS_R * pitch;                                \
+            if (sx[1] != 1) ks_copy_##S(x, sx, rows, rs, n, P);                                \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t)                                                        \
-                ks_planes_##S(A + t * P, B + t * P, P, ds[t], ws[t], trans,                    \
+                ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,                    \
                               t == L - 1 ? scale : 1);                                         \
-            _Pragma("omp for schedule(static, chunk)")                                         \
+            _Pragma("omp for schedule(static)")                                                \
             for (long gi = 0; gi < groups; ++gi) {                                             \
                 const long r0 = gi * KS_R;                                                     \
                 const int nr = n - r0 < KS_R ? (int)(n - r0) : KS_R;                           \
                 const T *cur[KS_R];                                                            \
-                T *out[KS_R], *yr[KS_R];                                                       \
-                ks_rows_in_##S(x, sx, r0, nr, P, s + 2 * KS_R * P, cur);                       \
-                for (int j = 0; j < nr; ++j)                                                   \
-                    yr[j] = sy[1] == 1 ? y + (r0 + j) * sy[0]                                  \
-                                       : s + ((L - 1) % 2 * KS_R + j) * P;                     \
+                T *out[KS_R];                                                                  \
+                for (int j = 0; j < nr; ++j) cur[j] = xr + (r0 + j) * sxr[0];                  \
                 for (int t = 0; t < L; ++t) {                                                  \
                     for (int j = 0; j < nr; ++j)                                               \
-                        out[j] = t == L - 1 ? yr[j] : s + (t % 2 * KS_R + j) * P;              \
-                    ks_fwd_##S(ds[t], A + t * P, B + t * P, cur, out, P, nr);                  \
+                        out[j] = t == L - 1 ? yr + (r0 + j) * syr[0] : s + (t % 2 * KS_R + j) * pitch; \
+                    ks_fwd_##S(ds[t], A + t * pitch, B + t * pitch, cur, out, P, nr);                  \
                     for (int j = 0; j < nr; ++j) cur[j] = out[j];                              \
                 }                                                                              \
-                ks_rows_out_##S(y, sy, r0, nr, P, yr);                                         \
             }                                                                                  \
+            if (sy[1] != 1) ks_copy_##S(yr, rs, y, sy, n, P);                                  \
         }                                                                                      \
     }                                                                                          \
                                                                                                \
     /* gy: the output's gradient; gx: the input's; gws[t]: level t's weight gradient in the   \
      * weight's layout (all overwritten). Strides as in the forward pass; mem:                 \
-     * ks_scratch_size(1, P, L, nthreads) elements of scratch. */                              \
+     * ks_scratch_size(1, n, P, L, nthreads, strided) elements of scratch, strided counting x, \
+     * gy and gx. */                                                                           \
     KS_CLONES void ks_butterfly_backward_##S(const T *x, const long *sx, const T *gy,          \
                                              const long *sgy, T *gx, const long *sgx, long n,  \
                                              long P, int L, const long *ds, T *const *ws,      \
                                              int trans, T scale, T *const *gws, T *mem,        \
                                              int nthreads) {                                   \
-        /* planes, then per thread: gA and gB sums, and L + 3 row blocks */                    \
-        const size_t per = 2 * (size_t)L * P + (size_t)(L + 3) * KS_R * P;                     \
-        T *A = mem, *B = mem + L * P;                                                          \
+        /* planes, then per thread: gA and gB sums and L + 1 row blocks; then strided rows */  \
+        const long pitch = KS_PITCH(P);                                                        \
+        const size_t per = 2 * (size_t)L * pitch + (size_t)(L + 1) * KS_R * pitch;                     \
+        T *A = mem, *B = mem + L * pitch, *rows = mem + 2 * L * pitch + nthreads * per;                \
+        const long groups = (n + KS_R - 1) / KS_R, rs[2] = {pitch, 1};                             \
+        const T *xr = sx[1] == 1 ? x : rows;                                                   \
+        rows += sx[1] == 1 ? 0 : n * pitch;                                                        \
+        const T *gyr = sgy[1] == 1 ? gy : rows;                                                \
+        rows += sgy[1] == 1 ? 0 : n * pitch;                                                       \
+        T *gxr = sgx[1] == 1 ? gx : rows;                                                      \
+        const long *sxr = sx[1] == 1 ? sx : rs, *sgyr = sgy[1] == 1 ? sgy : rs;                \
+        const long *sgxr = sgx[1] == 1 ? sgx : rs;                                             \
         int team = 1;                                                                          \
-        const long groups = (n + KS_R - 1) / KS_R;                                             \
-        const long chunk = sgx[1] == 1 ? (groups + nthreads - 1) / nthreads : 16 / KS_R;       \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
         {                                                                                      \
             int me = 0;                                                                        \
             KS_THREAD_ID(me);                                                                  \
             KS_TEAM_SIZE(team);                                                                \
-            T *gA = mem + 2 * L * P + me * per, *gB = gA + L * P, *s = gB + L * P;             \
-            /* row j of slot k: s + (k*KS_R + j)*P. Slot t < L: the input of level t; L and   \
-             * L + 1: gradients; L + 2: gy */                                                  \
-            memset(gA, 0, sizeof(T) * 2 * L * P);                                              \
+            T *gA = mem + 2 * L * pitch + me * per, *gB = gA + L * pitch, *s = gB + L * pitch;             \
+            /* row j of block k: s + (k*KS_R + j)*P. Block t (1 <= t < L): the input of level \
+             * t; blocks 0 and L: gradients */                                                 \
+            memset(gA, 0, sizeof(T) * 2 * L * pitch);                                              \
+            if (sx[1] != 1) ks_copy_##S(x, sx, (T *)xr, rs, n, P);                             \
+            if (sgy[1] != 1) ks_copy_##S(gy, sgy, (T *)gyr, rs, n, P);                         \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t)                                                        \
-                ks_planes_##S(A + t * P, B + t * P, P, ds[t], ws[t], trans,                    \
+                ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,                    \
                               t == L - 1 ? scale : 1);                                         \
-            _Pragma("omp for schedule(static, chunk)")                                         \
+            _Pragma("omp for schedule(static)")                                                \
             for (long gi = 0; gi < groups; ++gi) {                                             \
                 const long r0 = gi * KS_R;                                                     \
                 const int nr = n - r0 < KS_R ? (int)(n - r0) : KS_R;                           \
-                const T *in0[KS_R], *cur[KS_R], *g[KS_R];                                      \
-                T *out[KS_R], *gxr[KS_R];                                                      \
-                ks_rows_in_##S(x, sx, r0, nr, P, s, in0);                                      \
-                ks_rows_in_##S(gy, sgy, r0, nr, P, s + (L + 2) * KS_R * P, g);                 \
+                const T *in0[KS_R], *cur[KS_R], *g[KS_R], *lin[KS_R];                          \
+                T *out[KS_R];                                                                  \
                 for (int j = 0; j < nr; ++j) {                                                 \
-                    cur[j] = in0[j];                                                           \
-                    gxr[j] = sgx[1] == 1 ? gx + (r0 + j) * sgx[0] : s + (L * KS_R + j) * P;    \
+                    cur[j] = in0[j] = xr + (r0 + j) * sxr[0];                                  \
+                    g[j] = gyr + (r0 + j) * sgyr[0];                                           \
                 }                                                                              \
                 for (int t = 0; t < L - 1; ++t) { /* the levels' inputs, again */              \
-                    for (int j = 0; j < nr; ++j) out[j] = s + ((t + 1) * KS_R + j) * P;        \
-                    ks_fwd_##S(ds[t], A + t * P, B + t * P, cur, out, P, nr);                  \
+                    for (int j = 0; j < nr; ++j) out[j] = s + ((t + 1) * KS_R + j) * pitch;        \
+                    ks_fwd_##S(ds[t], A + t * pitch, B + t * pitch, cur, out, P, nr);                  \
                     for (int j = 0; j < nr; ++j) cur[j] = out[j];                              \
                 }                                                                              \
                 for (int t = L - 1; t >= 0; --t) {                                             \
-                    const T *lin[KS_R];                                                        \
                     for (int j = 0; j < nr; ++j) {                                             \
-                        lin[j] = t ? s + (t * KS_R + j) * P : in0[j];                           \
-                        out[j] = t ? s + ((L + t % 2) * KS_R + j) * P : gxr[j];                \
+                        lin[j] = t ? s + (t * KS_R + j) * pitch : in0[j];                          \
+                        out[j] = t ? s + ((t % 2 ? 0 : L) * KS_R + j) * pitch                      \
+                                   : gxr + (r0 + j) * sgxr[0];                                 \
                     }                                                                          \
-                    ks_bwd_##S(ds[t], A + t * P, B + t * P, lin, g, out, gA + t * P,           \
-                               gB + t * P, P, nr);                                             \
+                    ks_bwd_##S(ds[t], A + t * pitch, B + t * pitch, lin, g, out, gA + t * pitch,           \
+                               gB + t * pitch, P, nr);                                             \
                     for (int j = 0; j < nr; ++j) g[j] = out[j];                                \
                 }                                                                              \
-                ks_rows_out_##S(gx, sgx, r0, nr, P, gxr);                                      \
             }                                                                                  \
+            if (sgx[1] != 1) ks_copy_##S(gxr, rs, gx, sgx, n, P);                              \
             /* sum the threads' gA, gB into the weights' layout */                             \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t) {                                                      \
@@ -310,8 +320,8 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
                     for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {                 \
                         T ap = 0, aq = 0, bp = 0, bq = 0;                                      \
                         for (int k = 0; k < team; ++k) {                                       \
-                            const T *a = mem + 2 * L * P + k * per + t * P;                    \
-                            ap += a[p], aq += a[q], bp += a[L * P + p], bq += a[L * P + q];    \
+                            const T *a = mem + 2 * L * pitch + k * per + t * pitch;                    \
+                            ap += a[p], aq += a[q], bp += a[L * pitch + p], bq += a[L * pitch + q];    \
                         }                                                                      \
                         T *wb = w + e * 4;                                                     \
                         wb[0] = f * ap, wb[3] = f * aq;                                        \

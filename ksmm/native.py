@@ -97,7 +97,7 @@ def _load():
             bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, real]
             bwd.argtypes += [ptr, ptr, int_]
             fwd.restype = bwd.restype = None
-        lib.ks_scratch_size.argtypes = [int_, long, int_, int_]
+        lib.ks_scratch_size.argtypes = [int_, long, long, int_, int_, int_]
         lib.ks_scratch_size.restype = long
         _lib = lib
     return _lib or None
@@ -116,11 +116,13 @@ def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
     return buf
 
 
-def _call(direction: str, *args, p: int, levels: int) -> None:
+def _call(direction: str, *args, shape, levels: int) -> None:
     """The kernel for the first tensor's dtype, on tensor arguments' data pointers."""
     lib, dtype, threads = _load(), args[0].dtype, torch.get_num_threads()
     kernel = getattr(lib, f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
-    scratch = _scratch(lib.ks_scratch_size(direction == "backward", p, levels, threads), dtype)
+    strided = sum(a.stride(1) != 1 for a in args if isinstance(a, Tensor))
+    size = lib.ks_scratch_size(direction == "backward", *shape, levels, threads, strided)
+    scratch = _scratch(size, dtype)
     kernel(*[_ptr(a) if isinstance(a, Tensor) else a for a in args], _ptr(scratch), threads)
 
 
@@ -167,7 +169,7 @@ class _Butterfly(torch.autograd.Function):
             p,
             len(levels),
             *arrays,
-            p=p,
+            shape=(n, p),
             levels=len(levels),
         )
         # the backward pass recomputes the levels' inputs from x: nothing else to keep
@@ -195,7 +197,7 @@ class _Butterfly(torch.autograd.Function):
             len(levels),
             *_arrays(levels, weights, ctx.trans, ctx.scale),
             (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
-            p=p,
+            shape=(n, p),
             levels=len(levels),
         )
         return (gx, None, None, None, *gws)
