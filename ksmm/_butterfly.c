@@ -10,9 +10,11 @@
  * with no horizontal reductions. For d < 16 the partner sits in the same 16-float vector (one
  * shuffle).
  *
- * Each row runs through all levels while it is in L1 (16 KB at P = 4096), so a call reads x once
- * and writes y once. The backward pass recomputes a row's level inputs instead of storing them
- * in the forward pass: arithmetic is cheap here, memory traffic is not.
+ * Memory traffic, not arithmetic, sets the time, so: rows go through the levels in blocks of
+ * KS_R, which share each level's planes and sums; two levels run in one pass where both fit
+ * whole vectors (radix 4); the backward pass recomputes a block's level inputs instead of
+ * keeping them from the forward pass; strided rows are transposed into scratch once; rows in
+ * scratch are padded so that those a pass streams do not share one L1 set.
  *
  * Weights are stored as KSLinear stores them, (a*d, c=2, b=2): wb = w + (i*d + l)*4 and
  * wb[k*2 + j] is the entry from input k to output j of block (i, l). With trans every block is
@@ -58,129 +60,184 @@ KS_INLINE ks_vf ks_partner(ks_vf v, long d) {
 }
 
 /* whether a level of distance d over P positions fits whole vectors */
-KS_INLINE int ks_vec_ok(long d, long P) {
+static int ks_vec_ok(long d, long P) {
     return P % KS_V == 0 && (d % KS_V == 0 || KS_V % (2 * d) == 0);
 }
 
-/* rows a pass carries together: they share each level's planes and gradient sums, which
- * otherwise cost more memory traffic than the rows themselves */
+/* rows a pass carries together (a block; a short last block is filled up with dummy rows) */
 #ifndef KS_R
 #define KS_R 4
 #endif
-
-/* nr rows (x[j] -> y[j]) through one level */
-KS_INLINE void ks_fwd_vec(long d, const float *A, const float *B, const float *const *x,
-                          float *const *y, long P, const int nr) {
-    if (d < KS_V) {
-        for (long p = 0; p < P; p += KS_V) {
-            const ks_vf a = ks_ld(A + p), b = ks_ld(B + p);
-            for (int j = 0; j < nr; ++j) {
-                const ks_vf u = ks_ld(x[j] + p);
-                ks_st(y[j] + p, a * u + b * ks_partner(u, d));
-            }
-        }
-        return;
-    }
-    for (long p0 = 0; p0 < P; p0 += 2 * d)
-        for (long p = p0, q = p0 + d; p < p0 + d; p += KS_V, q += KS_V) {
-            const ks_vf ap = ks_ld(A + p), bp = ks_ld(B + p), aq = ks_ld(A + q), bq = ks_ld(B + q);
-            for (int j = 0; j < nr; ++j) {
-                const ks_vf u = ks_ld(x[j] + p), v = ks_ld(x[j] + q);
-                ks_st(y[j] + p, ap * u + bp * v);
-                ks_st(y[j] + q, aq * v + bq * u);
-            }
-        }
-}
-
-/* g[j]: the gradient of row j's output -> h[j]: of its input x[j]; gA, gB accumulate */
-KS_INLINE void ks_bwd_vec(long d, const float *A, const float *B, const float *const *x,
-                          const float *const *g, float *const *h, float *gA, float *gB, long P,
-                          const int nr) {
-    if (d < KS_V) {
-        for (long p = 0; p < P; p += KS_V) {
-            const ks_vf a = ks_ld(A + p), b = ks_ld(B + p);
-            ks_vf sa = ks_ld(gA + p), sb = ks_ld(gB + p);
-            for (int j = 0; j < nr; ++j) {
-                const ks_vf gv = ks_ld(g[j] + p), u = ks_ld(x[j] + p);
-                ks_st(h[j] + p, a * gv + ks_partner(b * gv, d));
-                sa += gv * u;
-                sb += gv * ks_partner(u, d);
-            }
-            ks_st(gA + p, sa);
-            ks_st(gB + p, sb);
-        }
-        return;
-    }
-    for (long p0 = 0; p0 < P; p0 += 2 * d)
-        for (long p = p0, q = p0 + d; p < p0 + d; p += KS_V, q += KS_V) {
-            const ks_vf ap = ks_ld(A + p), bp = ks_ld(B + p), aq = ks_ld(A + q), bq = ks_ld(B + q);
-            ks_vf sap = ks_ld(gA + p), sbp = ks_ld(gB + p), saq = ks_ld(gA + q), sbq = ks_ld(gB + q);
-            for (int j = 0; j < nr; ++j) {
-                const ks_vf u = ks_ld(x[j] + p), v = ks_ld(x[j] + q);
-                const ks_vf gp = ks_ld(g[j] + p), gq = ks_ld(g[j] + q);
-                ks_st(h[j] + p, ap * gp + bq * gq);
-                ks_st(h[j] + q, aq * gq + bp * gp);
-                sap += gp * u, sbp += gp * v, saq += gq * v, sbq += gq * u;
-            }
-            ks_st(gA + p, sap), ks_st(gB + p, sbp), ks_st(gA + q, saq), ks_st(gB + q, sbq);
-        }
-}
-
-/* rows in scratch are this far apart: rows P = 4096 floats apart all map to one L1 set, and a
- * level streams a dozen of them at once */
+/* rows in scratch are this far apart: rows P = 4096 floats apart all map to one L1 set */
 #define KS_PITCH(P) ((P) + 16)
 
-/* elements of scratch a pass needs: the planes, each thread's row blocks (and sums), and the
- * rows of the strided arrays among its inputs and outputs */
+/* One or two levels on a block of rows, as slots: a level whose pairs lie in different vectors
+ * (big: d >= 16) pairs slot k with slot k ^ bit (bit 1 for the first level, 2 for the second);
+ * a small level pairs lanes inside a slot (ks_partner). Slots a level does not spread over are
+ * unused. */
+#define KS_SLOT(k) ((!((k) & 1) || bigA) && (!((k) & 2) || bigB))
+#define KS_MIX(v, k, bit, big, d) ((big) ? (v)[(k) ^ (bit)] : ks_partner((v)[k], d))
+#define KS_EACH(k) for (int k = 0; k < 4; ++k) if (KS_SLOT(k))
+
+/* x[j] -> y[j] through level a (planes Aa, Ba) and, if two, level b: one read and one write
+ * of each row */
+KS_INLINE void ks_pass_fwd_slots(long da, long db, const float *Aa, const float *Ba,
+                                 const float *Ab, const float *Bb, const float *const *x,
+                                 float *const *y, long P, const int two, const int bigA,
+                                 const int bigB) {
+    const long oa = bigA ? da : 0, ob = bigB ? db : 0, off[4] = {0, oa, ob, oa + ob};
+    for (long p = 0; p < P; p += KS_V) {
+        if (p & (oa | ob)) continue; /* the upper slot of a big pair */
+        ks_vf aa[4], ba[4], ab[4], bb[4];
+        KS_EACH(k) {
+            aa[k] = ks_ld(Aa + p + off[k]), ba[k] = ks_ld(Ba + p + off[k]);
+            if (two) ab[k] = ks_ld(Ab + p + off[k]), bb[k] = ks_ld(Bb + p + off[k]);
+        }
+        for (int j = 0; j < KS_R; ++j) {
+            ks_vf v[4], m[4];
+            KS_EACH(k) v[k] = ks_ld(x[j] + p + off[k]);
+            KS_EACH(k) m[k] = aa[k] * v[k] + ba[k] * KS_MIX(v, k, 1, bigA, da);
+            if (two) KS_EACH(k) v[k] = ab[k] * m[k] + bb[k] * KS_MIX(m, k, 2, bigB, db);
+            KS_EACH(k) ks_st(y[j] + p + off[k], two ? v[k] : m[k]);
+        }
+    }
+}
+
+/* x: level a's inputs, g: the gradients of the pass's outputs -> h: of its inputs; sAa .. sBb
+ * accumulate the planes' gradients. Level a's outputs (level b's inputs) are recomputed. */
+KS_INLINE void ks_pass_bwd_slots(long da, long db, const float *Aa, const float *Ba,
+                                 const float *Ab, const float *Bb, const float *const *x,
+                                 const float *const *g, float *const *h, float *sAa, float *sBa,
+                                 float *sAb, float *sBb, long P, const int two, const int bigA,
+                                 const int bigB) {
+    const long oa = bigA ? da : 0, ob = bigB ? db : 0, off[4] = {0, oa, ob, oa + ob};
+    for (long p = 0; p < P; p += KS_V) {
+        if (p & (oa | ob)) continue;
+        ks_vf aa[4], ba[4], ab[4], bb[4], saa[4], sba[4], sab[4], sbb[4];
+        KS_EACH(k) {
+            const long q = p + off[k];
+            aa[k] = ks_ld(Aa + q), ba[k] = ks_ld(Ba + q);
+            saa[k] = ks_ld(sAa + q), sba[k] = ks_ld(sBa + q);
+            if (two) {
+                ab[k] = ks_ld(Ab + q), bb[k] = ks_ld(Bb + q);
+                sab[k] = ks_ld(sAb + q), sbb[k] = ks_ld(sBb + q);
+            }
+        }
+        for (int j = 0; j < KS_R; ++j) {
+            ks_vf v[4], m[4], gm[4], t[4];
+            KS_EACH(k) v[k] = ks_ld(x[j] + p + off[k]), gm[k] = ks_ld(g[j] + p + off[k]);
+            if (two) {
+                KS_EACH(k) m[k] = aa[k] * v[k] + ba[k] * KS_MIX(v, k, 1, bigA, da);
+                KS_EACH(k) t[k] = bb[k] * gm[k];
+                KS_EACH(k) { /* through level b: gm becomes the gradient of level a's output */
+                    sab[k] += gm[k] * m[k];
+                    sbb[k] += gm[k] * KS_MIX(m, k, 2, bigB, db);
+                    gm[k] = ab[k] * gm[k] + KS_MIX(t, k, 2, bigB, db);
+                }
+            }
+            KS_EACH(k) t[k] = ba[k] * gm[k];
+            KS_EACH(k) {
+                ks_st(h[j] + p + off[k], aa[k] * gm[k] + KS_MIX(t, k, 1, bigA, da));
+                saa[k] += gm[k] * v[k];
+                sba[k] += gm[k] * KS_MIX(v, k, 1, bigA, da);
+            }
+        }
+        KS_EACH(k) {
+            const long q = p + off[k];
+            ks_st(sAa + q, saa[k]), ks_st(sBa + q, sba[k]);
+            if (two) ks_st(sAb + q, sab[k]), ks_st(sBb + q, sbb[k]);
+        }
+    }
+}
+
+/* each combination as constants, so that each compiles to straight-line code */
+#define KS_SPECIALIZE(call)                                                                    \
+    do {                                                                                       \
+        const int ba_ = da >= KS_V, bb_ = two && db >= KS_V;                                   \
+        if (!two) ba_ ? call(0, 1, 0) : call(0, 0, 0);                                         \
+        else if (ba_) bb_ ? call(1, 1, 1) : call(1, 1, 0);                                     \
+        else bb_ ? call(1, 0, 1) : call(1, 0, 0);                                              \
+    } while (0)
+
+KS_CLONES static void ks_pass_fwd_vec(long da, long db, const float *Aa, const float *Ba,
+                                      const float *Ab, const float *Bb, const float *const *x,
+                                      float *const *y, long P, int two) {
+#define KS_CALL(T_, A_, B_) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, T_, A_, B_)
+    KS_SPECIALIZE(KS_CALL);
+#undef KS_CALL
+}
+
+KS_CLONES static void ks_pass_bwd_vec(long da, long db, const float *Aa, const float *Ba,
+                                      const float *Ab, const float *Bb, const float *const *x,
+                                      const float *const *g, float *const *h, float *sAa,
+                                      float *sBa, float *sAb, float *sBb, long P, int two) {
+#define KS_CALL(T_, A_, B_)                                                                    \
+    ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, T_, A_, B_)
+    KS_SPECIALIZE(KS_CALL);
+#undef KS_CALL
+}
+
+/* elements of scratch a pass needs: the planes, each thread's row blocks (and sums, a row of
+ * zeros), and the rows of the strided arrays among its inputs and outputs */
 long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int strided) {
     const long pitch = KS_PITCH(P);
-    const long per = backward ? 2 * L * pitch + (long)(L + 1) * KS_R * pitch : 2 * KS_R * pitch;
+    const long per = backward ? (2 * L + (long)(L + 2) * KS_R + 1) * pitch : 3 * KS_R * pitch;
     return 2 * L * pitch + nthreads * per + strided * n * pitch;
 }
 
 #define KS_DEFINE(T, S, VEC)                                                                   \
-    KS_INLINE void ks_fwd_##S(long d, const T *A, const T *B, const T *const *x, T *const *y,  \
-                              long P, int nr) {                                                \
-        if (VEC && ks_vec_ok(d, P)) {                                                          \
-            const float *a = (const float *)A, *b = (const float *)B;                          \
-            const float *const *xf = (const float *const *)x;                                  \
-            float *const *yf = (float *const *)y;                                              \
-            if (nr == KS_R) ks_fwd_vec(d, a, b, xf, yf, P, KS_R); /* unrolled */              \
-            else ks_fwd_vec(d, a, b, xf, yf, P, nr);                                           \
+    /* levels in the pass that starts at level t: two when both fit whole vectors */          \
+    static int ks_step_##S(const long *ds, int t, int L, long P) {                             \
+        return VEC && t + 1 < L && ks_vec_ok(ds[t], P) && ks_vec_ok(ds[t + 1], P) ? 2 : 1;     \
+    }                                                                                          \
+                                                                                               \
+    /* the pass of levels t .. t+k-1 on a block: x[j] -> y[j]; A, B: planes, pitch apart */    \
+    KS_INLINE void ks_fwd_##S(const long *ds, int t, int k, const T *A, const T *B,            \
+                              long pitch, const T *const *x, T *const *y, long P) {            \
+        const T *a = A + t * pitch, *b = B + t * pitch;                                        \
+        if (VEC && ks_vec_ok(ds[t], P)) {                                                      \
+            ks_pass_fwd_vec(ds[t], k == 2 ? ds[t + 1] : 0, (const float *)a, (const float *)b, \
+                            (const float *)(a + pitch), (const float *)(b + pitch),            \
+                            (const float *const *)x, (float *const *)y, P, k == 2);            \
             return;                                                                            \
         }                                                                                      \
-        for (int j = 0; j < nr; ++j)                                                           \
+        const long d = ds[t];                                                                  \
+        for (int j = 0; j < KS_R; ++j)                                                         \
             for (long p0 = 0; p0 < P; p0 += 2 * d)                                             \
                 for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {                          \
                     const T u = x[j][p], v = x[j][q];                                          \
-                    y[j][p] = A[p] * u + B[p] * v;                                             \
-                    y[j][q] = A[q] * v + B[q] * u;                                             \
+                    y[j][p] = a[p] * u + b[p] * v;                                             \
+                    y[j][q] = a[q] * v + b[q] * u;                                             \
                 }                                                                              \
     }                                                                                          \
                                                                                                \
-    KS_INLINE void ks_bwd_##S(long d, const T *A, const T *B, const T *const *x,               \
-                              const T *const *g, T *const *h, T *gA, T *gB, long P, int nr) {  \
-        if (VEC && ks_vec_ok(d, P)) {                                                          \
-            const float *a = (const float *)A, *b = (const float *)B;                          \
-            const float *const *xf = (const float *const *)x, *const *gf = (const float *const *)g; \
-            float *const *hf = (float *const *)h;                                              \
-            float *sa = (float *)gA, *sb = (float *)gB;                                        \
-            if (nr == KS_R) ks_bwd_vec(d, a, b, xf, gf, hf, sa, sb, P, KS_R);                  \
-            else ks_bwd_vec(d, a, b, xf, gf, hf, sa, sb, P, nr);                               \
+    /* its backward: g[j], the gradient of y[j] -> h[j], of x[j]; gA, gB accumulate */         \
+    KS_INLINE void ks_bwd_##S(const long *ds, int t, int k, const T *A, const T *B, T *gA,     \
+                              T *gB, long pitch, const T *const *x, const T *const *g,         \
+                              T *const *h, long P) {                                           \
+        const T *a = A + t * pitch, *b = B + t * pitch;                                        \
+        T *sa = gA + t * pitch, *sb = gB + t * pitch;                                          \
+        if (VEC && ks_vec_ok(ds[t], P)) {                                                      \
+            ks_pass_bwd_vec(ds[t], k == 2 ? ds[t + 1] : 0, (const float *)a, (const float *)b, \
+                            (const float *)(a + pitch), (const float *)(b + pitch),            \
+                            (const float *const *)x, (const float *const *)g,                  \
+                            (float *const *)h, (float *)sa, (float *)sb, (float *)(sa + pitch), \
+                            (float *)(sb + pitch), P, k == 2);                                 \
             return;                                                                            \
         }                                                                                      \
-        for (int j = 0; j < nr; ++j)                                                           \
+        const long d = ds[t];                                                                  \
+        for (int j = 0; j < KS_R; ++j)                                                         \
             for (long p0 = 0; p0 < P; p0 += 2 * d)                                             \
                 for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {                          \
                     const T u = x[j][p], v = x[j][q], gp = g[j][p], gq = g[j][q];              \
-                    h[j][p] = A[p] * gp + B[q] * gq;                                           \
-                    h[j][q] = A[q] * gq + B[p] * gp;                                           \
-                    gA[p] += gp * u, gB[p] += gp * v, gA[q] += gq * v, gB[q] += gq * u;        \
+                    h[j][p] = a[p] * gp + b[q] * gq;                                           \
+                    h[j][q] = a[q] * gq + b[p] * gp;                                           \
+                    sa[p] += gp * u, sb[p] += gp * v, sa[q] += gq * v, sb[q] += gq * u;        \
                 }                                                                              \
     }                                                                                          \
                                                                                                \
-    /* level t's planes from its weights: position p = i*2d + l (block e = i*d + l, entry 0   \
-     * of its pair) and q = p + d (entry 1) */                                                 \
+    /* level t's planes from its weights, times f: position p = i*2d + l (block e = i*d + l,  \
+     * entry 0 of its pair) and q = p + d (entry 1) */                                         \
     KS_INLINE void ks_planes_##S(T *A, T *B, long P, long d, const T *w, int trans, T f) {     \
         for (long p0 = 0, e = 0; p0 < P; p0 += 2 * d)                                          \
             for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {                         \
@@ -210,36 +267,38 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
                                             long n, long P, int L, const long *ds,             \
                                             T *const *ws, int trans, T scale, T *mem,          \
                                             int nthreads) {                                    \
-        const long pitch = KS_PITCH(P);                                                        \
-        T *A = mem, *B = mem + L * pitch, *rows = mem + 2 * L * pitch + (size_t)nthreads * 2 * KS_R * pitch; \
-        const long groups = (n + KS_R - 1) / KS_R, rs[2] = {pitch, 1};                             \
+        const long pitch = KS_PITCH(P), rs[2] = {pitch, 1};                                    \
+        T *A = mem, *B = mem + L * pitch, *rows = B + L * pitch + nthreads * 3 * KS_R * pitch; \
         /* strided x and y go through rows of their own */                                     \
         const T *xr = sx[1] == 1 ? x : rows;                                                   \
-        T *yr = sy[1] == 1 ? y : rows + (sx[1] == 1 ? 0 : n * pitch);                              \
+        T *yr = sy[1] == 1 ? y : rows + (sx[1] == 1 ? 0 : n * pitch);                          \
         const long *sxr = sx[1] == 1 ? sx : rs, *syr = sy[1] == 1 ? sy : rs;                   \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
         {                                                                                      \
             int me = 0;                                                                        \
             KS_THREAD_ID(me);                                                                  \
-            /* row block k: s + k*KS_R*P; blocks 0 and 1 hold alternate levels' outputs */     \
-            T *s = mem + 2 * L * pitch + (size_t)me * 2 * KS_R * pitch;                                \
-            if (sx[1] != 1) ks_copy_##S(x, sx, rows, rs, n, P);                                \
+            /* row j of block k: s + (k*KS_R + j)*pitch; blocks 0 and 1 hold alternate        \
+             * passes' outputs, block 2 those of dummy rows */                                 \
+            T *s = B + L * pitch + me * 3 * KS_R * pitch;                                      \
+            if (sx[1] != 1) ks_copy_##S(x, sx, (T *)xr, rs, n, P);                             \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t)                                                        \
-                ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,                    \
+                ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,            \
                               t == L - 1 ? scale : 1);                                         \
             _Pragma("omp for schedule(static)")                                                \
-            for (long gi = 0; gi < groups; ++gi) {                                             \
-                const long r0 = gi * KS_R;                                                     \
-                const int nr = n - r0 < KS_R ? (int)(n - r0) : KS_R;                           \
+            for (long r0 = 0; r0 < n; r0 += KS_R) {                                            \
                 const T *cur[KS_R];                                                            \
                 T *out[KS_R];                                                                  \
-                for (int j = 0; j < nr; ++j) cur[j] = xr + (r0 + j) * sxr[0];                  \
-                for (int t = 0; t < L; ++t) {                                                  \
-                    for (int j = 0; j < nr; ++j)                                               \
-                        out[j] = t == L - 1 ? yr + (r0 + j) * syr[0] : s + (t % 2 * KS_R + j) * pitch; \
-                    ks_fwd_##S(ds[t], A + t * pitch, B + t * pitch, cur, out, P, nr);                  \
-                    for (int j = 0; j < nr; ++j) cur[j] = out[j];                              \
+                for (int j = 0; j < KS_R; ++j)                                                 \
+                    cur[j] = xr + (r0 + j < n ? r0 + j : r0) * sxr[0];                         \
+                for (int t = 0, i = 0, k; t < L; t += k, ++i) { /* pass i: levels t.. */      \
+                    k = ks_step_##S(ds, t, L, P);                                              \
+                    for (int j = 0; j < KS_R; ++j)                                             \
+                        out[j] = t + k < L ? s + (i % 2 * KS_R + j) * pitch                    \
+                                 : r0 + j < n ? yr + (r0 + j) * syr[0]                         \
+                                              : s + (2 * KS_R + j) * pitch;                    \
+                    ks_fwd_##S(ds, t, k, A, B, pitch, cur, out, P);                            \
+                    for (int j = 0; j < KS_R; ++j) cur[j] = out[j];                            \
                 }                                                                              \
             }                                                                                  \
             if (sy[1] != 1) ks_copy_##S(yr, rs, y, sy, n, P);                                  \
@@ -255,58 +314,63 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
                                              long P, int L, const long *ds, T *const *ws,      \
                                              int trans, T scale, T *const *gws, T *mem,        \
                                              int nthreads) {                                   \
-        /* planes, then per thread: gA and gB sums and L + 1 row blocks; then strided rows */  \
-        const long pitch = KS_PITCH(P);                                                        \
-        const size_t per = 2 * (size_t)L * pitch + (size_t)(L + 1) * KS_R * pitch;                     \
-        T *A = mem, *B = mem + L * pitch, *rows = mem + 2 * L * pitch + nthreads * per;                \
-        const long groups = (n + KS_R - 1) / KS_R, rs[2] = {pitch, 1};                             \
+        /* planes; per thread: gA and gB sums, L + 2 row blocks and a row of zeros; then      \
+         * strided rows */                                                                     \
+        const long pitch = KS_PITCH(P), rs[2] = {pitch, 1};                                    \
+        const long per = (2 * L + (long)(L + 2) * KS_R + 1) * pitch;                           \
+        T *A = mem, *B = mem + L * pitch, *rows = B + L * pitch + nthreads * per;              \
         const T *xr = sx[1] == 1 ? x : rows;                                                   \
-        rows += sx[1] == 1 ? 0 : n * pitch;                                                        \
+        rows += sx[1] == 1 ? 0 : n * pitch;                                                    \
         const T *gyr = sgy[1] == 1 ? gy : rows;                                                \
-        rows += sgy[1] == 1 ? 0 : n * pitch;                                                       \
+        rows += sgy[1] == 1 ? 0 : n * pitch;                                                   \
         T *gxr = sgx[1] == 1 ? gx : rows;                                                      \
         const long *sxr = sx[1] == 1 ? sx : rs, *sgyr = sgy[1] == 1 ? sgy : rs;                \
         const long *sgxr = sgx[1] == 1 ? sgx : rs;                                             \
+        int ts[L + 1], np = 0; /* the passes' first levels */                                  \
+        for (int t = 0; t < L; t += ks_step_##S(ds, t, L, P)) ts[np++] = t;                   \
+        ts[np] = L;                                                                            \
         int team = 1;                                                                          \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
         {                                                                                      \
             int me = 0;                                                                        \
             KS_THREAD_ID(me);                                                                  \
             KS_TEAM_SIZE(team);                                                                \
-            T *gA = mem + 2 * L * pitch + me * per, *gB = gA + L * pitch, *s = gB + L * pitch;             \
-            /* row j of block k: s + (k*KS_R + j)*P. Block t (1 <= t < L): the input of level \
-             * t; blocks 0 and L: gradients */                                                 \
-            memset(gA, 0, sizeof(T) * 2 * L * pitch);                                              \
+            /* row j of block k: s + (k*KS_R + j)*pitch. Block i (1 <= i < np): the input of  \
+             * pass i; blocks 0 and np: gradients; block L + 1: dummy rows' gradients */       \
+            T *gA = B + L * pitch + me * per, *gB = gA + L * pitch, *s = gB + L * pitch;       \
+            T *zero = s + (L + 2) * KS_R * pitch;                                              \
+            memset(gA, 0, sizeof(T) * 2 * L * pitch);                                          \
+            memset(zero, 0, sizeof(T) * P);                                                    \
             if (sx[1] != 1) ks_copy_##S(x, sx, (T *)xr, rs, n, P);                             \
             if (sgy[1] != 1) ks_copy_##S(gy, sgy, (T *)gyr, rs, n, P);                         \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t)                                                        \
-                ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,                    \
+                ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,            \
                               t == L - 1 ? scale : 1);                                         \
             _Pragma("omp for schedule(static)")                                                \
-            for (long gi = 0; gi < groups; ++gi) {                                             \
-                const long r0 = gi * KS_R;                                                     \
-                const int nr = n - r0 < KS_R ? (int)(n - r0) : KS_R;                           \
+            for (long r0 = 0; r0 < n; r0 += KS_R) {                                            \
+                /* dummy rows: row r0's input and a zero gradient, which adds nothing */       \
                 const T *in0[KS_R], *cur[KS_R], *g[KS_R], *lin[KS_R];                          \
                 T *out[KS_R];                                                                  \
-                for (int j = 0; j < nr; ++j) {                                                 \
-                    cur[j] = in0[j] = xr + (r0 + j) * sxr[0];                                  \
-                    g[j] = gyr + (r0 + j) * sgyr[0];                                           \
+                for (int j = 0; j < KS_R; ++j) {                                               \
+                    cur[j] = in0[j] = xr + (r0 + j < n ? r0 + j : r0) * sxr[0];                \
+                    g[j] = r0 + j < n ? gyr + (r0 + j) * sgyr[0] : zero;                       \
                 }                                                                              \
-                for (int t = 0; t < L - 1; ++t) { /* the levels' inputs, again */              \
-                    for (int j = 0; j < nr; ++j) out[j] = s + ((t + 1) * KS_R + j) * pitch;        \
-                    ks_fwd_##S(ds[t], A + t * pitch, B + t * pitch, cur, out, P, nr);                  \
-                    for (int j = 0; j < nr; ++j) cur[j] = out[j];                              \
+                for (int i = 0; i < np - 1; ++i) { /* the passes' inputs, again */             \
+                    for (int j = 0; j < KS_R; ++j) out[j] = s + ((i + 1) * KS_R + j) * pitch;  \
+                    ks_fwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, pitch, cur, out, P);        \
+                    for (int j = 0; j < KS_R; ++j) cur[j] = out[j];                            \
                 }                                                                              \
-                for (int t = L - 1; t >= 0; --t) {                                             \
-                    for (int j = 0; j < nr; ++j) {                                             \
-                        lin[j] = t ? s + (t * KS_R + j) * pitch : in0[j];                          \
-                        out[j] = t ? s + ((t % 2 ? 0 : L) * KS_R + j) * pitch                      \
-                                   : gxr + (r0 + j) * sgxr[0];                                 \
+                for (int i = np - 1; i >= 0; --i) {                                            \
+                    for (int j = 0; j < KS_R; ++j) {                                           \
+                        lin[j] = i ? s + (i * KS_R + j) * pitch : in0[j];                      \
+                        out[j] = i ? s + ((i % 2 ? 0 : np) * KS_R + j) * pitch                 \
+                                 : r0 + j < n ? gxr + (r0 + j) * sgxr[0]                       \
+                                              : s + ((L + 1) * KS_R + j) * pitch;              \
                     }                                                                          \
-                    ks_bwd_##S(ds[t], A + t * pitch, B + t * pitch, lin, g, out, gA + t * pitch,           \
-                               gB + t * pitch, P, nr);                                             \
-                    for (int j = 0; j < nr; ++j) g[j] = out[j];                                \
+                    ks_bwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, gA, gB, pitch, lin, g, out, \
+                               P);                                                             \
+                    for (int j = 0; j < KS_R; ++j) g[j] = out[j];                              \
                 }                                                                              \
             }                                                                                  \
             if (sgx[1] != 1) ks_copy_##S(gxr, rs, gx, sgx, n, P);                              \
@@ -320,8 +384,9 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
                     for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {                 \
                         T ap = 0, aq = 0, bp = 0, bq = 0;                                      \
                         for (int k = 0; k < team; ++k) {                                       \
-                            const T *a = mem + 2 * L * pitch + k * per + t * pitch;                    \
-                            ap += a[p], aq += a[q], bp += a[L * pitch + p], bq += a[L * pitch + q];    \
+                            const T *a = B + L * pitch + k * per + t * pitch;                  \
+                            ap += a[p], aq += a[q];                                            \
+                            bp += a[L * pitch + p], bq += a[L * pitch + q];                    \
                         }                                                                      \
                         T *wb = w + e * 4;                                                     \
                         wb[0] = f * ap, wb[3] = f * aq;                                        \
@@ -333,8 +398,7 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
 
 #ifdef _OPENMP
 #define KS_THREAD_ID(me) me = omp_get_thread_num()
-#define KS_TEAM_SIZE(team)                                                                         \
-    _Pragma("omp single") team = omp_get_num_threads()
+#define KS_TEAM_SIZE(team) _Pragma("omp single") team = omp_get_num_threads()
 #else
 #define KS_THREAD_ID(me) (void)me
 #define KS_TEAM_SIZE(team) (void)team

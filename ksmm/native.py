@@ -5,7 +5,7 @@ dispatch overhead, not arithmetic, sets the time: eleven levels cost more than t
 rank-8 low-rank pair they sit next to. The C kernel runs every level, forward or backward, in
 one call on the rows as they are (no transposes), on PyTorch's own OpenMP threads
 (``torch.get_num_threads()``). It is compiled with the system C compiler into a per-user cache
-the first time it is needed (about a second); with no compiler, on other devices and dtypes, or with
+the first time it is needed (a few seconds); with no compiler, on other devices and dtypes, or with
 ``KSMM_NATIVE=0``, chains run the pure PyTorch path, which computes the same thing.
 """
 
