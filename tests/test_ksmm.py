@@ -353,9 +353,10 @@ def test_fused_butterfly_gradcheck(transpose):
     [
         [(1, 32), (2, 16), (4, 8), (8, 4), (16, 2), (32, 1)],  # P = 64: vector loops, shuffles
         [(1, 24), (3, 8), (4, 6), (12, 2), (24, 1)],  # P = 48: vector and scalar levels
+        [(4, 8), (2, 16), (1, 32), (8, 4), (32, 1)],  # two-level passes small+big, big+small
         [(1, 1)],  # P = 2: one level, scalar
     ],
-    ids=["P64", "P48", "P2"],
+    ids=["P64", "P48", "P64-mixed", "P2"],
 )
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_fused_butterfly_float32_matches_float64_reference(levels, transpose, layout):
