@@ -3,10 +3,11 @@
 In eager PyTorch a butterfly level on a narrow input costs a handful of tiny kernels whose
 dispatch overhead, not arithmetic, sets the time: eleven levels cost more than the whole
 rank-8 low-rank pair they sit next to. The C kernel runs every level, forward or backward, in
-one call on the rows as they are (no transposes), on PyTorch's own OpenMP threads
-(``torch.get_num_threads()``). It is compiled with the system C compiler into a per-user cache
-the first time it is needed (a few seconds); with no compiler, on other devices and dtypes, or with
-``KSMM_NATIVE=0``, chains run the pure PyTorch path, which computes the same thing.
+one call on rows with any strides, on PyTorch's own OpenMP threads (``torch.get_num_threads()``);
+how it keeps memory traffic down is described at the top of the C file. It is compiled with the
+system C compiler into a per-user cache the first time it is needed (a few seconds); with no
+compiler, on other devices and dtypes, or with ``KSMM_NATIVE=0``, chains run the pure PyTorch
+path, which computes the same thing.
 """
 
 from __future__ import annotations
@@ -117,10 +118,12 @@ def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
 
 
 def _call(direction: str, *args, shape, levels: int) -> None:
-    """The kernel for the first tensor's dtype, on tensor arguments' data pointers."""
+    """The kernel for the first tensor's dtype, on tensor arguments' data pointers, with this
+    thread's scratch."""
     lib, dtype, threads = _load(), args[0].dtype, torch.get_num_threads()
     kernel = getattr(lib, f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
-    strided = sum(a.stride(1) != 1 for a in args if isinstance(a, Tensor))
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    strided = sum(t.stride(1) != 1 for t in tensors)  # these go through rows in scratch
     size = lib.ks_scratch_size(direction == "backward", *shape, levels, threads, strided)
     scratch = _scratch(size, dtype)
     kernel(*[_ptr(a) if isinstance(a, Tensor) else a for a in args], _ptr(scratch), threads)
@@ -174,16 +177,15 @@ class _Butterfly(torch.autograd.Function):
         )
         # the backward pass recomputes the levels' inputs from x: nothing else to keep
         ctx.save_for_backward(x, *weights)
-        ctx.levels, ctx.trans, ctx.scale = levels, trans, scale
+        ctx.arrays = arrays  # the saved weights are these very tensors
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, *weights = ctx.saved_tensors
-        gx = torch.empty_like(x)
+        gx = torch.empty_like(x)  # x's layout: for a weight's rows, the parameter's own
         gws = [torch.empty_like(w) for w in weights]
         n, p = x.shape
-        levels = ctx.levels
         _call(
             "backward",
             x,
@@ -194,11 +196,11 @@ class _Butterfly(torch.autograd.Function):
             _strides(gx),
             n,
             p,
-            len(levels),
-            *_arrays(levels, weights, ctx.trans, ctx.scale),
+            len(weights),
+            *ctx.arrays,
             (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
             shape=(n, p),
-            levels=len(levels),
+            levels=len(weights),
         )
         return (gx, None, None, None, *gws)
 
