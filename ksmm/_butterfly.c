@@ -185,6 +185,11 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
     return 2 * L * pitch + nthreads * per + strided * n * pitch;
 }
 
+/* the pairs (p, q = p + d) of a level over P positions, and their blocks e */
+#define KS_PAIRS(P, d, p, q, e)                                                                \
+    for (long p0_ = 0, e = 0; p0_ < (P); p0_ += 2 * (d))                                       \
+        for (long p = p0_, q = p0_ + (d); p < p0_ + (d); ++p, ++q, ++e)
+
 #define KS_DEFINE(T, S, VEC)                                                                   \
     /* levels in the pass that starts at level t: two when both fit whole vectors */          \
     static int ks_step_##S(const long *ds, int t, int L, long P) {                             \
@@ -203,8 +208,7 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
         }                                                                                      \
         const long d = ds[t];                                                                  \
         for (int j = 0; j < KS_R; ++j)                                                         \
-            for (long p0 = 0; p0 < P; p0 += 2 * d)                                             \
-                for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {                          \
+            KS_PAIRS(P, d, p, q, e) {                                                          \
                     const T u = x[j][p], v = x[j][q];                                          \
                     y[j][p] = a[p] * u + b[p] * v;                                             \
                     y[j][q] = a[q] * v + b[q] * u;                                             \
@@ -227,8 +231,7 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
         }                                                                                      \
         const long d = ds[t];                                                                  \
         for (int j = 0; j < KS_R; ++j)                                                         \
-            for (long p0 = 0; p0 < P; p0 += 2 * d)                                             \
-                for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {                          \
+            KS_PAIRS(P, d, p, q, e) {                                                          \
                     const T u = x[j][p], v = x[j][q], gp = g[j][p], gq = g[j][q];              \
                     h[j][p] = a[p] * gp + b[q] * gq;                                           \
                     h[j][q] = a[q] * gq + b[p] * gp;                                           \
@@ -239,8 +242,7 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
     /* level t's planes from its weights, times f: position p = i*2d + l (block e = i*d + l,  \
      * entry 0 of its pair) and q = p + d (entry 1) */                                         \
     KS_INLINE void ks_planes_##S(T *A, T *B, long P, long d, const T *w, int trans, T f) {     \
-        for (long p0 = 0, e = 0; p0 < P; p0 += 2 * d)                                          \
-            for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {                         \
+        KS_PAIRS(P, d, p, q, e) {                                                              \
                 const T *wb = w + e * 4;                                                       \
                 A[p] = f * wb[0], A[q] = f * wb[3];                                            \
                 B[p] = f * (trans ? wb[1] : wb[2]), B[q] = f * (trans ? wb[2] : wb[1]);        \
@@ -380,8 +382,7 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
                 const long d = ds[t];                                                          \
                 const T f = t == L - 1 ? scale : 1;                                            \
                 T *w = gws[t];                                                                 \
-                for (long p0 = 0, e = 0; p0 < P; p0 += 2 * d)                                  \
-                    for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {                 \
+                KS_PAIRS(P, d, p, q, e) {                                                      \
                         T ap = 0, aq = 0, bp = 0, bq = 0;                                      \
                         for (int k = 0; k < team; ++k) {                                       \
                             const T *a = B + L * pitch + k * per + t * pitch;                  \
