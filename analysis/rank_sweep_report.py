@@ -563,7 +563,14 @@ def write_report(
         raise UserError(f"save prefix {prefix!r} must be a plain file-name part, without folders")
     summary = collect_summary(sweep_dir)
     if summary.empty:
-        raise UserError(f"results folder {sweep_dir} holds no job folders (none with run.json)")
+        hint = (
+            f" ({sweep_dir} is one job's folder: pass the folder above it, {sweep_dir.parent})"
+            if (sweep_dir / "run.json").is_file()
+            else ""
+        )
+        raise UserError(
+            f"results folder {sweep_dir} holds no job folders (none with run.json){hint}"
+        )
 
     paths = {
         "loss_curves": sweep_dir / f"{prefix}_loss_curves.png",

@@ -16,7 +16,12 @@ log = logging.getLogger(__name__)
 
 
 class RankSweepReport(Callback):
-    """At the end of a rank-sweep multirun, write the summary table and the plots."""
+    """At the end of a rank-sweep multirun, write the summary table and the plots.
+
+    ``incomplete`` tells the entry point, once the sweep is over, whether any job did not finish
+    (or the report could not be written), so that it can exit non-zero."""
+
+    incomplete = False
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from analysis.rank_sweep_report import collect_summary, format_summary_table, write_report
@@ -26,6 +31,7 @@ class RankSweepReport(Callback):
         try:
             paths = write_report(sweep_dir, prefix=prefix, log_scale=log_scale)
         except Exception as exc:  # a report failure must not hide the jobs' own results
+            RankSweepReport.incomplete = True
             log.error(
                 "rank-sweep report failed: %s (re-run: python analysis/"
                 "plot_rank_results.py --results_dir %s)",
@@ -39,6 +45,7 @@ class RankSweepReport(Callback):
         for name, path in paths.items():
             print(f"{name}: {path}")
         if len(failed):
+            RankSweepReport.incomplete = True
             print(f"{len(failed)} of {len(summary)} jobs did not finish: see the status column")
 
 

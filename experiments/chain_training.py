@@ -25,7 +25,7 @@ from experiments.logger import ExperimentLogger
 from experiments.rank_probe import RankProbe, chain_probe_layers, input_rank
 from experiments.runtime import TrainingFailed, lr_factor
 from experiments.weights import INIT_METHODS, load_weight, make_weight
-from ksmm import KSLinearChain, expected_mse, loss_floor, zero_predictor_loss
+from ksmm import KSLinearChain, check_structure, expected_mse, loss_floor, zero_predictor_loss
 
 STRUCTURES = ("butterfly", "monarch", "lowrank")
 DATA_MODES = ("fresh", "fixed", "exact")
@@ -90,12 +90,18 @@ def build_weight(cfg: DictConfig) -> torch.Tensor:
     return weight.float()
 
 
-def check_rank(rank: int, weight: torch.Tensor) -> None:
+def check_rank(cfg: DictConfig, weight: torch.Tensor) -> None:
+    """The rank against the weight's shape, then the structure's own constraints (nblocks)."""
     limit = min(weight.shape)
-    if rank > limit:
+    if cfg.rank > limit:
         raise UserError(
-            f"rank {rank} is above min(shape) = {limit} of the {tuple(weight.shape)} weight"
+            f"rank {cfg.rank} is above min(shape) = {limit} of the {tuple(weight.shape)} weight"
         )
+    m, n = weight.shape
+    try:
+        check_structure(m, n, cfg.rank, cfg.model.structure, cfg.model.nblocks)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def build_chain(cfg: DictConfig, weight: torch.Tensor, device: torch.device) -> KSLinearChain:

@@ -21,6 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from experiments.callbacks import RankSweepReport
 from experiments.chain_training import (
     ChainData,
     LossCurves,
@@ -36,7 +37,13 @@ from experiments.chain_training import (
     validate_config,
 )
 from experiments.logger import ExperimentLogger
-from experiments.runtime import check_override_keys, job_dir, resolve_device, run_job
+from experiments.runtime import (
+    check_override_keys,
+    job_dir,
+    remove_job_folder,
+    resolve_device,
+    run_job,
+)
 from experiments.schemas import RankSweepConfig, register_configs
 
 log = logging.getLogger(__name__)
@@ -46,7 +53,7 @@ def validate(cfg: DictConfig) -> torch.Tensor:
     """Check the config and the weight; return the weight for the job."""
     validate_config(cfg)
     weight = build_weight(cfg)
-    check_rank(cfg.rank, weight)
+    check_rank(cfg, weight)
     check_precision(cfg.train.precision, resolve_device(cfg.runtime.device))
     return weight
 
@@ -98,11 +105,14 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tens
     if cfg.train.save_checkpoint:
         save_checkpoint(out / "final.pth", chain, cfg)
     logger.log_summary(result, status="finished")
+    vs_floor = (  # a zero floor (rank = the weight's rank) has no ratio
+        f"{result['loss_over_floor']:.3f} x floor" if floor > 0 else "floor 0: no ratio"
+    )
     log.info(
-        "rank %d: final val loss %.4g = %.3f x floor (%d epochs, %.1f s)",
+        "rank %d: final val loss %.4g (%s; %d epochs, %.1f s)",
         cfg.rank,
         result["final_val_loss"],
-        result["loss_over_floor"],
+        vs_floor,
         result["epochs_completed"],
         result["wall_time_s"],
     )
@@ -112,6 +122,7 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tens
 def main(cfg: DictConfig) -> None:
     if cfg.max_rank is not None and cfg.rank > cfg.max_rank:
         log.info("rank %d > max_rank %d: skipped", cfg.rank, cfg.max_rank)
+        remove_job_folder(job_dir())  # nothing of ours in it: leave no stub behind
         return
     run_job(cfg, rank_sweep_job, validate)
 
@@ -121,3 +132,5 @@ register_configs()
 if __name__ == "__main__":
     check_override_keys(RankSweepConfig, sys.argv[1:], "conf/rank_sweep.yaml")
     main()
+    if RankSweepReport.incomplete:  # a sweep with failed jobs: reported above, exit non-zero
+        sys.exit(1)

@@ -28,6 +28,8 @@ import pandas as pd
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -141,7 +143,7 @@ def start_logger(
     )
 
 
-def _remove_job_folder(path: Path) -> None:
+def remove_job_folder(path: Path) -> None:
     """Remove a job folder that holds only Hydra's own files (nothing of ours was written)."""
     ours = [p for p in path.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
     if not ours:
@@ -169,11 +171,11 @@ def run_job(
     except UserError as exc:
         if not multirun:
             print(f"error: {exc}", file=sys.stderr)
-            _remove_job_folder(out)
+            remove_job_folder(out)
             sys.exit(2)
-        # Record the failure so the sweep's report lists it, then let the sweep go on.
-        run = ExperimentLogger(out, OmegaConf.to_container(cfg, resolve=True), mode="disabled")
-        run.finish("failed", reason=str(exc))
+        # Record the failure (locally and in the sweep's W&B group, like any failed job) so
+        # the sweep's report lists it, then let the sweep go on.
+        start_logger(cfg, out).finish("failed", reason=str(exc))
         log.error("job failed: %s", exc)
         return
 
@@ -214,31 +216,44 @@ def check_preset(config, choice: str, where: str) -> None:
 
 
 def check_override_keys(schema: type, argv: list[str], where: str) -> None:
-    """A mistyped override key, an unknown preset or a value of the wrong type as one
-    ``error:`` line and exit 2, before Hydra starts (Hydra's own messages span several lines).
-    Sweeps (``a,b``), lists and Hydra's own keys are left to Hydra."""
+    """An override Hydra cannot parse, a mistyped key (also with ``+``), an unknown preset, a
+    value of the wrong type or a sweep without ``-m``: one ``error:`` line and exit 2, before
+    Hydra starts (Hydra's own messages span several lines). Hydra's own keys are left to it."""
     config = OmegaConf.structured(schema)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    # a preset may switch to multirun mode itself (hydra.mode), so a sweep then needs no -m
+    preset = any(a.split("=", 1)[0] == "experiment" for a in argv)
     try:
         for arg in argv:
-            _check_override(config, arg, where)
+            _check_override(config, arg, where, sweep_ok=multirun or preset)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
-def _check_override(config, arg: str, where: str) -> None:
-    """One override: a UserError if it names a secret, an unknown preset or key, or a value of
-    the wrong type."""
-    if arg.startswith(("-", "hydra", "+hydra")) or "=" not in arg:
+def _check_override(config, arg: str, where: str, sweep_ok: bool = True) -> None:
+    """One override: a UserError if Hydra cannot parse it, or it names a secret, an unknown
+    preset or key, or a value of the wrong type."""
+    if arg.startswith("-") or "=" not in arg:
         return
-    key, value = arg.split("=", 1)
-    if SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1]):
+    try:
+        (override,) = OverridesParser.create().parse_overrides([arg])
+    except OverrideParseException as exc:
+        detail = str(exc).splitlines()[0]
+        detail = "" if detail.startswith("LexerNoViableAlt") else f": {detail}"
+        raise UserError(f"cannot parse '{arg}'{detail} (quote a value with special "
+                        "characters, e.g. key='~/a=b.pth')") from None  # fmt: skip
+    key = override.key_or_group
+    if key.startswith("hydra"):
+        return
+    if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
         # Hydra would write it into .hydra/ before any code of ours could mask it
         raise UserError(f"'{key}' looks like a secret: keep API keys out of the config "
                         "(`wandb login`, or the WANDB_API_KEY environment variable)")  # fmt: skip
-    if key.startswith(("+", "~")):
-        return  # additions and deletions: Hydra checks them against the schema
+    if override.is_delete():
+        return  # deletions: Hydra checks them against the schema
     if key in CONFIG_GROUPS:
+        value = arg.split("=", 1)[1]
         options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
         for choice in value.split(","):
             if choice not in (*options, "null"):
@@ -250,9 +265,14 @@ def _check_override(config, arg: str, where: str) -> None:
         return  # other config groups (hydra/launcher=...)
     if OmegaConf.select(config, key, default="<missing>") == "<missing>":
         raise UserError(f"unknown config key '{key}' (see {where})")
-    if any(c in value for c in ",()[]{}$"):
-        return  # a sweep, a list or an interpolation: Hydra's grammar, not YAML
+    if override.is_sweep_override():
+        if not sweep_ok:
+            raise UserError(f"'{arg}' sweeps over several values: add -m (--multirun)")
+        return
+    value = override.value()
+    if isinstance(value, str) and "${" in value:
+        return  # an interpolation: resolved later
     try:
-        OmegaConf.merge(config, OmegaConf.from_dotlist([arg]))
+        OmegaConf.update(config.copy(), key, value, merge=True)
     except Exception as exc:  # OmegaConf's ValidationError and friends: one line
-        raise UserError(f"{key}={value}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{arg}: {str(exc).splitlines()[0]}") from None

@@ -95,12 +95,18 @@ def test_reaches_the_floor(tmp_path):
         ("weight.path=/nonexistent/w.pth", "/nonexistent/w.pth"),
         ("model.structure=tree", "model.structure must be one of"),
         ("train.precision=float16", "float16 needs a CUDA device"),
+        ("model.structure=monarch model.nblocks=3", "nblocks=3 must be a positive integer"),
+        ("+train.lrr=5", "unknown config key 'train.lrr'"),
+        ("weight.path=~/w.pth", "cannot parse 'weight.path=~/w.pth' (quote a value"),
+        ("weight.path=/tmp/a=b.pth", "cannot parse 'weight.path=/tmp/a=b.pth'"),
+        ("rank=[1,2]", "rank=[1,2]: Value '[1, 2]' of type 'list'"),
+        ("train.lr=0.1,0.01", "sweeps over several values: add -m (--multirun)"),
     ],
 )
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, override, message):
     out = tmp_path / "job"
-    proc = run([*SMALL, override, f"hydra.run.dir={out}"], tmp_path)
-    assert proc.returncode != 0
+    proc = run([*SMALL, *override.split(), f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not out.exists()
@@ -159,13 +165,21 @@ def test_divergence_fails_the_job_with_its_reason(tmp_path):
 
 def test_multirun_aggregates_and_records_failures(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "rank=2,4,1000", *SMALL, f"hydra.sweep.dir={sweep}"]
+    small = [a for a in SMALL if not a.startswith("logger=")]  # W&B offline: the default
+    args = ["-m", "rank=2,4,1000", *small, f"hydra.sweep.dir={sweep}"]
     proc = run(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the sweep went on, then says a job failed
+    assert "1 of 3 jobs did not finish" in proc.stdout
     summary = pd.read_csv(sweep / "rank_sweep_summary.csv")
     assert summary["rank"].tolist() == [2, 4, 1000]
     assert summary["status"].tolist() == ["finished", "finished", "failed"]
     assert "above min(shape)" in summary["reason"].iloc[2]
+    # the rejected job is a failed run of the sweep's own W&B project and group, like the rest
+    records = [json.loads((sweep / f"{i}_rank_{r}" / "run.json").read_text()) for i, r in
+               enumerate([2, 4, 1000])]  # fmt: skip
+    assert {(r["project"], r["group"], r["mode"]) for r in records} == {
+        ("ks-rank-sweep", sweep.name, "offline")
+    }
     for name in ("rank_sweep_loss_curves.png", "rank_sweep_final_losses.png"):
         assert (sweep / name).stat().st_size > 10_000
     assert json.loads((sweep / "rank_sweep_summary.json").read_text())[0]["rank"] == 2
@@ -177,6 +191,7 @@ def test_max_rank_filters_a_sweep(tmp_path):
     proc = run(["-m", "rank=2,8", "max_rank=4", *SMALL, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert pd.read_csv(sweep / "rank_sweep_summary.csv")["rank"].tolist() == [2]
+    assert not (sweep / "1_rank_8").exists()  # a skipped job leaves no stub folder
 
 
 def test_multirun_through_submitit_local(tmp_path):
