@@ -151,7 +151,7 @@ def test_write_report_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no job folders"):
         write_report(tmp_path / "empty")
-    job = next(p for p in make_sweep(tmp_path / "sweep").iterdir() if (p / "run.json").exists())
+    job = next(p for p in make_sweep(tmp_path).iterdir() if (p / "run.json").exists())
     with pytest.raises(UserError, match="is one job's folder: pass the folder above it"):
         write_report(job)
 
