@@ -13,8 +13,8 @@
  * Memory traffic, not arithmetic, sets the time, so: rows go through the levels in blocks of
  * KS_R, which share each level's planes and sums; two levels run in one pass where both fit
  * whole vectors (radix 4); the backward pass recomputes a block's level inputs instead of
- * keeping them from the forward pass; strided rows are transposed into scratch once; rows in
- * scratch are padded so that those a pass streams do not share one L1 set.
+ * keeping them from the forward pass; strided rows are gathered into scratch a group at a
+ * time; rows in scratch are padded so that those a pass streams do not share one L1 set.
  *
  * Weights are stored as KSLinear stores them, (a*d, c=2, b=2): wb = w + (i*d + l)*4 and
  * wb[k*2 + j] is the entry from input k to output j of block (i, l). With trans every block is
@@ -177,12 +177,24 @@ KS_CLONES static void ks_pass_bwd_vec(long da, long db, const float *Aa, const f
 #undef KS_CALL
 }
 
-/* elements of scratch a pass needs: the planes, each thread's row blocks (and sums, a row of
- * zeros), and the rows of the strided arrays among its inputs and outputs */
-long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int strided) {
+/* rows of a strided array are gathered (and scattered) a group at a time: a cache line holds
+ * the same position of 16 rows */
+#define KS_GROUP 16
+
+/* rows to a group: up to KS_GROUP, fewer when the rows would not keep every thread busy */
+static long ks_group(long n, int nthreads) {
+    long g = (n + nthreads - 1) / nthreads;
+    g = (g + KS_R - 1) / KS_R * KS_R;
+    return g < KS_GROUP ? g : KS_GROUP;
+}
+
+/* elements of scratch a pass needs: the planes, then each thread's row blocks, group rows
+ * (and sums and a row of zeros) */
+long ks_scratch_size(int backward, long P, int L, int nthreads) {
     const long pitch = KS_PITCH(P);
-    const long per = backward ? (2 * L + (long)(L + 2) * KS_R + 1) * pitch : 3 * KS_R * pitch;
-    return 2 * L * pitch + nthreads * per + strided * n * pitch;
+    const long per = backward ? 2 * L + (long)(L + 2) * KS_R + 1 + 3 * KS_GROUP
+                              : 3 * KS_R + 2 * KS_GROUP;
+    return (2 * L + nthreads * per) * pitch;
 }
 
 /* the pairs (p, q = p + d) of a level over P positions, and their blocks e */
@@ -251,83 +263,77 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
                                                                                                \
     /* dst = src for (n, P) arrays with any strides, in 16 x 16 tiles so that both sides are  \
      * read and written a cache line at a time (the inner loop runs along a row: rows P apart  \
-     * would all map to one L1 set); shares the work with the enclosing team */               \
+     * would all map to one L1 set) */                                                         \
     KS_INLINE void ks_copy_##S(const T *src, const long *ss, T *dst, const long *sd, long n,   \
                                long P) {                                                       \
-        _Pragma("omp for schedule(static)")                                                    \
         for (long p0 = 0; p0 < P; p0 += 16)                                                    \
-            for (long i0 = 0; i0 < n; i0 += 16)                                                \
-                for (long i = i0; i < i0 + 16 && i < n; ++i)                                   \
-                    for (long p = p0; p < p0 + 16 && p < P; ++p)                               \
-                        dst[i * sd[0] + p * sd[1]] = src[i * ss[0] + p * ss[1]];               \
+            for (long i = 0; i < n; ++i)                                                       \
+                for (long p = p0; p < p0 + 16 && p < P; ++p)                                   \
+                    dst[i * sd[0] + p * sd[1]] = src[i * ss[0] + p * ss[1]];                   \
     }                                                                                          \
                                                                                                \
     /* y = scale * (x through the levels); x and y (n, P) with strides (sx[0], sx[1]) and     \
-     * (sy[0], sy[1]); mem: ks_scratch_size(0, n, P, L, nthreads, strided) elements of scratch \
-     * where strided counts x and y with sx[1] != 1 or sy[1] != 1 */                           \
+     * (sy[0], sy[1]); mem: ks_scratch_size(0, P, L, nthreads) elements of scratch */          \
     KS_CLONES void ks_butterfly_forward_##S(const T *x, const long *sx, T *y, const long *sy,  \
                                             long n, long P, int L, const long *ds,             \
                                             T *const *ws, int trans, T scale, T *mem,          \
                                             int nthreads) {                                    \
-        const long pitch = KS_PITCH(P), rs[2] = {pitch, 1};                                    \
-        T *A = mem, *B = mem + L * pitch, *rows = B + L * pitch + nthreads * 3 * KS_R * pitch; \
-        /* strided x and y go through rows of their own */                                     \
-        const T *xr = sx[1] == 1 ? x : rows;                                                   \
-        T *yr = sy[1] == 1 ? y : rows + (sx[1] == 1 ? 0 : n * pitch);                          \
-        const long *sxr = sx[1] == 1 ? sx : rs, *syr = sy[1] == 1 ? sy : rs;                   \
+        const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};         \
+        const long per = (3 * KS_R + 2 * KS_GROUP) * pitch;                                    \
+        T *A = mem, *B = mem + L * pitch;                                                      \
         _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
         {                                                                                      \
             int me = 0;                                                                        \
             KS_THREAD_ID(me);                                                                  \
             /* row j of block k: s + (k*KS_R + j)*pitch; blocks 0 and 1 hold alternate        \
-             * passes' outputs, block 2 those of dummy rows */                                 \
-            T *s = B + L * pitch + me * 3 * KS_R * pitch;                                      \
-            if (sx[1] != 1) ks_copy_##S(x, sx, (T *)xr, rs, n, P);                             \
+             * passes' outputs, block 2 those of dummy rows; then a group of strided x and y   \
+             * rows */                                                                         \
+            T *s = B + L * pitch + me * per, *xbuf = s + 3 * KS_R * pitch;                     \
+            T *ybuf = xbuf + KS_GROUP * pitch;                                                 \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t)                                                        \
                 ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,            \
                               t == L - 1 ? scale : 1);                                         \
             _Pragma("omp for schedule(static)")                                                \
-            for (long r0 = 0; r0 < n; r0 += KS_R) {                                            \
-                const T *cur[KS_R];                                                            \
-                T *out[KS_R];                                                                  \
-                for (int j = 0; j < KS_R; ++j)                                                 \
-                    cur[j] = xr + (r0 + j < n ? r0 + j : r0) * sxr[0];                         \
-                for (int t = 0, i = 0, k; t < L; t += k, ++i) { /* pass i: levels t.. */      \
-                    k = ks_step_##S(ds, t, L, P);                                              \
+            for (long g0 = 0; g0 < n; g0 += G) { /* a group of rows: up to KS_GROUP */        \
+                const long gn = n - g0 < G ? n - g0 : G;                                       \
+                const T *xg = x + g0 * sx[0];                                                  \
+                T *yg = sy[1] == 1 ? y + g0 * sy[0] : ybuf;                                    \
+                const long xs = sx[1] == 1 ? sx[0] : pitch, ys = sy[1] == 1 ? sy[0] : pitch;   \
+                if (sx[1] != 1) ks_copy_##S(xg, sx, xbuf, gs, gn, P), xg = xbuf;               \
+                for (long r0 = 0; r0 < gn; r0 += KS_R) {                                       \
+                    const T *cur[KS_R];                                                        \
+                    T *out[KS_R];                                                              \
                     for (int j = 0; j < KS_R; ++j)                                             \
-                        out[j] = t + k < L ? s + (i % 2 * KS_R + j) * pitch                    \
-                                 : r0 + j < n ? yr + (r0 + j) * syr[0]                         \
-                                              : s + (2 * KS_R + j) * pitch;                    \
-                    ks_fwd_##S(ds, t, k, A, B, pitch, cur, out, P);                            \
-                    for (int j = 0; j < KS_R; ++j) cur[j] = out[j];                            \
+                        cur[j] = xg + (r0 + j < gn ? r0 + j : r0) * xs;                        \
+                    for (int t = 0, i = 0, k; t < L; t += k, ++i) { /* pass i: levels t.. */  \
+                        k = ks_step_##S(ds, t, L, P);                                          \
+                        for (int j = 0; j < KS_R; ++j)                                         \
+                            out[j] = t + k < L ? s + (i % 2 * KS_R + j) * pitch                \
+                                     : r0 + j < gn ? yg + (r0 + j) * ys                        \
+                                                   : s + (2 * KS_R + j) * pitch;               \
+                        ks_fwd_##S(ds, t, k, A, B, pitch, cur, out, P);                        \
+                        for (int j = 0; j < KS_R; ++j) cur[j] = out[j];                        \
+                    }                                                                          \
                 }                                                                              \
+                if (sy[1] != 1) ks_copy_##S(ybuf, gs, y + g0 * sy[0], sy, gn, P);              \
             }                                                                                  \
-            if (sy[1] != 1) ks_copy_##S(yr, rs, y, sy, n, P);                                  \
         }                                                                                      \
     }                                                                                          \
                                                                                                \
     /* gy: the output's gradient; gx: the input's; gws[t]: level t's weight gradient in the   \
      * weight's layout (all overwritten). Strides as in the forward pass; mem:                 \
-     * ks_scratch_size(1, n, P, L, nthreads, strided) elements of scratch, strided counting x, \
-     * gy and gx. */                                                                           \
+     * ks_scratch_size(1, P, L, nthreads) elements of scratch. */                              \
     KS_CLONES void ks_butterfly_backward_##S(const T *x, const long *sx, const T *gy,          \
                                              const long *sgy, T *gx, const long *sgx, long n,  \
                                              long P, int L, const long *ds, T *const *ws,      \
                                              int trans, T scale, T *const *gws, T *mem,        \
                                              int nthreads) {                                   \
-        /* planes; per thread: gA and gB sums, L + 2 row blocks and a row of zeros; then      \
-         * strided rows */                                                                     \
-        const long pitch = KS_PITCH(P), rs[2] = {pitch, 1};                                    \
-        const long per = (2 * L + (long)(L + 2) * KS_R + 1) * pitch;                           \
-        T *A = mem, *B = mem + L * pitch, *rows = B + L * pitch + nthreads * per;              \
-        const T *xr = sx[1] == 1 ? x : rows;                                                   \
-        rows += sx[1] == 1 ? 0 : n * pitch;                                                    \
-        const T *gyr = sgy[1] == 1 ? gy : rows;                                                \
-        rows += sgy[1] == 1 ? 0 : n * pitch;                                                   \
-        T *gxr = sgx[1] == 1 ? gx : rows;                                                      \
-        const long *sxr = sx[1] == 1 ? sx : rs, *sgyr = sgy[1] == 1 ? sgy : rs;                \
-        const long *sgxr = sgx[1] == 1 ? sgx : rs;                                             \
+        /* planes; per thread: gA and gB sums, L + 2 row blocks, a row of zeros, and a group  \
+         * of strided x, gy and gx rows */                                                     \
+        const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};         \
+        const long per = (2 * L + (long)(L + 2) * KS_R + 1 + 3 * KS_GROUP) * pitch;            \
+        T *A = mem, *B = mem + L * pitch;                                                      \
         int ts[L + 1], np = 0; /* the passes' first levels */                                  \
         for (int t = 0; t < L; t += ks_step_##S(ds, t, L, P)) ts[np++] = t;                   \
         ts[np] = L;                                                                            \
@@ -340,42 +346,51 @@ long ks_scratch_size(int backward, long n, long P, int L, int nthreads, int stri
             /* row j of block k: s + (k*KS_R + j)*pitch. Block i (1 <= i < np): the input of  \
              * pass i; blocks 0 and np: gradients; block L + 1: dummy rows' gradients */       \
             T *gA = B + L * pitch + me * per, *gB = gA + L * pitch, *s = gB + L * pitch;       \
-            T *zero = s + (L + 2) * KS_R * pitch;                                              \
+            T *zero = s + (L + 2) * KS_R * pitch, *xbuf = zero + pitch;                        \
+            T *gybuf = xbuf + KS_GROUP * pitch, *gxbuf = gybuf + KS_GROUP * pitch;             \
             memset(gA, 0, sizeof(T) * 2 * L * pitch);                                          \
             memset(zero, 0, sizeof(T) * P);                                                    \
-            if (sx[1] != 1) ks_copy_##S(x, sx, (T *)xr, rs, n, P);                             \
-            if (sgy[1] != 1) ks_copy_##S(gy, sgy, (T *)gyr, rs, n, P);                         \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t)                                                        \
                 ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,            \
                               t == L - 1 ? scale : 1);                                         \
             _Pragma("omp for schedule(static)")                                                \
-            for (long r0 = 0; r0 < n; r0 += KS_R) {                                            \
-                /* dummy rows: row r0's input and a zero gradient, which adds nothing */       \
-                const T *in0[KS_R], *cur[KS_R], *g[KS_R], *lin[KS_R];                          \
-                T *out[KS_R];                                                                  \
-                for (int j = 0; j < KS_R; ++j) {                                               \
-                    cur[j] = in0[j] = xr + (r0 + j < n ? r0 + j : r0) * sxr[0];                \
-                    g[j] = r0 + j < n ? gyr + (r0 + j) * sgyr[0] : zero;                       \
-                }                                                                              \
-                for (int i = 0; i < np - 1; ++i) { /* the passes' inputs, again */             \
-                    for (int j = 0; j < KS_R; ++j) out[j] = s + ((i + 1) * KS_R + j) * pitch;  \
-                    ks_fwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, pitch, cur, out, P);        \
-                    for (int j = 0; j < KS_R; ++j) cur[j] = out[j];                            \
-                }                                                                              \
-                for (int i = np - 1; i >= 0; --i) {                                            \
+            for (long g0 = 0; g0 < n; g0 += G) {                                               \
+                const long gn = n - g0 < G ? n - g0 : G;                                       \
+                const T *xg = x + g0 * sx[0], *gyg = gy + g0 * sgy[0];                         \
+                T *gxg = sgx[1] == 1 ? gx + g0 * sgx[0] : gxbuf;                               \
+                const long xs = sx[1] == 1 ? sx[0] : pitch, gys = sgy[1] == 1 ? sgy[0] : pitch; \
+                const long gxs = sgx[1] == 1 ? sgx[0] : pitch;                                 \
+                if (sx[1] != 1) ks_copy_##S(xg, sx, xbuf, gs, gn, P), xg = xbuf;               \
+                if (sgy[1] != 1) ks_copy_##S(gyg, sgy, gybuf, gs, gn, P), gyg = gybuf;         \
+                for (long r0 = 0; r0 < gn; r0 += KS_R) {                                       \
+                    /* dummy rows: row r0's input and a zero gradient, which adds nothing */   \
+                    const T *in0[KS_R], *cur[KS_R], *g[KS_R], *lin[KS_R];                      \
+                    T *out[KS_R];                                                              \
                     for (int j = 0; j < KS_R; ++j) {                                           \
-                        lin[j] = i ? s + (i * KS_R + j) * pitch : in0[j];                      \
-                        out[j] = i ? s + ((i % 2 ? 0 : np) * KS_R + j) * pitch                 \
-                                 : r0 + j < n ? gxr + (r0 + j) * sgxr[0]                       \
-                                              : s + ((L + 1) * KS_R + j) * pitch;              \
+                        cur[j] = in0[j] = xg + (r0 + j < gn ? r0 + j : r0) * xs;               \
+                        g[j] = r0 + j < gn ? gyg + (r0 + j) * gys : zero;                      \
                     }                                                                          \
-                    ks_bwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, gA, gB, pitch, lin, g, out, \
-                               P);                                                             \
-                    for (int j = 0; j < KS_R; ++j) g[j] = out[j];                              \
+                    for (int i = 0; i < np - 1; ++i) { /* the passes' inputs, again */         \
+                        for (int j = 0; j < KS_R; ++j)                                         \
+                            out[j] = s + ((i + 1) * KS_R + j) * pitch;                         \
+                        ks_fwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, pitch, cur, out, P);    \
+                        for (int j = 0; j < KS_R; ++j) cur[j] = out[j];                        \
+                    }                                                                          \
+                    for (int i = np - 1; i >= 0; --i) {                                        \
+                        for (int j = 0; j < KS_R; ++j) {                                       \
+                            lin[j] = i ? s + (i * KS_R + j) * pitch : in0[j];                  \
+                            out[j] = i ? s + ((i % 2 ? 0 : np) * KS_R + j) * pitch             \
+                                     : r0 + j < gn ? gxg + (r0 + j) * gxs                      \
+                                                   : s + ((L + 1) * KS_R + j) * pitch;         \
+                        }                                                                      \
+                        ks_bwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, gA, gB, pitch, lin, g,  \
+                                   out, P);                                                    \
+                        for (int j = 0; j < KS_R; ++j) g[j] = out[j];                          \
+                    }                                                                          \
                 }                                                                              \
+                if (sgx[1] != 1) ks_copy_##S(gxbuf, gs, gx + g0 * sgx[0], sgx, gn, P);         \
             }                                                                                  \
-            if (sgx[1] != 1) ks_copy_##S(gxr, rs, gx, sgx, n, P);                              \
             /* sum the threads' gA, gB into the weights' layout */                             \
             _Pragma("omp for schedule(static)")                                                \
             for (int t = 0; t < L; ++t) {                                                      \

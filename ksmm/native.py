@@ -98,7 +98,7 @@ def _load():
             bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, real]
             bwd.argtypes += [ptr, ptr, int_]
             fwd.restype = bwd.restype = None
-        lib.ks_scratch_size.argtypes = [int_, long, long, int_, int_, int_]
+        lib.ks_scratch_size.argtypes = [int_, long, int_, int_]
         lib.ks_scratch_size.restype = long
         _lib = lib
     return _lib or None
@@ -117,14 +117,12 @@ def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
     return buf
 
 
-def _call(direction: str, *args, shape, levels: int) -> None:
+def _call(direction: str, *args, p: int, levels: int) -> None:
     """The kernel for the first tensor's dtype, on tensor arguments' data pointers, with this
     thread's scratch."""
     lib, dtype, threads = _load(), args[0].dtype, torch.get_num_threads()
     kernel = getattr(lib, f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    strided = sum(t.stride(1) != 1 for t in tensors)  # these go through rows in scratch
-    size = lib.ks_scratch_size(direction == "backward", *shape, levels, threads, strided)
+    size = lib.ks_scratch_size(direction == "backward", p, levels, threads)
     scratch = _scratch(size, dtype)
     kernel(*[_ptr(a) if isinstance(a, Tensor) else a for a in args], _ptr(scratch), threads)
 
@@ -172,7 +170,7 @@ class _Butterfly(torch.autograd.Function):
             p,
             len(levels),
             *arrays,
-            shape=(n, p),
+            p=p,
             levels=len(levels),
         )
         # the backward pass recomputes the levels' inputs from x: nothing else to keep
@@ -199,7 +197,7 @@ class _Butterfly(torch.autograd.Function):
             len(weights),
             *ctx.arrays,
             (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
-            shape=(n, p),
+            p=p,
             levels=len(weights),
         )
         return (gx, None, None, None, *gws)
