@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _SOURCE = Path(__file__).with_name("_butterfly.c")
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -179,6 +180,7 @@ class _Butterfly(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, g):
         x, *weights = ctx.saved_tensors
         gx = torch.empty_like(x)  # x's layout: for a weight's rows, the parameter's own

@@ -391,6 +391,19 @@ def test_fused_butterfly_float32_matches_float64_reference(levels, transpose, la
         torch.testing.assert_close(w.grad, r.grad.float(), **tol)
 
 
+def test_fused_butterfly_refuses_double_backward():
+    """Its gradients come from C: a second derivative must fail loudly, not come out as 0."""
+    if not native.available(torch.zeros(1)):
+        pytest.skip("no C compiler: the fused kernel is unavailable")
+    levels = [(1, 2), (2, 1)]
+    ws = [torch.randn(2, 2, 2, requires_grad=True) for _ in levels]
+    x = torch.randn(3, 4, requires_grad=True)
+    (gx,) = torch.autograd.grad(native.butterfly_rows(x, levels, ws).square().sum(), [x],
+                                create_graph=True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        gx.sum().backward()
+
+
 def test_fused_kernel_without_a_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.delenv("KSMM_NATIVE", raising=False)
