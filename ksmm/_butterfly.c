@@ -59,9 +59,10 @@ KS_INLINE ks_vf ks_partner(ks_vf v, long d) {
     }
 }
 
-/* whether a level of distance d over P positions fits whole vectors */
+/* whether a level of distance d over P positions fits whole vectors: d a power of two, its
+ * pairs in one vector (d < 16) or in two (then bit d of a position tells the lower slot) */
 static int ks_vec_ok(long d, long P) {
-    return P % KS_V == 0 && (d % KS_V == 0 || KS_V % (2 * d) == 0);
+    return P % KS_V == 0 && (d & (d - 1)) == 0 && (d >= KS_V || KS_V % (2 * d) == 0);
 }
 
 /* rows a pass carries together (a block; a short last block is filled up with dummy rows) */
@@ -185,7 +186,7 @@ KS_CLONES static void ks_pass_bwd_vec(long da, long db, const float *Aa, const f
 static long ks_group(long n, int nthreads) {
     long g = (n + nthreads - 1) / nthreads;
     g = (g + KS_R - 1) / KS_R * KS_R;
-    return g < KS_GROUP ? g : KS_GROUP;
+    return g < KS_R ? KS_R : g < KS_GROUP ? g : KS_GROUP; /* never 0: it is a loop step */
 }
 
 /* elements of scratch a pass needs: the planes, then each thread's row blocks, group rows
@@ -203,9 +204,13 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
         for (long p = p0_, q = p0_ + (d); p < p0_ + (d); ++p, ++q, ++e)
 
 #define KS_DEFINE(T, S, VEC)                                                                   \
-    /* levels in the pass that starts at level t: two when both fit whole vectors */          \
+    /* levels in the pass that starts at level t: two when both fit whole vectors and their   \
+     * distances differ (each must own a bit of the position) */                              \
     static int ks_step_##S(const long *ds, int t, int L, long P) {                             \
-        return VEC && t + 1 < L && ks_vec_ok(ds[t], P) && ks_vec_ok(ds[t + 1], P) ? 2 : 1;     \
+        return VEC && t + 1 < L && ks_vec_ok(ds[t], P) && ks_vec_ok(ds[t + 1], P) &&           \
+                       ds[t] != ds[t + 1]                                                      \
+                   ? 2                                                                         \
+                   : 1;                                                                        \
     }                                                                                          \
                                                                                                \
     /* the pass of levels t .. t+k-1 on a block: x[j] -> y[j]; A, B: planes, pitch apart */    \

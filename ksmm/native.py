@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 _SOURCE = Path(__file__).with_name("_butterfly.c")
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _lib = None  # the loaded library, False when it cannot be built
+_load_lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
@@ -71,38 +72,45 @@ def _compile(out: Path) -> None:
 
 
 def _load():
+    """The loaded library (built on first use), or None when it cannot be had."""
     global _lib
     if _lib is None:
-        _lib = False
-        if os.environ.get("KSMM_NATIVE", "1") == "0":
-            return None
-        stamp = _SOURCE.read_bytes() + " ".join([sys.platform, *_FLAGS]).encode()
-        key = hashlib.sha256(stamp).hexdigest()[:16]
-        path = _cache_dir() / f"butterfly-{key}.so"
-        try:
-            if not path.exists():
-                _compile(path)
-            lib = ctypes.CDLL(str(path))
-        except (OSError, RuntimeError) as exc:
-            warnings.warn(
-                f"ksmm: the fused butterfly kernel is unavailable ({exc}); using the pure "
-                "PyTorch path (same results, slower on CPU).",
-                stacklevel=3,
-            )
-            return None
-        ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        for s, real in [("f32", ctypes.c_float), ("f64", ctypes.c_double)]:
-            # attribute access: lib[name] would make a new, unconfigured function object
-            fwd = getattr(lib, f"ks_butterfly_forward_{s}")
-            bwd = getattr(lib, f"ks_butterfly_backward_{s}")
-            fwd.argtypes = [ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, real, ptr, int_]
-            bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, real]
-            bwd.argtypes += [ptr, ptr, int_]
-            fwd.restype = bwd.restype = None
-        lib.ks_scratch_size.argtypes = [int_, long, int_, int_]
-        lib.ks_scratch_size.restype = long
-        _lib = lib
+        with _load_lock:  # one thread builds and configures it; the others wait for it
+            if _lib is None:
+                _lib = _build_and_configure()
     return _lib or None
+
+
+def _build_and_configure():
+    """The configured library, or False (with one warning) when it cannot be built or loaded."""
+    if os.environ.get("KSMM_NATIVE", "1") == "0":
+        return False
+    stamp = _SOURCE.read_bytes() + " ".join([sys.platform, *_FLAGS]).encode()
+    key = hashlib.sha256(stamp).hexdigest()[:16]
+    path = _cache_dir() / f"butterfly-{key}.so"
+    try:
+        if not path.exists():
+            _compile(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as exc:
+        warnings.warn(
+            f"ksmm: the fused butterfly kernel is unavailable ({exc}); using the pure "
+            "PyTorch path (same results, slower on CPU).",
+            stacklevel=4,
+        )
+        return False
+    ptr, long, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    for s, real in [("f32", ctypes.c_float), ("f64", ctypes.c_double)]:
+        # attribute access: lib[name] would make a new, unconfigured function object
+        fwd = getattr(lib, f"ks_butterfly_forward_{s}")
+        bwd = getattr(lib, f"ks_butterfly_backward_{s}")
+        fwd.argtypes = [ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, real, ptr, int_]
+        bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, long, long, int_, ptr, ptr, int_, real]
+        bwd.argtypes += [ptr, ptr, int_]
+        fwd.restype = bwd.restype = None
+    lib.ks_scratch_size.argtypes = [int_, long, int_, int_]
+    lib.ks_scratch_size.restype = long
+    return lib
 
 
 _local = threading.local()
@@ -210,6 +218,15 @@ def butterfly_rows(x: Tensor, levels, weights, trans: bool = False, scale: float
     KS pattern (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as
     KSLinear stores it, (a*d, 2, 2); ``trans`` applies every block transposed. Check
     ``available`` first."""
-    if not levels:
+    p = x.shape[-1]
+    for (a, d), w in zip(levels, weights, strict=True):
+        if a * 2 * d != p or tuple(w.shape) != (a * d, 2, 2):
+            raise ValueError(
+                f"butterfly level (a={a}, d={d}) with a {tuple(w.shape)} weight does not fit "
+                f"rows of {p} values (it needs a*2*d = {p} and a weight of shape (a*d, 2, 2))"
+            )
+        if w.dtype != x.dtype:
+            raise ValueError(f"butterfly weights are {w.dtype} but the rows are {x.dtype}")
+    if not levels or x.shape[0] == 0:  # nothing for the kernel to do
         return x * scale
     return _Butterfly.apply(x, tuple(levels), bool(trans), float(scale), *weights)

@@ -1,4 +1,6 @@
+import concurrent.futures
 import math
+import threading
 import time
 
 import pytest
@@ -354,9 +356,11 @@ def test_fused_butterfly_gradcheck(transpose):
         [(1, 32), (2, 16), (4, 8), (8, 4), (16, 2), (32, 1)],  # P = 64: vector loops, shuffles
         [(1, 24), (3, 8), (4, 6), (12, 2), (24, 1)],  # P = 48: vector and scalar levels
         [(4, 8), (2, 16), (1, 32), (8, 4), (32, 1)],  # two-level passes small+big, big+small
+        [(2, 16), (2, 16), (1, 32), (32, 1), (32, 1)],  # the same distance twice in a row
+        [(1, 48), (3, 16), (6, 8)],  # P = 96: a distance of 48, not a power of two
         [(1, 1)],  # P = 2: one level, scalar
     ],
-    ids=["P64", "P48", "P64-mixed", "P2"],
+    ids=["P64", "P48", "P64-mixed", "P64-repeated", "P96", "P2"],
 )
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_fused_butterfly_float32_matches_float64_reference(levels, transpose, layout):
@@ -389,6 +393,46 @@ def test_fused_butterfly_float32_matches_float64_reference(levels, transpose, la
     assert x.grad.stride() == x.stride()
     for w, r in zip(ws, ref_ws, strict=True):
         torch.testing.assert_close(w.grad, r.grad.float(), **tol)
+
+
+def test_fused_butterfly_checks_its_inputs_and_takes_an_empty_batch():
+    if not native.available(torch.zeros(1)):
+        pytest.skip("no C compiler: the fused kernel is unavailable")
+    levels, x = [(1, 2), (2, 1)], torch.randn(3, 4)
+    with pytest.raises(ValueError, match="are torch.float64 but the rows are torch.float32"):
+        native.butterfly_rows(x, levels, [torch.randn(2, 2, 2, dtype=F64) for _ in levels])
+    with pytest.raises(ValueError, match=r"needs a\*2\*d = 4"):
+        native.butterfly_rows(x, [(1, 4)], [torch.randn(4, 2, 2)])
+    chain = KSLinearChain(64, 48, 8)
+    x = torch.zeros(0, 64, requires_grad=True)
+    y = chain(x)  # an empty batch (it crashed the kernel)
+    y.sum().backward()
+    assert y.shape == (0, 48) and x.grad.shape == (0, 64)
+
+
+def test_fused_kernel_loads_once_when_threads_race_for_it(tmp_path, monkeypatch):
+    """Threads that call in while the library is being built wait for it (one of them used to
+    get None back)."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("KSMM_CACHE", str(tmp_path))
+    build = native._build_and_configure
+
+    def slow_build():  # every thread arrives while the first one is still building
+        time.sleep(0.5)
+        return build()
+
+    monkeypatch.setattr(native, "_build_and_configure", slow_build)
+    barrier = threading.Barrier(4)
+
+    def load(_):
+        barrier.wait()
+        return native._load()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        libs = list(pool.map(load, range(4)))
+    if libs[0] is None:
+        pytest.skip("no C compiler: the fused kernel is unavailable")
+    assert all(lib is libs[0] for lib in libs)
 
 
 def test_fused_butterfly_refuses_double_backward():
