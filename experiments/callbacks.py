@@ -28,6 +28,9 @@ class RankSweepReport(Callback):
 
         sweep_dir = config.hydra.sweep.dir
         prefix, log_scale = config.report.save_prefix, config.report.log_scale
+        if collect_summary(sweep_dir).empty:  # every job skipped (max_rank): nothing failed
+            print(f"no job ran (every rank above max_rank?): nothing to report in {sweep_dir}")
+            return
         try:
             paths = write_report(sweep_dir, prefix=prefix, log_scale=log_scale)
         except Exception as exc:  # a report failure must not hide the jobs' own results

@@ -220,15 +220,25 @@ def check_override_keys(schema: type, argv: list[str], where: str) -> None:
     value of the wrong type or a sweep without ``-m``: one ``error:`` line and exit 2, before
     Hydra starts (Hydra's own messages span several lines). Hydra's own keys are left to it."""
     config = OmegaConf.structured(schema)
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    # a preset may switch to multirun mode itself (hydra.mode), so a sweep then needs no -m
-    preset = any(a.split("=", 1)[0] == "experiment" for a in argv)
+    # -m, an abbreviation argparse accepts (--multi), or Hydra's own key
+    multirun = any(
+        a == "-m" or (len(a) > 3 and "--multirun".startswith(a)) or a == "hydra.mode=MULTIRUN"
+        for a in argv
+    )
     try:
-        for arg in argv:
-            _check_override(config, arg, where, sweep_ok=multirun or preset)
+        for i, arg in enumerate(argv):
+            if i and argv[i - 1] in _FLAGS_WITH_VALUE:
+                continue  # a flag's value (-cd /a=b), not an override
+            _check_override(config, arg, where, sweep_ok=multirun)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+# Hydra's flags that take the next argument as their value
+_FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+                     "-c", "--cfg", "-p", "--package", "-sc", "--shell-completion",
+                     "--experimental-rerun", "-i", "--info"}  # fmt: skip
 
 
 def _check_override(config, arg: str, where: str, sweep_ok: bool = True) -> None:

@@ -194,6 +194,13 @@ def test_max_rank_filters_a_sweep(tmp_path):
     assert not (sweep / "1_rank_8").exists()  # a skipped job leaves no stub folder
 
 
+def test_a_sweep_of_skipped_ranks_only_is_no_failure(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", "rank=8,16", "max_rank=4", *SMALL, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "no job ran (every rank above max_rank?)" in proc.stdout
+
+
 def test_multirun_through_submitit_local(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=local", "rank=2,4", *SMALL, f"hydra.sweep.dir={sweep}"]

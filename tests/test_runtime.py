@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from experiments.runtime import configure_threads, seed_everything
+from experiments.runtime import check_override_keys, configure_threads, seed_everything
+from experiments.schemas import RankSweepConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +68,35 @@ def test_every_multirun_job_finishes_its_own_offline_wandb_run(tmp_path):
     assert {r["group"] for r in records} == {sweep.name}  # one launch, one W&B group
     for r, job in zip(records, sorted(sweep.glob("*/run.json")), strict=True):
         assert list(job.parent.glob(f"wandb/offline-run-*-{r['run_id']}"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "rank=2,4"],
+        ["--multi", "rank=2,4"],  # argparse's abbreviation of --multirun
+        ["hydra.mode=MULTIRUN", "rank=2,4"],
+        ["-cd", "/tmp/a=b", "rank=2"],  # a flag's value is no override
+        ["logger.tags=[a,b]", "weight.path=null", "train.lr=1e-3", "++train.lr=2e-3"],
+        ["~rank_probe", "hydra/launcher=joblib", "--cfg", "job"],
+    ],
+)
+def test_override_check_lets_hydra_syntax_through(argv):
+    check_override_keys(RankSweepConfig, argv, "conf/rank_sweep.yaml")  # no SystemExit
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["rank=2,4"], "sweeps over several values: add -m"),
+        (["experiment=demo", "rank=2,4"], "sweeps over several values: add -m"),
+        (["+train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["weight.path=~/w.pth"], "cannot parse 'weight.path=~/w.pth'"),
+    ],
+)
+def test_override_check_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check_override_keys(RankSweepConfig, argv, "conf/rank_sweep.yaml")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
