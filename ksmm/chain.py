@@ -231,7 +231,9 @@ class KSLinearChain(nn.Module):
         elif self.rank >= rows:  # the butterfly runs on the batch
             if fused:
                 i0, i1 = nfly
-                fly = partial(self._butterfly, i0, i1, transpose=False, scale=scale)
+                fly = partial(
+                    self._butterfly, i0, i1, transpose=False, merge_max=self.merge_max, scale=scale
+                )
                 ops = self._merged(0, i0) + [fly] + self._merged(i1)
             else:
                 ops = self._merged()
