@@ -326,8 +326,9 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
         }                                                                                      \
     }                                                                                          \
                                                                                                \
-    /* gy: the output's gradient; gx: the input's; gws[t]: level t's weight gradient in the   \
-     * weight's layout (all overwritten). Strides as in the forward pass; mem:                 \
+    /* gy: the output's gradient; gx: the input's (NULL: not wanted); gws[t]: level t's      \
+     * weight gradient in the weight's layout (all overwritten). Strides as in the forward     \
+     * pass; mem:                                                                              \
      * ks_scratch_size(1, P, L, nthreads) elements of scratch. */                              \
     KS_CLONES void ks_butterfly_backward_##S(const T *x, const long *sx, const T *gy,          \
                                              const long *sgy, T *gx, const long *sgx, long n,  \
@@ -386,7 +387,7 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
                         for (int j = 0; j < KS_R; ++j) {                                       \
                             lin[j] = i ? s + (i * KS_R + j) * pitch : in0[j];                  \
                             out[j] = i ? s + ((i % 2 ? 0 : np) * KS_R + j) * pitch             \
-                                     : r0 + j < gn ? gxg + (r0 + j) * gxs                      \
+                                     : r0 + j < gn && gx ? gxg + (r0 + j) * gxs                \
                                                    : s + ((L + 1) * KS_R + j) * pitch;         \
                         }                                                                      \
                         ks_bwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, gA, gB, pitch, lin, g,  \
@@ -394,7 +395,7 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
                         for (int j = 0; j < KS_R; ++j) g[j] = out[j];                          \
                     }                                                                          \
                 }                                                                              \
-                if (sgx[1] != 1) ks_copy_##S(gxbuf, gs, gx + g0 * sgx[0], sgx, gn, P);         \
+                if (gx && sgx[1] != 1) ks_copy_##S(gxbuf, gs, gx + g0 * sgx[0], sgx, gn, P);   \
             }                                                                                  \
             /* sum the threads' gA, gB into the weights' layout */                             \
             _Pragma("omp for schedule(static)")                                                \

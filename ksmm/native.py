@@ -127,8 +127,8 @@ def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
 
 
 def _call(direction: str, *args, p: int, levels: int) -> None:
-    """The kernel for the first tensor's dtype, on tensor arguments' data pointers, with this
-    thread's scratch."""
+    """The kernel for the first tensor's dtype, on tensor arguments' data pointers (None: a
+    NULL pointer), with this thread's scratch."""
     lib, dtype, threads = _load(), args[0].dtype, torch.get_num_threads()
     kernel = getattr(lib, f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
     size = lib.ks_scratch_size(direction == "backward", p, levels, threads)
@@ -191,7 +191,8 @@ class _Butterfly(torch.autograd.Function):
     @once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, g):
         x, *weights = ctx.saved_tensors
-        gx = torch.empty_like(x)  # x's layout: for a weight's rows, the parameter's own
+        # x's layout (for a weight's rows, the parameter's own); none for data needing no grad
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         gws = [torch.empty_like(w) for w in weights]
         n, p = x.shape
         _call(
@@ -201,7 +202,7 @@ class _Butterfly(torch.autograd.Function):
             g,
             _strides(g),
             gx,
-            _strides(gx),
+            _strides(x if gx is None else gx),
             n,
             p,
             len(weights),

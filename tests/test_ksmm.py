@@ -308,6 +308,21 @@ def test_butterfly_fold_matches_running_on_the_batch(shape, fused, monkeypatch):
             torch.testing.assert_close(g, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_butterfly_on_a_batch_that_needs_no_gradient(dtype):
+    """Training data needs no input gradient: the kernel skips it, the weights' are right."""
+    torch.manual_seed(0)
+    chain = KSLinearChain(256, 96, 64, output_scale=1.3).to(dtype)
+    x = torch.randn(16, 256, dtype=dtype)  # 16 rows < rank 64: the butterfly runs on the batch
+    chain(x).square().sum().backward()
+    got = [p.grad for p in chain.parameters()]
+    chain.zero_grad()
+    (x.double() @ ks_chain_reference(chain.double()).T).square().sum().backward()
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-3)
+    for g, p in zip(got, chain.parameters(), strict=True):
+        torch.testing.assert_close(g.double(), p.grad, **tol)
+
+
 def ks_chain_reference(chain):
     """The chain's dense matrix from ks_dense of each factor (no fast path involved)."""
     dense = torch.eye(chain.in_features, dtype=torch.float64)
