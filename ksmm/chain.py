@@ -245,6 +245,8 @@ class KSLinearChain(nn.Module):
                 pat, e = pre[-1]
                 be_t = self._butterfly(i0, i1, e.reshape(pat.b, pat.c).t(), False, scale=scale)
                 pre[-1] = (pat, be_t.t().contiguous().reshape(pat))  # row-major: fast grads
+            elif fused and len(post) == 2:  # output side, all of it as one autograd node
+                return [self._fold_output(i0, i1, scale)]
             else:  # output side: B -> V (r x P) -> U: fold V B = (B^T V^T)^T
                 pat, v = post[0]
                 vb = self._butterfly(i0, i1, v.reshape(pat.b, pat.c), True, scale=scale)
@@ -272,6 +274,21 @@ class KSLinearChain(nn.Module):
             ops = [(KSPattern(q.a, q.c, q.b, q.d), w.transpose(1, 2)) for q, w in ops[::-1]]
         y = _apply_ops(ops, x)
         return y if scale is None else y * scale
+
+    def _fold_output(self, i0: int, i1: int, scale: float):
+        """x -> U (V B)^T... as one op: native.fold_output on the parameters' own storage (V is
+        stored (1, P, r), so its rows are strided; U is stored (1, r, m), i.e. U^T)."""
+        levels = [(p.a, p.d) for p in self.patterns[i0:i1]][::-1]
+        weights = [f.weight for f in list(self.factors)[i0:i1]][::-1]
+        v, u = self.factors[i1].weight, self.factors[i1 + 1].weight
+        return partial(
+            native.fold_output,
+            v_rows=v.view(v.shape[1], v.shape[2]).t(),
+            u_t=u.view(u.shape[1], u.shape[2]),
+            levels=levels,
+            weights=weights,
+            scale=scale,
+        )
 
     def _butterfly_span(self):
         """(first, stop) factor indices of the square butterfly inside a bottlenecked chain."""

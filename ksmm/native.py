@@ -214,6 +214,47 @@ class _Butterfly(torch.autograd.Function):
         return (gx, None, None, None, *gws)
 
 
+class _FoldedOutput(torch.autograd.Function):
+    """x -> V B -> U in one autograd node (the butterfly folded into the output bottleneck):
+    two matmuls and the kernel, without the dozen view, matmul and butterfly nodes that cost
+    more Python than arithmetic at small ranks."""
+
+    @staticmethod
+    def forward(ctx, x, v_rows, u_t, levels, scale, *weights):
+        weights = [w.contiguous() for w in weights]
+        r, p = v_rows.shape
+        vb = v_rows.new_empty((r, p))
+        arrays = _arrays(levels, weights, True, scale)
+        _call("forward", v_rows, _strides(v_rows), vb, _strides(vb), r, p, len(levels), *arrays,
+              p=p, levels=len(levels))  # fmt: skip
+        h = x @ vb.t()
+        ctx.save_for_backward(x, v_rows, u_t, vb, h, *weights)
+        ctx.arrays = arrays
+        return h @ u_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, v_rows, u_t, vb, h, *weights = ctx.saved_tensors
+        gh = gy @ u_t.t()
+        gvb = gh.t() @ x
+        gx = gh @ vb if ctx.needs_input_grad[0] else None
+        gv = torch.empty_like(v_rows)  # the parameter's own layout
+        gws = [torch.empty_like(w) for w in weights]
+        r, p = v_rows.shape
+        _call("backward", v_rows, _strides(v_rows), gvb, _strides(gvb), gv, _strides(gv), r, p,
+              len(weights), *ctx.arrays, (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
+              p=p, levels=len(weights))  # fmt: skip
+        return (gx, gv, h.t() @ gy, None, None, *gws)
+
+
+def fold_output(x: Tensor, v_rows: Tensor, u_t: Tensor, levels, weights, scale: float) -> Tensor:
+    """``x @ (scale * V B^T...)^T @ u_t``: the rows of V (r, P) through the butterfly levels
+    transposed (as ``butterfly_rows(v_rows, levels, weights, trans=True, scale)``), then the
+    batch through that (r, P) matrix and ``u_t`` (r, m). Check ``available`` first."""
+    return _FoldedOutput.apply(x, v_rows, u_t, tuple(levels), float(scale), *weights)
+
+
 def butterfly_rows(x: Tensor, levels, weights, trans: bool = False, scale: float = 1.0) -> Tensor:
     """Each row of x (n, P) through 2x2 butterfly levels in order, times ``scale``: level t has
     KS pattern (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as

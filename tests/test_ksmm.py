@@ -309,18 +309,25 @@ def test_butterfly_fold_matches_running_on_the_batch(shape, fused, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_butterfly_on_a_batch_that_needs_no_gradient(dtype):
-    """Training data needs no input gradient: the kernel skips it, the weights' are right."""
+@pytest.mark.parametrize("rows", [16, 100], ids=["on-the-batch", "folded"])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_fused_paths_in_both_dtypes(dtype, rows, input_grad):
+    """The butterfly on the batch (16 rows < rank 64) and folded into the output bottleneck
+    (100 rows), float64 and float32 (vector loops), for training data (no input gradient: the
+    kernel skips it) and for an input that needs its gradient."""
     torch.manual_seed(0)
     chain = KSLinearChain(256, 96, 64, output_scale=1.3).to(dtype)
-    x = torch.randn(16, 256, dtype=dtype)  # 16 rows < rank 64: the butterfly runs on the batch
+    x = torch.randn(rows, 256, dtype=dtype, requires_grad=input_grad)
     chain(x).square().sum().backward()
     got = [p.grad for p in chain.parameters()]
     chain.zero_grad()
-    (x.double() @ ks_chain_reference(chain.double()).T).square().sum().backward()
+    x_ref = x.detach().double().requires_grad_(input_grad)
+    (x_ref @ ks_chain_reference(chain.double()).T).square().sum().backward()
     tol = {} if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-3)
     for g, p in zip(got, chain.parameters(), strict=True):
         torch.testing.assert_close(g.double(), p.grad, **tol)
+    if input_grad:
+        torch.testing.assert_close(x.grad.double(), x_ref.grad, **tol)
 
 
 def ks_chain_reference(chain):
