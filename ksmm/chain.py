@@ -261,10 +261,7 @@ class KSLinearChain(nn.Module):
         """Each row of x (n, P) through the butterfly factors[start:stop] (through B^T with
         ``transpose``), times ``scale`` if given: the fused kernel on CPU, else the PyTorch ops
         (levels merged up to ``merge_max``; unmerged by default, which suits a narrow x)."""
-        levels = [(p.a, p.d) for p in self.patterns[start:stop]]
-        weights = [f.weight for f in list(self.factors)[start:stop]]
-        if transpose:
-            levels, weights = levels[::-1], weights[::-1]
+        levels, weights = self._levels(start, stop, transpose)
         if native.available(x) and all(w.dtype == x.dtype for w in weights):
             return native.butterfly_rows(
                 x, levels, weights, transpose, 1.0 if scale is None else scale
@@ -275,11 +272,17 @@ class KSLinearChain(nn.Module):
         y = _apply_ops(ops, x)
         return y if scale is None else y * scale
 
+    def _levels(self, start: int, stop: int, transpose: bool):
+        """(a, d) and weight of each butterfly level in factors[start:stop], in the order the
+        kernel applies them (reversed for B^T)."""
+        levels = [(p.a, p.d) for p in self.patterns[start:stop]]
+        weights = [f.weight for f in list(self.factors)[start:stop]]
+        return (levels[::-1], weights[::-1]) if transpose else (levels, weights)
+
     def _fold_output(self, i0: int, i1: int, scale: float):
         """x -> U (V B)^T... as one op: native.fold_output on the parameters' own storage (V is
         stored (1, P, r), so its rows are strided; U is stored (1, r, m), i.e. U^T)."""
-        levels = [(p.a, p.d) for p in self.patterns[i0:i1]][::-1]
-        weights = [f.weight for f in list(self.factors)[i0:i1]][::-1]
+        levels, weights = self._levels(i0, i1, transpose=True)
         v, u = self.factors[i1].weight, self.factors[i1 + 1].weight
         return partial(
             native.fold_output,

@@ -126,14 +126,39 @@ def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
     return buf
 
 
-def _call(direction: str, *args, p: int, levels: int) -> None:
-    """The kernel for the first tensor's dtype, on tensor arguments' data pointers (None: a
-    NULL pointer), with this thread's scratch."""
-    lib, dtype, threads = _load(), args[0].dtype, torch.get_num_threads()
-    kernel = getattr(lib, f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
+def _kernel(direction: str, dtype: torch.dtype, p: int, levels: int):
+    """The kernel for this dtype and this thread's scratch for it (a pointer), and the thread
+    count both are made for."""
+    lib, threads = _load(), torch.get_num_threads()
     size = lib.ks_scratch_size(direction == "backward", p, levels, threads)
-    scratch = _scratch(size, dtype)
-    kernel(*[_ptr(a) if isinstance(a, Tensor) else a for a in args], _ptr(scratch), threads)
+    kernel = getattr(lib, f"ks_butterfly_{direction}_{_DTYPES[dtype]}")
+    return kernel, _ptr(_scratch(size, dtype)), threads
+
+
+def _fly_forward(x: Tensor, levels, weights, trans: bool, scale: float):
+    """The rows of x (any strides) through the levels: (y, the contiguous weights, the kernel's
+    argument arrays, kept for the backward pass)."""
+    weights = [w.contiguous() for w in weights]
+    arrays = _arrays(levels, weights, trans, scale)
+    (n, p), y = x.shape, x.new_empty(x.shape)
+    kernel, scratch, threads = _kernel("forward", x.dtype, p, len(levels))
+    kernel(_ptr(x), _strides(x), _ptr(y), _strides(y), n, p, len(levels), *arrays, scratch, threads)
+    return y, weights, arrays
+
+
+def _fly_backward(x: Tensor, g: Tensor, weights, arrays, input_grad: bool):
+    """(gradient of x or None, gradients of the weights) from the output's gradient g. The
+    level inputs are recomputed from x; x's gradient has x's layout (for a weight's rows, the
+    parameter's own)."""
+    gx = torch.empty_like(x) if input_grad else None
+    gws = [torch.empty_like(w) for w in weights]
+    gw_ptrs = (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws))
+    (n, p), levels = x.shape, len(weights)
+    kernel, scratch, threads = _kernel("backward", x.dtype, p, levels)
+    gx_ptr = None if gx is None else _ptr(gx)  # NULL: not wanted
+    kernel(_ptr(x), _strides(x), _ptr(g), _strides(g), gx_ptr, _strides(x if gx is None else gx),
+           n, p, levels, *arrays, gw_ptrs, scratch, threads)  # fmt: skip
+    return gx, gws
 
 
 def available(x: Tensor) -> bool:
@@ -165,52 +190,15 @@ class _Butterfly(torch.autograd.Function):
     # a gradient in the parameter's own layout needs no copy before it is accumulated.
     @staticmethod
     def forward(ctx, x, levels, trans, scale, *weights):
-        weights = [w.contiguous() for w in weights]
-        y = x.new_empty(x.shape)
-        n, p = x.shape
-        arrays = _arrays(levels, weights, trans, scale)
-        _call(
-            "forward",
-            x,
-            _strides(x),
-            y,
-            _strides(y),
-            n,
-            p,
-            len(levels),
-            *arrays,
-            p=p,
-            levels=len(levels),
-        )
-        # the backward pass recomputes the levels' inputs from x: nothing else to keep
-        ctx.save_for_backward(x, *weights)
-        ctx.arrays = arrays  # the saved weights are these very tensors
+        y, weights, ctx.arrays = _fly_forward(x, levels, weights, trans, scale)
+        ctx.save_for_backward(x, *weights)  # the arrays point at these very weights
         return y
 
     @staticmethod
     @once_differentiable  # the kernel's gradients are not themselves differentiable
     def backward(ctx, g):
         x, *weights = ctx.saved_tensors
-        # x's layout (for a weight's rows, the parameter's own); none for data needing no grad
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gws = [torch.empty_like(w) for w in weights]
-        n, p = x.shape
-        _call(
-            "backward",
-            x,
-            _strides(x),
-            g,
-            _strides(g),
-            gx,
-            _strides(x if gx is None else gx),
-            n,
-            p,
-            len(weights),
-            *ctx.arrays,
-            (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
-            p=p,
-            levels=len(weights),
-        )
+        gx, gws = _fly_backward(x, g, weights, ctx.arrays, ctx.needs_input_grad[0])
         return (gx, None, None, None, *gws)
 
 
@@ -221,15 +209,9 @@ class _FoldedOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v_rows, u_t, levels, scale, *weights):
-        weights = [w.contiguous() for w in weights]
-        r, p = v_rows.shape
-        vb = v_rows.new_empty((r, p))
-        arrays = _arrays(levels, weights, True, scale)
-        _call("forward", v_rows, _strides(v_rows), vb, _strides(vb), r, p, len(levels), *arrays,
-              p=p, levels=len(levels))  # fmt: skip
+        vb, weights, ctx.arrays = _fly_forward(v_rows, levels, weights, True, scale)
         h = x @ vb.t()
         ctx.save_for_backward(x, v_rows, u_t, vb, h, *weights)
-        ctx.arrays = arrays
         return h @ u_t
 
     @staticmethod
@@ -237,21 +219,15 @@ class _FoldedOutput(torch.autograd.Function):
     def backward(ctx, gy):
         x, v_rows, u_t, vb, h, *weights = ctx.saved_tensors
         gh = gy @ u_t.t()
-        gvb = gh.t() @ x
         gx = gh @ vb if ctx.needs_input_grad[0] else None
-        gv = torch.empty_like(v_rows)  # the parameter's own layout
-        gws = [torch.empty_like(w) for w in weights]
-        r, p = v_rows.shape
-        _call("backward", v_rows, _strides(v_rows), gvb, _strides(gvb), gv, _strides(gv), r, p,
-              len(weights), *ctx.arrays, (ctypes.c_void_p * len(gws))(*(w.data_ptr() for w in gws)),
-              p=p, levels=len(weights))  # fmt: skip
+        gv, gws = _fly_backward(v_rows, gh.t() @ x, weights, ctx.arrays, True)
         return (gx, gv, h.t() @ gy, None, None, *gws)
 
 
 def fold_output(x: Tensor, v_rows: Tensor, u_t: Tensor, levels, weights, scale: float) -> Tensor:
-    """``x @ (scale * V B^T...)^T @ u_t``: the rows of V (r, P) through the butterfly levels
-    transposed (as ``butterfly_rows(v_rows, levels, weights, trans=True, scale)``), then the
-    batch through that (r, P) matrix and ``u_t`` (r, m). Check ``available`` first."""
+    """``x @ vb.T @ u_t`` with ``vb = butterfly_rows(v_rows, levels, weights, True, scale)``,
+    the (r, P) factor V with the butterfly folded in, and ``u_t`` (r, m), in one autograd node.
+    Check ``available`` first."""
     return _FoldedOutput.apply(x, v_rows, u_t, tuple(levels), float(scale), *weights)
 
 
