@@ -31,8 +31,11 @@ def time_together(models: dict, x, repeats, device) -> dict:
     once (in a rotating order), so a slow spell of a shared machine hits all of them alike and
     ratios can be taken repeat by repeat."""
 
+    # each model's parameters as an optimizer holds them: a flat list, not a module walk
+    params = {id(model): list(model.parameters()) for model in models.values()}
+
     def step(model):
-        for p in model.parameters():
+        for p in params[id(model)]:
             p.grad = None
         x.grad = None
         model(x).sum().backward()

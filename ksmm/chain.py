@@ -239,14 +239,15 @@ class KSLinearChain(nn.Module):
                 ops = self._merged()
         else:
             i0, i1 = nfly
+            if fused and i0 == 0 and len(self.factors) - i1 == 2:
+                # output side (U V after B), all of it as one autograd node
+                return [self._fold_output(i0, i1, scale)]
             pre, post = self._merged(0, i0), self._merged(i1)
             # The neighbour is dense (a = d = 1; at rank 1 the two bottleneck factors merge).
             if pre:  # input side: x -> V (r x N) -> E (P x r) -> B ...: fold B E
                 pat, e = pre[-1]
                 be_t = self._butterfly(i0, i1, e.reshape(pat.b, pat.c).t(), False, scale=scale)
                 pre[-1] = (pat, be_t.t().contiguous().reshape(pat))  # row-major: fast grads
-            elif fused and len(post) == 2:  # output side, all of it as one autograd node
-                return [self._fold_output(i0, i1, scale)]
             else:  # output side: B -> V (r x P) -> U: fold V B = (B^T V^T)^T
                 pat, v = post[0]
                 vb = self._butterfly(i0, i1, v.reshape(pat.b, pat.c), True, scale=scale)

@@ -218,6 +218,7 @@ class _FoldedOutput(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):
         x, v_rows, u_t, vb, h, *weights = ctx.saved_tensors
+        gy = gy.contiguous()  # once, not in both products (a sum's gradient is an expand)
         gh = gy @ u_t.t()
         gx = gh @ vb if ctx.needs_input_grad[0] else None
         gv, gws = _fly_backward(v_rows, gh.t() @ x, weights, ctx.arrays, True)

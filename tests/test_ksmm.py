@@ -286,7 +286,8 @@ def test_hadamard_positive_control():
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "pytorch-ops"])
 # output-side bottleneck, square, both sides, input side only (the butterfly is last)
 @pytest.mark.parametrize("shape", [(48, 64), (64, 64), (100, 40), (300, 500), (64, 40)])
-def test_butterfly_fold_matches_running_on_the_batch(shape, fused, monkeypatch):
+@pytest.mark.parametrize("rank", [8, 1])  # at rank 1 the bottleneck's two factors are mergeable
+def test_butterfly_fold_matches_running_on_the_batch(shape, rank, fused, monkeypatch):
     """Folding B into the bottleneck (rows > rank) and running B on the batch agree, grads too,
     with the fused CPU kernel and with the pure PyTorch path."""
     if fused and not native.available(torch.zeros(1)):
@@ -294,9 +295,9 @@ def test_butterfly_fold_matches_running_on_the_batch(shape, fused, monkeypatch):
     if not fused:
         monkeypatch.setattr(native, "_lib", False)
     m, n = shape
-    chain = KSLinearChain(n, m, 8, output_scale=1.7).double()
+    chain = KSLinearChain(n, m, rank, output_scale=1.7).double()
     dense = ks_chain_reference(chain)
-    for rows in (3, 64):  # 3 < rank: B on the batch; 64 > rank: B folded
+    for rows in (3, 64) if rank > 3 else (64,):  # 3 < rank: B on the batch; 64 > rank: folded
         x = torch.randn(rows, n, dtype=torch.float64, requires_grad=True)
         y = chain(x)
         torch.testing.assert_close(y, x @ dense.T)
