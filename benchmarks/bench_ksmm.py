@@ -12,6 +12,9 @@ from torch import nn
 
 from ksmm import KSLinearChain, ks_einsum, native
 
+# steps a model runs back to back in its turn for the b2b ratio (after one untimed step)
+BLOCK = 5
+
 
 class EinsumChain(nn.Module):
     """The same chain run through the einsum reference, one factor at a time."""
@@ -26,11 +29,13 @@ class EinsumChain(nn.Module):
         return x
 
 
-def time_together(models: dict, x, repeats, device) -> dict:
+def time_together(models: dict, x, repeats, device, block: int = 1) -> dict:
     """Forward+backward times (s) of each model, measured in turns: each repeat runs every model
-    once (in a rotating order), so a slow spell of a shared machine hits all of them alike and
-    ratios can be taken repeat by repeat."""
-
+    (in a rotating order), so a slow spell of a shared machine hits all of them alike and ratios
+    can be taken repeat by repeat. With ``block`` > 1 a model's turn is one untimed step and
+    then ``block`` steps back to back, of which the median is kept: each model runs with its own
+    data hot in cache (the small low-rank pair's best case) and the turns still cancel slow
+    spells."""
     # each model's parameters as an optimizer holds them: a flat list, not a module walk
     params = {id(model): list(model.parameters()) for model in models.values()}
 
@@ -40,6 +45,15 @@ def time_together(models: dict, x, repeats, device) -> dict:
         x.grad = None
         model(x).sum().backward()
 
+    def timed(model):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
     for model in models.values():
         for _ in range(2):  # warm-up
             step(model)
@@ -47,20 +61,10 @@ def time_together(models: dict, x, repeats, device) -> dict:
     times = {name: [] for name in names}
     for i in range(repeats):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            step(models[name])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
+            if block > 1:
+                step(models[name])  # the first step after another model's runs cold
+            times[name].append(statistics.median(timed(models[name]) for _ in range(block)))
     return times
-
-
-def time_alone(model, x, repeats, device) -> list:
-    """Forward+backward times (s) of one model run back to back: its data stays in cache, which
-    favours small models such as the low-rank pair."""
-    return time_together({"model": model}, x, repeats, device)["model"]
 
 
 def paired_ratio(times: dict, name: str, ref: str) -> float:
@@ -94,7 +98,8 @@ def main(argv=None):
     print("ms = median forward+backward (weight and input grads); FLOP = forward 2*B*params;")
     print("the models of one shape and rank run in turns; a ratio is the median over repeats of")
     print("the two models' times in the same repeat; min ms shows the noise floor; b2b /lowrank:")
-    print("chain over pair when each runs back to back (hot caches: the pair's best case)")
+    print(f"the same ratio with each model's turn {BLOCK} steps back to back (hot caches: the")
+    print("pair's best case)")
 
     rows = []  # (m, n, rank, method, flops, median ms, min ms, /lowrank, /dense)
     for m, n in shapes:
@@ -119,13 +124,12 @@ def main(argv=None):
                     models["butterfly einsum ref"] = EinsumChain(chain)
                     flops["butterfly einsum ref"] = flops[label]
             times = time_together(models, x, repeats, device)
-            # the target pair once more, each back to back (ratio of medians)
-            alone = {
-                k: time_alone(models[k], x, repeats, device)
-                for k in ["lowrank pair", "butterfly chain"]
-            }
-            b2b = statistics.median(alone["butterfly chain"]) / statistics.median(
-                alone["lowrank pair"]
+            # the target pair once more, each model back to back in its turn
+            target = {k: models[k] for k in ["lowrank pair", "butterfly chain"]}
+            b2b = paired_ratio(
+                time_together(target, x, repeats, device, block=BLOCK),
+                "butterfly chain",
+                "lowrank pair",
             )
             for name in models:
                 if name == "dense" and r != ranks[0]:
