@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from analysis.cli import UserError
 from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
+from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
 from experiments.rank_probe import RankProbe, input_rank, mlp_probe_layers
 from experiments.runstore import write_json_atomic
@@ -247,3 +248,4 @@ register_configs()
 if __name__ == "__main__":
     check_override_keys(LaplaceScalingConfig, sys.argv[1:], "conf/laplace_scaling.yaml")
     main()
+    exit_if_incomplete()  # a sweep with jobs that did not finish: reported above

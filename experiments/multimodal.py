@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from analysis.cli import UserError
 from experiments import runstore
+from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
 from experiments.multimodal_data import PairSet, Tokenizer, distinct_scenes, load_pairs, words
 from experiments.multimodal_model import (
@@ -417,13 +418,15 @@ def multimodal_job(
     )
     for name in ("epoch_train_loss_avg", "epoch_val_loss_avg", "val_train_loss_ratio"):
         logger.define_metric(name, step_metric="epoch")
+    stop = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
     log.info(
-        "%d train / %d val pairs, vocabulary %d, %d parameters, %d steps",
+        "%d train / %d val pairs, vocabulary %d, %d parameters, %d steps%s",
         len(train.images),
         len(val.images),
         len(tokenizer),
         model.num_parameters,
-        total_steps,
+        stop,
+        f" (train.max_steps; the schedule has {total_steps})" if stop < total_steps else "",
     )
 
     def checkpoint(path: Path) -> None:
@@ -443,7 +446,6 @@ def multimodal_job(
 
     model.train()
     psutil.cpu_percent(interval=None)  # starts the cpu_percent interval
-    stop = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
     epoch_loss, epoch_batches = 0.0, 0
     started, first_step, eval_time = time.perf_counter(), step, 0.0
     bar = tqdm(total=stop, initial=step, desc="multimodal", unit="batch", leave=False)
@@ -552,3 +554,4 @@ register_configs()
 if __name__ == "__main__":
     check_override_keys(MultimodalConfig, sys.argv[1:], "conf/multimodal.yaml")
     main()
+    exit_if_incomplete()  # a sweep with jobs that did not finish: reported above

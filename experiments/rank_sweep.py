@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from experiments.callbacks import RankSweepReport
+from experiments.callbacks import exit_if_incomplete
 from experiments.chain_training import (
     ChainData,
     LossCurves,
@@ -132,5 +132,4 @@ register_configs()
 if __name__ == "__main__":
     check_override_keys(RankSweepConfig, sys.argv[1:], "conf/rank_sweep.yaml")
     main()
-    if RankSweepReport.incomplete:  # a sweep with failed jobs: reported above, exit non-zero
-        sys.exit(1)
+    exit_if_incomplete()  # a sweep with jobs that did not finish: reported above

@@ -268,4 +268,3 @@ def register_configs() -> None:
     cs.store(name="rank_sweep_schema", node=RankSweepConfig)
     cs.store(name="laplace_scaling_schema", node=LaplaceScalingConfig)
     cs.store(name="multimodal_schema", node=MultimodalConfig)
-    cs.store(group="logger", name="logger_schema", node=LoggerConfig)

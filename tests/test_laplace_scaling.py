@@ -154,6 +154,17 @@ def test_assembly_by_hand_lists_failed_jobs(tmp_path):
     assert empty.returncode == 2 and empty.stderr.startswith("error:")
 
 
+def test_a_sweep_with_a_failed_job_exits_non_zero(tmp_path):
+    """A job that fails is a failed row of results.csv; the sweep names it and exits 1."""
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", "batch_size=8,0", "lr=1.0e-3", "seed=0", *SMALL,
+                f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "1 of 2 jobs did not finish" in proc.stdout and "(failed)" in proc.stdout
+    frame = pd.read_csv(sweep / "results.csv")
+    assert sorted(frame["status"]) == ["failed", "finished"]
+
+
 def test_fixed_steps_protocol_and_mlp_student():
     task = make_task(8, 256, 64, "laplace", 1.0, 5.0, 0)
     (cell,) = train_group(

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.callbacks import unfinished_jobs
 from experiments.runtime import check_override_keys, configure_threads, seed_everything
 from experiments.schemas import RankSweepConfig
 
@@ -100,3 +101,22 @@ def test_override_check_one_line(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_unfinished_jobs_reads_each_jobs_run_record(tmp_path):
+    states = {"0_ok": "finished", "1_bad": "failed", "2_stop": "interrupted", "3_kill": "running"}
+    for name, state in states.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"state": state}))
+    (tmp_path / "4_early" / ".hydra").mkdir(parents=True)  # died before its logger started
+    (tmp_path / "5_torn").mkdir()
+    (tmp_path / "5_torn" / "run.json").write_text('{"state": "fin')
+    (tmp_path / "plots").mkdir()  # not a job
+    assert unfinished_jobs(tmp_path) == {
+        "1_bad": "failed",
+        "2_stop": "interrupted",
+        "3_kill": "running",
+        "4_early": "no run record",
+        "5_torn": "unreadable run record",
+    }
+    assert unfinished_jobs(tmp_path / "nope") == {}
