@@ -2,8 +2,9 @@
 
     python analysis/scaling_results.py multirun/laplace_scaling/<time>
 
-Each job of a multirun writes ``cell.json`` (one row) into its folder; this gathers them into
-``results.csv`` in the sweep folder, in grid order. A job that failed before writing its row
+Each job of a multirun writes ``cell.json`` (one row) into its folder, or with ``runner=grid``
+its own ``results.csv`` (its grid's rows); this gathers them into ``results.csv`` in the sweep
+folder, in grid order. A job that failed before writing its row
 still gets one (from its ``config.yaml``), with status ``failed`` and its reason.
 """
 
@@ -79,7 +80,8 @@ def _failed_row(job: Path) -> dict:
 
 
 def assemble_results(sweep_dir: str | Path) -> Path:
-    """Gather every job's ``cell.json`` under ``sweep_dir`` into ``sweep_dir/results.csv``."""
+    """Gather every job's ``cell.json`` (or a grid job's ``results.csv``) under ``sweep_dir`` into
+    ``sweep_dir/results.csv``."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise UserError(f"sweep folder {sweep_dir} does not exist")
@@ -87,6 +89,8 @@ def assemble_results(sweep_dir: str | Path) -> Path:
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         if (job / CELL_FILE).exists():
             rows.append(json.loads((job / CELL_FILE).read_text()))
+        elif (job / RESULTS_FILE).exists():  # a runner=grid job: its whole grid
+            rows.extend(pd.read_csv(job / RESULTS_FILE).to_dict("records"))
         elif (job / CONFIG_FILE).exists():
             rows.append(_failed_row(job))
     if not rows:

@@ -20,42 +20,60 @@ log = logging.getLogger(__name__)
 
 
 class SweepOutcome(Callback):
-    """At the end of any multirun, say which jobs did not finish (from their run records, so it
-    works with every launcher).
+    """At the end of any multirun, say which of its jobs did not finish (from their run records,
+    so it works with every launcher).
 
     ``incomplete`` tells the entry point, once the sweep is over, whether any job did not finish
     (or a report could not be written), so that it can exit non-zero."""
 
     incomplete = False
+    # the job folders already in the sweep folder at the start (a reused hydra.sweep.dir), with
+    # their run records' times: those left as they were belong to earlier launches
+    before: dict[Path, float | None] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepOutcome.before = _job_records(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         check_sweep(config.hydra.sweep.dir)
 
 
 def check_sweep(sweep_dir: str) -> None:
-    """Print the jobs of a finished sweep that did not finish; mark the sweep incomplete."""
-    unfinished = unfinished_jobs(Path(sweep_dir))
+    """Print this launch's jobs that did not finish; mark the sweep incomplete if any."""
+    jobs = [
+        job
+        for job, stamp in _job_records(Path(sweep_dir)).items()
+        if SweepOutcome.before.get(job, "new") != stamp
+    ]
+    unfinished = unfinished_jobs(jobs)
     if unfinished:
         SweepOutcome.incomplete = True
-        jobs = ", ".join(f"{name} ({state})" for name, state in unfinished.items())
-        total = len(_job_dirs(Path(sweep_dir)))
-        print(f"{len(unfinished)} of {total} jobs did not finish: {jobs}")
+        root = Path(sweep_dir)
+        names = ", ".join(f"{job.relative_to(root)} ({state})" for job, state in unfinished.items())
+        print(f"{len(unfinished)} of {len(jobs)} jobs did not finish: {names}")
 
 
-def _job_dirs(sweep_dir: Path) -> list[Path]:
-    """The sweep's job folders: those Hydra started (``.hydra``) or the logger recorded."""
+def _job_records(sweep_dir: Path) -> dict[Path, float | None]:
+    """The job folders at any depth below ``sweep_dir`` (those Hydra started, with ``.hydra``,
+    or the logger recorded), each with its run record's modification time (None: none)."""
     if not sweep_dir.is_dir():
-        return []
-    return sorted(
-        p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir() or (p / RUN_FILE).is_file()
-    )
+        return {}
+    found = {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
+    found |= {p.parent for p in sweep_dir.rglob(RUN_FILE) if p.is_file()}
+    records = {}
+    for job in sorted(found - {sweep_dir}):
+        try:
+            records[job] = (job / RUN_FILE).stat().st_mtime
+        except OSError:
+            records[job] = None
+    return records
 
 
-def unfinished_jobs(sweep_dir: Path) -> dict[str, str]:
-    """Job folder name -> state, for each job whose run record does not say finished: failed,
+def unfinished_jobs(jobs: list[Path]) -> dict[Path, str]:
+    """Job folder -> state, for each job whose run record does not say finished: failed,
     interrupted, still "running" (killed hard), or no readable record at all."""
     out = {}
-    for job in _job_dirs(sweep_dir):
+    for job in jobs:
         try:
             state = str(read_json(job / RUN_FILE).get("state", "no state"))
         except FileNotFoundError:
@@ -63,7 +81,7 @@ def unfinished_jobs(sweep_dir: Path) -> dict[str, str]:
         except (OSError, ValueError, AttributeError):
             state = "unreadable run record"
         if state != "finished":
-            out[job.name] = state
+            out[job] = state
     return out
 
 
@@ -74,7 +92,7 @@ def exit_if_incomplete() -> None:
         sys.exit(1)
 
 
-class RankSweepReport(Callback):
+class RankSweepReport(SweepOutcome):
     """At the end of a rank-sweep multirun, write the summary table and the plots, then say
     which jobs did not finish."""
 
@@ -103,7 +121,7 @@ class RankSweepReport(Callback):
         check_sweep(sweep_dir)
 
 
-class ScalingResults(Callback):
+class ScalingResults(SweepOutcome):
     """At the end of a scaling multirun, assemble results.csv from the jobs' cell.json, then
     say which jobs did not finish (a diverged cell is a result, not a failure)."""
 

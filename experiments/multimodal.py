@@ -420,7 +420,7 @@ def multimodal_job(
         logger.define_metric(name, step_metric="epoch")
     stop = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
     log.info(
-        "%d train / %d val pairs, vocabulary %d, %d parameters, %d steps%s",
+        "%d train / %d val pairs, vocabulary %d, %d parameters, training to step %d%s",
         len(train.images),
         len(val.images),
         len(tokenizer),

@@ -243,7 +243,7 @@ class KSLinearChain(nn.Module):
                 # output side (U V after B), all of it as one autograd node
                 return [self._fold_output(i0, i1, scale)]
             pre, post = self._merged(0, i0), self._merged(i1)
-            # The neighbour is dense (a = d = 1; at rank 1 the two bottleneck factors merge).
+            # The neighbour is dense (a = d = 1; at rank 1 two narrow bottleneck factors merge).
             if pre:  # input side: x -> V (r x N) -> E (P x r) -> B ...: fold B E
                 pat, e = pre[-1]
                 be_t = self._butterfly(i0, i1, e.reshape(pat.b, pat.c).t(), False, scale=scale)

@@ -284,9 +284,12 @@ def test_hadamard_positive_control():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "pytorch-ops"])
-# output-side bottleneck, square, both sides, input side only (the butterfly is last)
-@pytest.mark.parametrize("shape", [(48, 64), (64, 64), (100, 40), (300, 500), (64, 40)])
-@pytest.mark.parametrize("rank", [8, 1])  # at rank 1 the bottleneck's two factors are mergeable
+# output-side bottleneck, square, both sides, input side only (the butterfly is last); at rank
+# 1 the small ones' two bottleneck factors (16 wide at most: merge_max) are mergeable
+@pytest.mark.parametrize(
+    "shape", [(48, 64), (64, 64), (100, 40), (300, 500), (64, 40), (16, 16), (12, 16)]
+)
+@pytest.mark.parametrize("rank", [8, 1])
 def test_butterfly_fold_matches_running_on_the_batch(shape, rank, fused, monkeypatch):
     """Folding B into the bottleneck (rows > rank) and running B on the batch agree, grads too,
     with the fused CPU kernel and with the pure PyTorch path."""

@@ -165,6 +165,17 @@ def test_a_sweep_with_a_failed_job_exits_non_zero(tmp_path):
     assert sorted(frame["status"]) == ["failed", "finished"]
 
 
+def test_a_sweep_of_grid_jobs_gathers_their_rows(tmp_path):
+    """-m runner=grid over noise families: each job's grid lands in the sweep's results.csv."""
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", "runner=grid", "grid.noises=[gaussian],[laplace]", *SMALL,
+                "grid.seeds=[0]", f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_csv(sweep / "results.csv")
+    assert len(frame) == 8 and set(frame["status"]) == {"finished"}
+    assert frame.groupby("noise").size().to_dict() == {"gaussian": 4, "laplace": 4}
+
+
 def test_fixed_steps_protocol_and_mlp_student():
     task = make_task(8, 256, 64, "laplace", 1.0, 5.0, 0)
     (cell,) = train_group(

@@ -132,7 +132,7 @@ def test_resume_continues_at_the_step_where_it_stopped(tmp_path):
     args = [*TINY, "train.epochs=2", "train.log_frequency=1", f"hydra.run.dir={out}"]
     first = run([*args, "train.max_steps=3"], tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "3 steps (train.max_steps; the schedule has 4)" in first.stdout + first.stderr
+    assert "training to step 3 (train.max_steps; the schedule has 4)" in first.stdout + first.stderr
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 3
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     second = run([*args, "resume=true", f"run_dir={out}"], tmp_path)
@@ -252,14 +252,17 @@ def test_encoder_layers_are_rank_probed(tmp_path):
 
 
 def test_a_sweep_with_a_failed_job_exits_non_zero(tmp_path):
-    """The sweep goes on past a job that fails, then names it and exits 1."""
+    """The sweep goes on past a job that fails, then names it and exits 1 (also with job folders
+    nested below the sweep folder); a later launch into the same folder answers for its own
+    jobs only."""
     sweep = tmp_path / "sweep"
-    args = ["-m", "train.grad_clip=1.0,-1", *TINY, "train.max_steps=1", f"hydra.sweep.dir={sweep}"]
-    proc = run(args, tmp_path)
+    args = [*TINY, "train.max_steps=1", f"hydra.sweep.dir={sweep}",
+            "hydra.sweep.subdir=run/${hydra.job.num}"]  # fmt: skip
+    proc = run(["-m", "train.grad_clip=1.0,-1", *args], tmp_path)
     assert proc.returncode == 1, proc.stderr
-    assert "1 of 2 jobs did not finish: 1 (failed)" in proc.stdout
-    states = [json.loads((sweep / job / "run.json").read_text())["state"] for job in "01"]
+    assert "1 of 2 jobs did not finish: run/1 (failed)" in proc.stdout
+    states = [json.loads((sweep / "run" / job / "run.json").read_text())["state"] for job in "01"]
     assert states == ["finished", "failed"]
-    clean = run([*args[:1], "train.grad_clip=1.0,2.0", *args[2:]], tmp_path)
-    assert clean.returncode == 0, clean.stderr
-    assert "did not finish" not in clean.stdout
+    again = run(["-m", "train.grad_clip=1.0", *args], tmp_path)  # run/1 is the first launch's
+    assert again.returncode == 0, again.stdout
+    assert "did not finish" not in again.stdout
