@@ -14,7 +14,8 @@
  * KS_R, which share each level's planes and sums; two levels run in one pass where both fit
  * whole vectors (radix 4); the backward pass recomputes a block's level inputs instead of
  * keeping them from the forward pass; strided rows are gathered into scratch a group at a
- * time; rows in scratch are padded so that those a pass streams do not share one L1 set.
+ * time (16 columns of a rank-r factor by vector transposes); rows in scratch are padded so
+ * that those a pass streams do not share one L1 set.
  *
  * Weights are stored as KSLinear stores them, (a*d, c=2, b=2): wb = w + (i*d + l)*4 and
  * wb[k*2 + j] is the entry from input k to output j of block (i, l). With trans every block is
@@ -41,9 +42,11 @@
 typedef float ks_vf __attribute__((vector_size(64), aligned(4), may_alias));
 #ifdef __clang__
 #define KS_SHUF(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#define KS_SHUF2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 typedef int ks_vi __attribute__((vector_size(64)));
 #define KS_SHUF(v, ...) __builtin_shuffle(v, (ks_vi){__VA_ARGS__})
+#define KS_SHUF2(a, b, ...) __builtin_shuffle(a, b, (ks_vi){__VA_ARGS__})
 #endif
 
 KS_INLINE ks_vf ks_ld(const float *p) { return *(const ks_vf *)p; }
@@ -57,6 +60,31 @@ KS_INLINE ks_vf ks_partner(ks_vf v, long d) {
     case 4: return KS_SHUF(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
     default: return KS_SHUF(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
     }
+}
+
+/* d[k*dl + j] = s[j*sl + k] for a 16 x 16 tile (the rows of one side are the columns of the
+ * other): four rounds that swap blocks of 8, 4, 2 and 1 lanes between vectors b apart. Of
+ * vectors a and c = v[i + b], a keeps its lanes j without bit b and takes c's lanes j - b; c
+ * keeps its lanes with bit b and takes a's lanes j + b (indices >= 16 are c's). */
+#define KS_LO_8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define KS_HI_8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define KS_LO_4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define KS_HI_4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define KS_LO_2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define KS_HI_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define KS_LO_1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define KS_HI_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define KS_SWAP(b)                                                                             \
+    for (int i = 0; i < 16; ++i)                                                               \
+        if (!(i & (b))) {                                                                      \
+            const ks_vf a_ = v[i], c_ = v[i + (b)];                                            \
+            v[i] = KS_SHUF2(a_, c_, KS_LO_##b), v[i + (b)] = KS_SHUF2(a_, c_, KS_HI_##b);      \
+        }
+KS_INLINE void ks_tile16(const float *s, long sl, float *d, long dl) {
+    ks_vf v[16];
+    for (int k = 0; k < 16; ++k) v[k] = ks_ld(s + k * sl);
+    KS_SWAP(8) KS_SWAP(4) KS_SWAP(2) KS_SWAP(1)
+    for (int k = 0; k < 16; ++k) ks_st(d + k * dl, v[k]);
 }
 
 /* whether a level of distance d over P positions fits whole vectors: d a power of two, its
@@ -271,6 +299,18 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
      * would all map to one L1 set) */                                                         \
     KS_INLINE void ks_copy_##S(const T *src, const long *ss, T *dst, const long *sd, long n,   \
                                long P) {                                                       \
+        /* 16 rows between columns (rows 1 apart) and rows (positions 1 apart), e.g. a         \
+         * rank-r factor's rows into scratch and back: a vector transpose per tile */          \
+        if (VEC && n == 16 && P % 16 == 0 && ss[0] == 1 && sd[1] == 1) {                       \
+            for (long p0 = 0; p0 < P; p0 += 16)                                                \
+                ks_tile16((const float *)src + p0 * ss[1], ss[1], (float *)dst + p0, sd[0]);   \
+            return;                                                                            \
+        }                                                                                      \
+        if (VEC && n == 16 && P % 16 == 0 && ss[1] == 1 && sd[0] == 1) {                       \
+            for (long p0 = 0; p0 < P; p0 += 16)                                                \
+                ks_tile16((const float *)src + p0, ss[0], (float *)dst + p0 * sd[1], sd[1]);   \
+            return;                                                                            \
+        }                                                                                      \
         for (long p0 = 0; p0 < P; p0 += 16)                                                    \
             for (long i = 0; i < n; ++i)                                                       \
                 for (long p = p0; p < p0 + 16 && p < P; ++p)                                   \
