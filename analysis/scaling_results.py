@@ -4,8 +4,8 @@
 
 Each job of a multirun writes ``cell.json`` (one row) into its folder, or with ``runner=grid``
 its own ``results.csv`` (its grid's rows); this gathers them into ``results.csv`` in the sweep
-folder, in grid order. A job that failed before writing its row
-still gets one (from its ``config.yaml``), with status ``failed`` and its reason.
+folder, in grid order. A job that failed before writing its rows still gets one (from its
+``config.yaml``), with status ``failed`` and its reason.
 """
 
 from __future__ import annotations
