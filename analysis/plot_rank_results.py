@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log_scale", action="store_true", help="log-scale loss axes")
     args = parser.parse_args(argv)
 
-    paths = write_report(args.results_dir, prefix=args.save_prefix, log_scale=args.log_scale)
     summary = collect_summary(args.results_dir)
+    paths = write_report(args.results_dir, args.save_prefix, args.log_scale, summary)
     print(format_summary_table(summary))
     print()
     for key, what in (("final_val_loss", "final val loss"), ("loss_over_floor", "loss/floor")):

@@ -550,10 +550,14 @@ def _for_files(summary: pd.DataFrame, sweep_dir: Path) -> pd.DataFrame:
 
 
 def write_report(
-    sweep_dir: str | os.PathLike[str], prefix: str = "rank_sweep", log_scale: bool = False
+    sweep_dir: str | os.PathLike[str],
+    prefix: str = "rank_sweep",
+    log_scale: bool = False,
+    summary: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write ``{prefix}_loss_curves.png``, ``{prefix}_final_losses.png``, ``{prefix}_summary.csv``
-    and ``{prefix}_summary.json`` into ``sweep_dir`` (each atomically); return their paths."""
+    and ``{prefix}_summary.json`` into ``sweep_dir`` (each atomically); return their paths.
+    ``summary``: the folder's ``collect_summary``, when the caller has already read it."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.exists():
         raise UserError(f"results folder {sweep_dir} does not exist")
@@ -561,7 +565,8 @@ def write_report(
         raise UserError(f"results path {sweep_dir} is not a folder")
     if not prefix or Path(prefix).name != prefix:
         raise UserError(f"save prefix {prefix!r} must be a plain file-name part, without folders")
-    summary = collect_summary(sweep_dir)
+    if summary is None:
+        summary = collect_summary(sweep_dir)
     if summary.empty:
         hint = (
             f" ({sweep_dir} is one job's folder: pass the folder above it, {sweep_dir.parent})"

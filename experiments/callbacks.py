@@ -101,11 +101,12 @@ class RankSweepReport(SweepOutcome):
 
         sweep_dir = config.hydra.sweep.dir
         prefix, log_scale = config.report.save_prefix, config.report.log_scale
-        if collect_summary(sweep_dir).empty:  # every job skipped (max_rank): nothing failed
+        summary = collect_summary(sweep_dir)
+        if summary.empty:  # every job skipped (max_rank): nothing failed
             print(f"no job ran (every rank above max_rank?): nothing to report in {sweep_dir}")
             return
         try:
-            paths = write_report(sweep_dir, prefix=prefix, log_scale=log_scale)
+            paths = write_report(sweep_dir, prefix, log_scale, summary)
         except Exception as exc:  # a report failure must not hide the jobs' own results
             SweepOutcome.incomplete = True
             log.error(
@@ -115,7 +116,7 @@ class RankSweepReport(SweepOutcome):
                 sweep_dir,
             )
             return
-        print(format_summary_table(collect_summary(sweep_dir)))
+        print(format_summary_table(summary))
         for name, path in paths.items():
             print(f"{name}: {path}")
         check_sweep(sweep_dir)
