@@ -3,7 +3,9 @@
 Every run folder holds
 
 - ``run.json``      identity and state (W&B id/path/mode, running|finished|failed|interrupted,
-                    start/end time, git commit, failure reason)
+                    start/end time, git commit, failure reason, pid and host)
+- ``run.lock``      held (``flock``) by the one process writing the run, for the run's life: a
+                    second writer is refused, and a reader tells a live run from a dead one
 - ``config.yaml``   the resolved config
 - ``metrics.jsonl`` one JSON object per log call: ``{"_step": s, "key": value, ...}``
 - ``summary.json``  the run's summary values
@@ -15,10 +17,15 @@ what analysis reads back when there is no network. This module imports no Hydra 
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
+import fcntl
 import json
 import math
 import os
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +39,12 @@ SUMMARY_FILE = "summary.json"
 MEDIA_DIR = "media"
 TABLES_DIR = "tables"
 
+LOCK_FILE = "run.lock"
+
+# What a writer records. Readers add "killed": a record left "running" by a process that died
+# without closing it (kill -9, out of memory, a node lost), see :func:`run_state`.
 RUN_STATES = ("running", "finished", "failed", "interrupted")
+KILLED = "killed"
 
 
 def to_jsonable(value: Any) -> Any:
@@ -169,3 +181,148 @@ def find_runs(root: Path) -> list[Path]:
     root = Path(root)
     runs = [p.parent for p in root.rglob(RUN_FILE)]
     return sorted(runs, key=lambda p: (p.stat().st_mtime, str(p)))
+
+
+# -- one writer per run folder, and liveness ---------------------------------------------------
+
+
+class RunFolderInUse(Exception):
+    """Another live process holds the run folder's lock."""
+
+
+_held_locks: dict[Path, RunLock] = {}  # this process's locks, by resolved folder
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``run_dir/run.lock``, held for a run's life.
+
+    The kernel drops it when the process dies however it dies (kill -9 included), so a held
+    lock means a live writer and a free lock under a "running" record means a dead one. The
+    file keeps the holder's pid, host and start time for the message a second writer gets.
+    ``flock`` works across hosts on NFS (Linux emulates it with NFS locks), as clusters need.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]):
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, retries: int = 20) -> RunLock:
+        """Take the lock or raise :class:`RunFolderInUse` naming the holder. A reader's probe
+        holds it for microseconds, so a few short retries tell a probe from a writer."""
+        key = self.run_dir.resolve()
+        if key in _held_locks:  # this process already writes here (a callback took it first)
+            return _held_locks[key]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        for attempt in range(retries + 1):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == retries:
+                    os.close(fd)
+                    raise RunFolderInUse(
+                        f"{self.run_dir} is in use by {describe_holder(self.run_dir)}"
+                    ) from None
+                time.sleep(0.05)
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {_now_iso()}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self._fd = fd
+        _held_locks[key] = self
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        _held_locks.pop(self.run_dir.resolve(), None)
+        fd, self._fd = self._fd, None
+        os.close(fd)  # closing the only descriptor drops the flock
+
+
+def held_lock(run_dir: str | os.PathLike[str]) -> RunLock | None:
+    """This process's lock on ``run_dir``, if it holds one."""
+    return _held_locks.get(Path(run_dir).resolve())
+
+
+def release_all_locks() -> None:
+    for lock in list(_held_locks.values()):
+        lock.release()
+
+
+def describe_holder(run_dir: Path) -> str:
+    try:
+        text = (Path(run_dir) / LOCK_FILE).read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process"
+
+
+def lock_is_held(run_dir: str | os.PathLike[str]) -> bool | None:
+    """True while a live process holds ``run_dir``'s lock, False when none does, None when the
+    folder has no lock file (records from before locks, or never started)."""
+    path = Path(run_dir) / LOCK_FILE
+    if held_lock(run_dir) is not None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False  # closing fd below drops the shared lock at once
+    except BlockingIOError:
+        return True
+    except OSError as exc:  # a filesystem without locks: cannot tell
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def run_state(run_dir: str | os.PathLike[str], record: dict[str, Any] | None = None) -> str:
+    """The state of a run as it is now: run.json's state, except that a "running" record whose
+    process is gone reads ``killed`` (its lock is free, or, for a record without a lock file,
+    its pid is gone on this host). Raises OSError/ValueError when run.json cannot be read."""
+    run_dir = Path(run_dir)
+    if record is None:
+        record = read_json(run_dir / RUN_FILE)
+    state = str(record.get("state") or "no state")
+    if state != "running":
+        return state
+    held = lock_is_held(run_dir)
+    if held is False:
+        return KILLED
+    if held is None and record.get("host") == socket.gethostname():
+        pid = record.get("pid")
+        if isinstance(pid, int) and not pid_alive(pid):
+            return KILLED
+    return state
+
+
+def killed_reason(record: dict[str, Any]) -> str:
+    pid, host = record.get("pid"), record.get("host") or "an unknown host"
+    return (f"the process (pid {pid} on {host}) ended without closing its run record "
+            "(killed, out of memory, or its node was lost)")  # fmt: skip
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
