@@ -25,14 +25,25 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file-system error, with the path it hit (a full disk names the file)."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # not Python's two lines with the source line
+
+
+def one_line_warnings() -> None:
+    """Print warnings as ``warning: <message>``, one line each."""
+    warnings.formatwarning = _one_line_warning
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> NoReturn:
     """Run ``main(argv)`` and exit: 2 on ``UserError``, 1 on a file-system error (a folder that
     cannot be made or read), 130 on Ctrl-C, else main's return code."""
-    warnings.formatwarning = _one_line_warning
+    one_line_warnings()
     try:
         code = main(argv)
     except UserError as exc:
@@ -40,8 +51,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,15 +8,51 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from experiments.runstore import RUN_FILE, read_json
+from experiments import runstore
+from experiments.runstore import RUN_FILE
 
 log = logging.getLogger(__name__)
+
+
+class ClaimOutputFolder(Callback):
+    """Before Hydra writes anything: a single run takes its run folder (refused while another
+    process writes it, or when it holds another run and this is no resume), a multirun its
+    sweep folder (two launches into one sweep folder would share job folders). A folder that
+    cannot be made is one line too. Listed first among the callbacks."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(str(config.hydra.run.dir))
+        _claim(lambda: runstore.claim_run_folder(run_dir, bool(config.get("resume"))), run_dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        _claim(lambda: runstore.RunLock(sweep_dir).acquire(), sweep_dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        runstore.release_all_locks()
+
+    on_multirun_end = on_run_end
+
+
+def _claim(claim, folder: Path) -> None:
+    try:
+        claim()
+    except runstore.RunFolderInUse as exc:
+        _refuse(str(exc))
+    except OSError as exc:
+        _refuse(f"cannot use {folder} as an output folder: {exc.strerror} ({exc.filename})")
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 class SweepOutcome(Callback):
@@ -30,9 +66,11 @@ class SweepOutcome(Callback):
     # the job folders already in the sweep folder at the start (a reused hydra.sweep.dir), with
     # their run records' times: those left as they were belong to earlier launches
     before: dict[Path, float | None] = {}
+    started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepOutcome.before = _job_records(Path(config.hydra.sweep.dir))
+        SweepOutcome.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         check_sweep(config.hydra.sweep.dir)
@@ -40,12 +78,14 @@ class SweepOutcome(Callback):
 
 def check_sweep(sweep_dir: str) -> None:
     """Print this launch's jobs that did not finish; mark the sweep incomplete if any."""
-    jobs = [
-        job
-        for job, stamp in _job_records(Path(sweep_dir)).items()
-        if SweepOutcome.before.get(job, "new") != stamp
-    ]
-    unfinished = unfinished_jobs(jobs)
+    jobs, refused = [], {}
+    for job, stamp in _job_records(Path(sweep_dir)).items():
+        if SweepOutcome.before.get(job, "new") != stamp:
+            jobs.append(job)
+        elif _hydra_started(job, SweepOutcome.started):  # but its folder held an earlier run
+            refused[job] = "not run: its folder holds an earlier launch's run"
+    unfinished = {**unfinished_jobs(jobs), **refused}
+    jobs += list(refused)
     if unfinished:
         SweepOutcome.incomplete = True
         root = Path(sweep_dir)
@@ -69,13 +109,21 @@ def _job_records(sweep_dir: Path) -> dict[Path, float | None]:
     return records
 
 
+def _hydra_started(job: Path, since: float) -> bool:
+    """Whether Hydra wrote this job's own files during this launch."""
+    try:
+        return (job / ".hydra" / "overrides.yaml").stat().st_mtime >= since
+    except OSError:
+        return False
+
+
 def unfinished_jobs(jobs: list[Path]) -> dict[Path, str]:
     """Job folder -> state, for each job whose run record does not say finished: failed,
-    interrupted, still "running" (killed hard), or no readable record at all."""
+    interrupted, killed (its process died with the record open), or no readable record."""
     out = {}
     for job in jobs:
         try:
-            state = str(read_json(job / RUN_FILE).get("state", "no state"))
+            state = runstore.run_state(job)
         except FileNotFoundError:
             state = "no run record"
         except (OSError, ValueError, AttributeError):

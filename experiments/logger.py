@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import string
 import subprocess
 import time
@@ -33,7 +34,12 @@ SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret(_key)?|password|passwd)$",
 
 
 class Interrupted(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM, so a terminated job unwinds like Ctrl-C."""
+    """Raised in the main thread on SIGTERM or SIGINT, so a terminated job unwinds like Ctrl-C."""
+
+
+# A repeat of the signal within this many seconds is the same request (slurmstepd sends SIGTERM
+# twice ~10 ms apart; a user presses Ctrl-C twice): it must not cut the run record short.
+SIGNAL_REPEAT_S = 2.0
 
 
 def redact(config: Any) -> Any:
@@ -104,10 +110,21 @@ class ExperimentLogger:
         if mode not in WANDB_MODES:
             raise ValueError(f"logger mode must be one of {WANDB_MODES}, got {mode!r}")
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resuming = run_id is not None
+        # first, before anything is written: one writer per folder, never two runs mixed
+        self._lock = runstore.claim_run_folder(self.run_dir, resuming)
+        identity = {"project": project, "entity": entity, "group": group, "tags": list(tags),
+                    "job_type": job_type, "notes": notes}  # fmt: skip
+        try:
+            self._open(config, mode, name, run_id, init_timeout, identity)
+        except BaseException:
+            self._lock.release()  # a folder this process could not start in is nobody's
+            raise
+
+    def _open(self, config, mode: str, name, run_id, init_timeout: float, identity) -> None:
+        resuming = run_id is not None
         self.config = redact(dict(config or {}))
         self.mode = mode
-        resuming = run_id is not None
         self.run_id = run_id or new_run_id()
         self.name = name or self.run_dir.name
         self.summary: dict[str, Any] = {}
@@ -130,11 +147,7 @@ class ExperimentLogger:
         self._record: dict[str, Any] = {
             "run_id": self.run_id,
             "name": self.name,
-            "project": project,
-            "entity": entity,
-            "group": group,
-            "tags": list(tags),
-            "job_type": job_type,
+            **{k: v for k, v in identity.items() if k != "notes"},
             "mode": mode,
             "wandb_path": None,
             "wandb_dir": None,
@@ -144,23 +157,16 @@ class ExperimentLogger:
             "ended_at": None,
             "git_commit": git_commit(),
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "defined_metrics": {},
         }
         if mode != "disabled":
-            self._start_wandb(
-                project=project,
-                entity=entity,
-                group=group,
-                tags=list(tags),
-                job_type=job_type,
-                notes=notes,
-                resuming=resuming,
-                init_timeout=init_timeout,
-            )
+            self._start_wandb(resuming=resuming, init_timeout=init_timeout, **identity)
         self._write_record()
         self._metrics = runstore.JsonlWriter(self.run_dir / runstore.METRICS_FILE)
-        self._previous_sigterm = None
-        self._install_sigterm()
+        self._signalled_at: float | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._install_signal_handlers()
 
     # -- W&B plumbing -------------------------------------------------------------------------
 
@@ -223,7 +229,14 @@ class ExperimentLogger:
         )
 
     def _write_record(self) -> None:
-        runstore.write_json_atomic(self.run_dir / runstore.RUN_FILE, self._record)
+        path = self.run_dir / runstore.RUN_FILE
+        try:
+            runstore.write_json_atomic(path, self._record)
+        except OSError:
+            if self._record["state"] == "running" or not path.is_file():
+                raise
+            # disk full: the final state still fits over the old record's own blocks
+            runstore.overwrite_json_in_place(path, self._record)
 
     def _write_summary(self) -> None:
         runstore.write_json_atomic(self.run_dir / runstore.SUMMARY_FILE, self.summary)
@@ -351,25 +364,51 @@ class ExperimentLogger:
         )
         return path
 
+    def rewind(self, step: int) -> int:
+        """Cut the local record back to ``step``, where a resumed run's checkpoint was taken:
+        what was logged after it (metrics, their images and tables) goes, so the steps the
+        resumed run logs again are recorded once. Returns how many records were dropped."""
+        self._metrics.close()
+        dropped = runstore.truncate_metrics(self.run_dir, step)
+        for record in dropped:
+            for value in record.values():
+                if isinstance(value, dict) and "path" in value:
+                    (self.run_dir / value["path"]).unlink(missing_ok=True)
+        self._metrics = runstore.JsonlWriter(self.run_dir / runstore.METRICS_FILE)
+        self.step, self._probed_step = step, None
+        return len(dropped)
+
     def finish(self, state: str = "finished", reason: str | None = None) -> None:
-        """Flush everything, record the final state and end the W&B run. Safe to call twice."""
+        """Record the final state first, then flush everything and end the W&B run. Safe to
+        call twice. A failure after the record is written (disk full, W&B) is a warning."""
         if self._finished:
             return
         if state not in runstore.RUN_STATES:
             raise ValueError(f"state must be one of {runstore.RUN_STATES}, got {state!r}")
         self._finished = True
-        self._metrics.close()
-        self._write_summary()
-        self._to_wandb("finish", lambda run: run.finish(exit_code=0 if state == "finished" else 1))
-        self._run = self._wandb = None
         self._record.update(state=state, reason=reason, ended_at=_now())
-        self._write_record()
-        self._restore_sigterm()
+        try:
+            self._write_record()
+            for what, step in (("metrics", self._metrics.close), ("summary", self._write_summary)):
+                try:
+                    step()
+                except OSError as exc:
+                    warnings.warn(f"could not write the run's {what}: {describe_error(exc)}",
+                                  RuntimeWarning, stacklevel=2)  # fmt: skip
+            exit_code = 0 if state == "finished" else 1
+            self._to_wandb("finish", lambda run: run.finish(exit_code=exit_code))
+            self._run = self._wandb = None
+        finally:
+            self._finishing = False
+            self._lock.release()
+            if self._signalled_at is None:  # else keep ignoring the signal's late repeats
+                self._restore_signal_handlers()
 
     def __enter__(self) -> ExperimentLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._finishing = True  # a late repeat of the signal is ignored from here on
         if exc_type is None:
             self.finish("finished")
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -380,20 +419,31 @@ class ExperimentLogger:
 
     # -- signals -------------------------------------------------------------------------------
 
-    def _install_sigterm(self) -> None:
-        def on_sigterm(signum, frame):
-            raise Interrupted(f"signal {signum}")
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        repeat = self._signalled_at is not None and now - self._signalled_at < SIGNAL_REPEAT_S
+        if repeat or self._finishing:
+            return  # the same request again, or the record is being closed: let it close
+        if self._finished:  # a new request once the record is closed: what the host would do
+            self._restore_signal_handlers()
+            os.kill(os.getpid(), signum)
+            return
+        self._signalled_at = now
+        raise Interrupted(f"signal {signum}")
 
-        try:
-            self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:  # not the main thread: leave signals to the host
-            self._previous_sigterm = None
+    def _install_signal_handlers(self) -> None:
+        self._finishing = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave signals to the host
+                return
 
-    def _restore_sigterm(self) -> None:
-        if self._previous_sigterm is not None:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, handler)
+        self._previous_handlers = {}
 
 
 class ScopedLogger:

@@ -79,6 +79,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None or exc.filename == tmp:  # name the file the user knows
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -102,6 +107,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(to_jsonable(data), indent=2) + "\n")
 
 
+def overwrite_json_in_place(path: Path, data: Any) -> None:
+    """Rewrite ``path`` over its own blocks: the last resort when the disk is full and a new
+    file cannot be made (a record of about the same size fits in the blocks it had)."""
+    text = (json.dumps(to_jsonable(data), separators=(",", ":")) + "\n").encode()
+    with open(path, "r+b") as f:
+        f.write(text)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class JsonlWriter:
     """Appends one JSON object per line and flushes it, so a killed job loses at most one line."""
 
@@ -111,8 +127,11 @@ class JsonlWriter:
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(to_jsonable(record)) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(to_jsonable(record)) + "\n")
+            self._file.flush()
+        except OSError as exc:  # name the file: a full disk is otherwise a pathless error
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
         if not self._file.closed:
@@ -145,6 +164,27 @@ def iter_metrics(run_dir: Path) -> Iterator[dict[str, Any]]:
                 yield record
             else:
                 warnings.warn(f"{path}:{lineno}: not a JSON object, skipped", stacklevel=2)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (and no torn line); return the
+    records dropped. The file is replaced atomically."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    kept, dropped = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the kill
+            if isinstance(record, dict) and record.get("_step", -1) > step:
+                dropped.append(record)
+            elif isinstance(record, dict):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    write_text_atomic(path, "".join(kept))
+    return dropped
 
 
 def read_metrics(run_dir: Path, keys: list[str] | None = None):
@@ -243,6 +283,27 @@ class RunLock:
         _held_locks.pop(self.run_dir.resolve(), None)
         fd, self._fd = self._fd, None
         os.close(fd)  # closing the only descriptor drops the flock
+
+
+def claim_run_folder(run_dir: str | os.PathLike[str], resuming: bool = False) -> RunLock:
+    """Make ``run_dir`` this process's: refused while another process holds its lock and,
+    unless ``resuming``, when it already holds another run's record (a new run there would mix
+    its curves and metrics with the old ones). Nothing is written before both checks pass."""
+    if held_lock(run_dir) is not None:
+        return held_lock(run_dir)
+    record = Path(run_dir) / RUN_FILE
+    if not resuming and record.is_file():
+        try:
+            old = read_json(record)
+            state = run_state(run_dir, old)
+            what = f"run {old.get('run_id')} ({state})"
+        except (OSError, ValueError, AttributeError):
+            state, what = None, "another run's record"
+        if state == "running":
+            raise RunFolderInUse(f"{run_dir} is in use by {describe_holder(run_dir)}")
+        raise RunFolderInUse(f"{run_dir} already holds {what}: a new run there would mix with "
+                             "it; choose another folder")  # fmt: skip
+    return RunLock(run_dir).acquire()
 
 
 def held_lock(run_dir: str | os.PathLike[str]) -> RunLock | None:

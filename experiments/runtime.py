@@ -8,16 +8,21 @@ An entry point calls :func:`run_job` with its body ``body(cfg, logger, inputs)``
 - Under a multirun a failing job is recorded as ``failed`` with its reason and the sweep goes
   on (Hydra 1.3's basic launcher would otherwise stop at the first failure).
 - Ctrl-C / SIGTERM: the run record says ``interrupted``; exit 130.
+- A folder another process writes, or that holds another run: one ``error:`` line, exit 2.
+- A file-system error (disk full, a folder that cannot be written): the run record says
+  ``failed`` with the path; one ``error:`` line, exit 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +38,8 @@ from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.cli import UserError
+from analysis.cli import UserError, describe_os_error, one_line_warnings
+from experiments import runstore
 from experiments.logger import SECRET_KEY, ExperimentLogger, describe_error
 
 log = logging.getLogger(__name__)
@@ -127,6 +133,14 @@ def start_logger(
     group = lc.group
     if group is None and is_multirun():
         group = Path(HydraConfig.get().sweep.dir).name
+    try:
+        return _new_logger(cfg, run_dir, run_id, group)
+    except runstore.RunFolderInUse as exc:
+        raise UserError(str(exc)) from None
+
+
+def _new_logger(cfg: DictConfig, run_dir: Path, run_id: str | None, group: str | None):
+    lc = cfg.logger
     return ExperimentLogger(
         run_dir,
         OmegaConf.to_container(cfg, resolve=True),
@@ -144,15 +158,22 @@ def start_logger(
 
 
 def remove_job_folder(path: Path) -> None:
-    """Remove a job folder that holds only Hydra's own files (nothing of ours was written)."""
-    ours = [p for p in path.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
-    if not ours:
-        shutil.rmtree(path, ignore_errors=True)
-        # and the parents Hydra made for it (outputs/<experiment>/), while empty and below cwd
-        cwd, parent = Path.cwd().resolve(), path.resolve().parent
-        while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
-            parent.rmdir()
-            parent = parent.parent
+    """Remove a job folder that holds only Hydra's own files (nothing of ours was written) and
+    that no other process is writing."""
+    hydras = (".hydra", runstore.LOCK_FILE)
+    if any(p.name not in hydras and p.suffix != ".log" for p in path.iterdir()):
+        return
+    held = runstore.held_lock(path)
+    if held is None and runstore.lock_is_held(path):
+        return  # another process's folder
+    if held is not None:
+        held.release()
+    shutil.rmtree(path, ignore_errors=True)
+    # and the parents Hydra made for it (outputs/<experiment>/), while empty and below cwd
+    cwd, parent = Path.cwd().resolve(), path.resolve().parent
+    while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def run_job(
@@ -166,31 +187,42 @@ def run_job(
     seed_everything(cfg.seed)
     multirun = is_multirun()
     out = job_dir()
+    # A full disk under Hydra's job log must not print a traceback per log line: the run
+    # record and one error line say what failed.
+    logging.raiseExceptions = False
+    one_line_warnings()
     try:
         inputs = validate(cfg) if validate is not None else None
-    except UserError as exc:
+        logger = start_logger(cfg, out)
+    except (UserError, OSError) as exc:
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         if not multirun:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             remove_job_folder(out)
             sys.exit(2)
+        log.error("job failed: %s", message)
         # Record the failure (locally and in the sweep's W&B group, like any failed job) so
         # the sweep's report lists it, then let the sweep go on.
-        start_logger(cfg, out).finish("failed", reason=str(exc))
-        log.error("job failed: %s", exc)
+        with contextlib.suppress(UserError, OSError):  # a folder that is not ours stays so
+            start_logger(cfg, out).finish("failed", reason=message)
         return
 
-    logger = start_logger(cfg, out)
     try:
         with logger:
             logger.log_summary(torch_threads=threads)
             body(cfg, logger, inputs)
     except KeyboardInterrupt:
         print(f"interrupted: the run record in {out} says so", file=sys.stderr)
+        # a late repeat of the signal (slurmstepd sends two) must not turn exit 130 into a
+        # death by signal once the interpreter's shutdown has reset the handlers
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         sys.exit(130)
-    except UserError as exc:
-        log.error("job failed: %s", exc)
+    except (UserError, OSError) as exc:
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        log.error("job failed: %s", message)
         if not multirun:
-            print(f"error: {exc} (run record: {out})", file=sys.stderr)
+            print(f"error: {message} (run record: {out})", file=sys.stderr)
             sys.exit(1)
     except Exception as exc:
         if not multirun:

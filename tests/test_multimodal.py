@@ -263,6 +263,16 @@ def test_a_sweep_with_a_failed_job_exits_non_zero(tmp_path):
     assert "1 of 2 jobs did not finish: run/1 (failed)" in proc.stdout
     states = [json.loads((sweep / "run" / job / "run.json").read_text())["state"] for job in "01"]
     assert states == ["finished", "failed"]
-    again = run(["-m", "train.grad_clip=1.0", *args], tmp_path)  # run/1 is the first launch's
+    # a later launch into the same sweep folder: run/1 is the first launch's and does not count
+    again = run(["-m", "train.grad_clip=1.0", *args[:-1], "hydra.sweep.subdir=again/${hydra.job.num}"],
+                tmp_path)  # fmt: skip
     assert again.returncode == 0, again.stdout
     assert "did not finish" not in again.stdout
+    # a job whose folder holds the first launch's run is not run there (never two runs mixed)
+    before = (sweep / "run" / "0" / "metrics.jsonl").read_text()
+    reused = run(["-m", "train.grad_clip=1.0", *args], tmp_path)
+    assert reused.returncode == 1, reused.stdout
+    assert (
+        "1 of 1 jobs did not finish: run/0 (not run: its folder holds an earlier" in reused.stdout
+    )
+    assert (sweep / "run" / "0" / "metrics.jsonl").read_text() == before
