@@ -401,7 +401,9 @@ def multimodal_job(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         step, best_val = resume["step"], resume["best_val_loss"]
-        log.info("resuming %s at step %d (epoch %d)", out, step, step // steps_per_epoch)
+        dropped = logger.rewind(step)  # the steps after the checkpoint are trained again
+        log.info("resuming %s at step %d (epoch %d; %d records after it dropped)", out, step,
+                 step // steps_per_epoch, dropped)  # fmt: skip
     mean_image = train.images.mean(0, keepdim=True).to(device)
     if cfg.rank_probe.enabled:
         logger.attach_rank_probe(encoder_rank_probe(cfg, model, val.images, device))

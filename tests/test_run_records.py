@@ -230,3 +230,47 @@ def test_a_resume_rewinds_the_record_so_each_step_is_logged_once(tmp_path):
     tables = sorted(p.name for p in (job / "tables").iterdir())
     assert tables == [f"t_{s:07d}.json" for s in range(1, 6)]
     assert runstore.run_state(job) == "finished"
+
+
+MULTIMODAL = REPO / "experiments" / "multimodal.py"
+MULTIMODAL_TINY = ["data.num_train=16", "data.num_val=8", "data.image_size=16",
+                   "model.image_encoder_layers=2", "model.conv_width=8", "model.latent_dim=16",
+                   "model.embedding_dim=16", "model.transformer_layers=1", "model.num_heads=2",
+                   "train.batch_size=8", "train.num_samples=2", "logger=disabled",
+                   "train.epochs=30", "train.log_frequency=1", "train.checkpoint_frequency=5",
+                   "train.image_log_frequency=3", "rank_probe.every=4"]  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_multimodal_run_resumed_logs_each_step_once(tmp_path, signum):
+    """Stopped between two checkpoints, then resumed: every step's record once, and the same
+    final numbers as an uninterrupted run with the same seed."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    env = {"OMP_NUM_THREADS": "1"}
+    done = run_script(MULTIMODAL, [*MULTIMODAL_TINY, f"hydra.run.dir={whole}"], tmp_path, **env)
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen([sys.executable, str(MULTIMODAL), *MULTIMODAL_TINY,
+                             f"hydra.run.dir={cut}"], cwd=tmp_path, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = [r["_step"] for r in runstore.iter_metrics(cut) if "total_loss" in r]
+        if steps and max(steps) >= 7:  # past the checkpoint at step 5
+            break
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    proc.communicate(timeout=60)
+    assert 7 <= max(r["_step"] for r in runstore.iter_metrics(cut)) < 60, "stopped too late"
+    resumed = run_script(MULTIMODAL, [*MULTIMODAL_TINY, "resume=true", f"run_dir={cut}"],
+                         tmp_path, **env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+
+    def records(run: Path) -> list[tuple]:
+        return [(r["_step"], tuple(sorted(r))) for r in runstore.iter_metrics(run)]
+
+    assert sorted(records(cut)) == sorted(records(whole))  # the same keys at the same steps
+    media = sorted(p.name for p in (cut / "media").iterdir())
+    assert media == sorted(p.name for p in (whole / "media").iterdir())
+    final = {k: v for k, v in runstore.read_json(whole / "summary.json").items()
+             if k.startswith("final_")}  # fmt: skip
+    assert final and {k: runstore.read_json(cut / "summary.json")[k] for k in final} == final
