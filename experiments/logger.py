@@ -17,6 +17,7 @@ import signal
 import socket
 import string
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -28,9 +29,20 @@ import yaml
 from experiments import runstore
 
 WANDB_MODES = ("offline", "online", "disabled")
-# Config keys whose values must never reach a log, a file or W&B.
-# whole key names (api_key, wandb_api_key, hf_token, client_secret), not model.prefix_tokens
-SECRET_KEY = re.compile(r"(^|_)(api_?key|token|secret(_key)?|password|passwd)$", re.IGNORECASE)
+# Config keys whose values must never reach a log, a file or W&B: whole words of the key
+# (api_key, wandb_api_key, hf_token, client_secret, aws_secret_access_key, private_key,
+# credentials), not model.prefix_tokens
+SECRET_KEY = re.compile(
+    r"(^|_)(api_?key|token|secret|access_key|password|passwd|private_key|credentials?)$"
+    r"|(^|_)secret_",
+    re.IGNORECASE,
+)
+# a password inside a value: scheme://user:password@host
+URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)[^@\s/]+@")
+
+
+class RunClosed(RuntimeError):
+    """A log call after ``finish()``."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,11 +55,33 @@ SIGNAL_REPEAT_S = 2.0
 
 
 def redact(config: Any) -> Any:
+    """The config with secret-named keys masked and passwords in URL values cut out."""
     if isinstance(config, Mapping):
         return {k: "***" if SECRET_KEY.search(str(k)) else redact(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [redact(v) for v in config]
+    if isinstance(config, str):
+        return redact_text(config)
     return config
+
+
+def redact_text(text: str) -> str:
+    """``key=value`` with a secret-named key masked, and a URL's password cut out."""
+    key, sep, _ = text.partition("=")
+    if sep and SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1]):
+        return f"{key}=***"
+    return URL_PASSWORD.sub(r"\g<head>***@", text)
+
+
+@contextlib.contextmanager
+def _redacted_argv():
+    """W&B records the command line in the run's metadata: let it see a masked copy."""
+    argv = sys.argv
+    sys.argv = [argv[0], *(redact_text(a) for a in argv[1:])]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def new_run_id(length: int = 8) -> str:
@@ -176,17 +210,18 @@ class ExperimentLogger:
         try:
             import wandb
 
-            self._run = wandb.init(
-                dir=str(self.run_dir),
-                id=self.run_id,
-                name=self.name,
-                config=self.config,
-                mode=self.mode,
-                resume="allow" if resuming else None,
-                reinit="finish_previous",
-                settings=wandb.Settings(console="off", quiet=True, init_timeout=init_timeout),
-                **kwargs,
-            )
+            with _redacted_argv():
+                self._run = wandb.init(
+                    dir=str(self.run_dir),
+                    id=self.run_id,
+                    name=self.name,
+                    config=self.config,
+                    mode=self.mode,
+                    resume="allow" if resuming else None,
+                    reinit="finish_previous",
+                    settings=wandb.Settings(console="off", quiet=True, init_timeout=init_timeout),
+                    **kwargs,
+                )
             self._wandb = wandb
             entity = getattr(self._run, "entity", None) or kwargs.get("entity")
             project = getattr(self._run, "project", None) or kwargs.get("project")
@@ -210,7 +245,7 @@ class ExperimentLogger:
         if run is not None:
             # already degraded: a second failure has nothing more to report
             with contextlib.suppress(Exception):
-                run.finish(exit_code=1, quiet=True)
+                run.finish(exit_code=1)  # W&B's copy is cut short: say so, do not leave it open
 
     def _to_wandb(self, what: str, fn) -> None:
         if self._run is None:
@@ -242,6 +277,9 @@ class ExperimentLogger:
         runstore.write_json_atomic(self.run_dir / runstore.SUMMARY_FILE, self.summary)
 
     def _next_step(self, step: int | None) -> int:
+        if self._finished:
+            # as W&B does after finish(): nothing more reaches either record
+            raise RunClosed(f"the run in {self.run_dir} is closed: nothing more can be logged")
         if step is None:
             return self.step + 1
         step = int(step)
@@ -287,7 +325,8 @@ class ExperimentLogger:
             self._probed_step = step
             # what the probe costs this run, in its summary (benchmarks/bench_rank_probe.py)
             spent = self.summary.get("rank_probe_seconds", 0.0) + time.perf_counter() - started
-            self.summary["rank_probe_seconds"] = round(spent, 4)
+            values["rank_probe_seconds"] = round(spent, 4)  # in the step's row and both summaries
+            self.summary["rank_probe_seconds"] = values["rank_probe_seconds"]
         self._metrics.write({"_step": step, **values})
         self._to_wandb("log", lambda run: run.log(values, step=step))
         return step

@@ -196,3 +196,67 @@ def test_corrupt_metrics_line_is_skipped_with_warning(tmp_path):
     with pytest.warns(UserWarning, match="metrics.jsonl:2: corrupt line"):
         records = list(runstore.iter_metrics(tmp_path))
     assert records == [{"_step": 0, "a": 1}]
+
+
+# -- what W&B itself receives (the real client, offline, read back with wandb leet) -----------
+
+
+def test_a_wandb_failure_closes_the_wandb_run_as_failed(tmp_path, monkeypatch):
+    """W&B rejects a value mid-run: the run goes on locally, and W&B's own run is closed at
+    once with exit code 1 (it was left open, then closed as finished by the process exit)."""
+    from wandb_records import exit_codes, history, transaction_log
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    lg = ExperimentLogger(tmp_path, {}, mode="offline", project="p")
+    with lg:
+        lg.log({"loss": 1.0})
+        with pytest.warns(RuntimeWarning, match="W&B log failed"):
+            lg.log({"loss": 0.5, "unserialisable": object()})
+        lg.log({"loss": 0.25})
+    records = transaction_log(tmp_path)
+    assert exit_codes(records) == [1]
+    assert [row["loss"] for row in history(records)] == [1.0]
+    assert [r["loss"] for r in read_lines(tmp_path)] == [1.0, 0.5, 0.25]
+    assert "local only" in json.loads((tmp_path / "run.json").read_text())["mode"]
+
+
+def test_secrets_are_masked_in_the_config_and_the_command_line(tmp_path, monkeypatch):
+    from wandb_records import config, transaction_log
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    password, key = "hunter2pw", "AKIAxyz123"
+    monkeypatch.setattr(sys, "argv", ["prog", f"data.url=postgres://me:{password}@db/x",
+                                      f"+aws_secret_access_key={key}"])  # fmt: skip
+    cfg = {"data": {"url": f"postgres://me:{password}@db/x"}, "aws_secret_access_key": key,
+           "private_key": key, "credentials": key, "prefix_tokens": 4}  # fmt: skip
+    with ExperimentLogger(tmp_path, cfg, mode="offline", project="p") as lg:
+        lg.log({"loss": 1.0})
+    logged = config(transaction_log(tmp_path))
+    assert logged["data"]["url"] == "postgres://me:***@db/x" and logged["prefix_tokens"] == 4
+    assert logged["aws_secret_access_key"] == logged["private_key"] == "***"
+    for path in tmp_path.rglob("*"):  # config.yaml, run.json, W&B's files and metadata
+        if path.is_file():
+            data = path.read_bytes()
+            assert password.encode() not in data and key.encode() not in data, path
+
+
+def test_the_rank_probe_cost_reaches_both_summaries_and_logging_after_finish_is_refused(
+    tmp_path, monkeypatch
+):
+    from wandb_records import final_summary, transaction_log
+
+    from experiments.logger import RunClosed
+    from experiments.rank_probe import RankProbe, hooked_features, input_rank
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    net, batch = torch.nn.Sequential(torch.nn.Linear(6, 4)), torch.randn(16, 6)
+    probe = RankProbe(hooked_features(net, ["0"], batch), every=1, input_rank=input_rank(batch))
+    with ExperimentLogger(tmp_path, {}, mode="offline", project="p") as lg:
+        lg.attach_rank_probe(probe)
+        lg.log({"loss": 1.0}, step=1)
+    local = json.loads((tmp_path / "summary.json").read_text())
+    assert final_summary(transaction_log(tmp_path))["rank_probe_seconds"] == pytest.approx(
+        local["rank_probe_seconds"]
+    )
+    with pytest.raises(RunClosed, match="is closed"):
+        lg.log({"loss": 0.5})
