@@ -169,6 +169,7 @@ class ExperimentLogger:
         self._run = None
         self._rank_probe = None
         self._probed_step: int | None = None
+        self._wandb_from_step = 0  # steps below it are W&B's already (see rewind)
 
         summary_path = self.run_dir / runstore.SUMMARY_FILE
         if resuming and summary_path.exists():
@@ -255,6 +256,11 @@ class ExperimentLogger:
         except Exception as exc:
             self._wandb_failed(what, exc)
 
+    def _log_to_wandb(self, step: int, values) -> None:
+        """``values()`` to W&B at ``step``, unless W&B holds that step already (see rewind)."""
+        if step >= self._wandb_from_step:
+            self._to_wandb("log", lambda run: run.log(values(), step=step))
+
     # -- local record --------------------------------------------------------------------------
 
     def _write_config(self) -> None:
@@ -328,7 +334,7 @@ class ExperimentLogger:
             values["rank_probe_seconds"] = round(spent, 4)  # in the step's row and both summaries
             self.summary["rank_probe_seconds"] = values["rank_probe_seconds"]
         self._metrics.write({"_step": step, **values})
-        self._to_wandb("log", lambda run: run.log(values, step=step))
+        self._log_to_wandb(step, lambda: values)
         return step
 
     def scoped(self, prefix: str) -> ScopedLogger:
@@ -375,10 +381,7 @@ class ExperimentLogger:
         self._metrics.write(
             {"_step": step, key: {"_type": "image", "path": str(path.relative_to(self.run_dir))}}
         )
-        self._to_wandb(
-            "log",
-            lambda run: run.log({key: self._wandb.Image(str(path), caption=caption)}, step=step),
-        )
+        self._log_to_wandb(step, lambda: {key: self._wandb.Image(str(path), caption=caption)})
         return path
 
     def log_table(
@@ -397,10 +400,7 @@ class ExperimentLogger:
         self._metrics.write(
             {"_step": step, key: {"_type": "table", "path": str(path.relative_to(self.run_dir))}}
         )
-        self._to_wandb(
-            "log",
-            lambda run: run.log({key: self._wandb.Table(columns=columns, data=rows)}, step=step),
-        )
+        self._log_to_wandb(step, lambda: {key: self._wandb.Table(columns=columns, data=rows)})
         return path
 
     def rewind(self, step: int) -> int:
@@ -414,6 +414,9 @@ class ExperimentLogger:
                 if isinstance(value, dict) and "path" in value:
                     (self.run_dir / value["path"]).unlink(missing_ok=True)
         self._metrics = runstore.JsonlWriter(self.run_dir / runstore.METRICS_FILE)
+        # W&B already holds the steps up to the old last one (the first launch sent them): it
+        # gets each step once, from the step after it
+        self._wandb_from_step = max(self._wandb_from_step, self.step + 1)
         self.step, self._probed_step = step, None
         return len(dropped)
 
@@ -434,7 +437,8 @@ class ExperimentLogger:
                 except OSError as exc:
                     warnings.warn(f"could not write the run's {what}: {describe_error(exc)}",
                                   RuntimeWarning, stacklevel=2)  # fmt: skip
-            exit_code = 0 if state == "finished" else 1
+            # W&B's own codes: 255 for an interrupt (as its Ctrl-C hook), 1 for a failure
+            exit_code = {"finished": 0, "interrupted": 255}.get(state, 1)
             self._to_wandb("finish", lambda run: run.finish(exit_code=exit_code))
             self._run = self._wandb = None
         finally:

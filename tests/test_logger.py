@@ -260,3 +260,25 @@ def test_the_rank_probe_cost_reaches_both_summaries_and_logging_after_finish_is_
     )
     with pytest.raises(RunClosed, match="is closed"):
         lg.log({"loss": 0.5})
+
+
+def test_an_interrupted_run_resumed_gives_wandb_each_step_once(tmp_path, monkeypatch):
+    """Stopped by a signal after step 8, resumed from a checkpoint at step 5: W&B's run (one
+    offline folder per launch, the same id) holds steps 1-10 once; the interrupt is W&B's
+    exit code 255, as its own Ctrl-C hook records it."""
+    from wandb_records import exit_codes, history, transaction_log
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with pytest.raises(KeyboardInterrupt), ExperimentLogger(tmp_path, {}, mode="offline") as lg:
+        for step in range(1, 9):
+            lg.log({"loss": 1.0 / step}, step=step)
+        raise KeyboardInterrupt
+    assert json.loads((tmp_path / "run.json").read_text())["state"] == "interrupted"
+    with ExperimentLogger(tmp_path, {}, mode="offline", run_id=lg.run_id) as again:
+        again.rewind(5)
+        for step in range(6, 11):
+            again.log({"loss": 1.0 / step}, step=step)
+    records = transaction_log(tmp_path)
+    assert [row["_step"] for row in history(records)] == list(range(1, 11))
+    assert exit_codes(records) == [255, 0]
+    assert [r["_step"] for r in read_lines(tmp_path)] == list(range(1, 11))
