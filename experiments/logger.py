@@ -362,8 +362,11 @@ class ExperimentLogger:
         """Declare a metric's x axis (``step_metric``) and summary (min, max, mean, last)."""
         self._record["defined_metrics"][name] = {"step_metric": step_metric, "summary": summary}
         self._write_record()
-        kwargs = {k: v for k, v in (("step_metric", step_metric), ("summary", summary)) if v}
-        self._to_wandb("define_metric", lambda run: run.define_metric(name, **kwargs))
+        # W&B reads a dot in a defined name as nesting ("B32_LR0.001000/step" would be the key
+        # path ["B32_LR0", "001000/step"]); a literal dot is escaped
+        kwargs = {"step_metric": _escape_dots(step_metric)} if step_metric else {}
+        kwargs.update({"summary": summary} if summary else {})
+        self._to_wandb("define_metric", lambda run: run.define_metric(_escape_dots(name), **kwargs))
 
     def log_image(
         self, key: str, image: Any, step: int | None = None, caption: str | None = None
@@ -505,6 +508,10 @@ class ScopedLogger:
     def log_summary(self, values: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         values = {**(values or {}), **kwargs}
         self.parent.log_summary({self.key(k): v for k, v in values.items()})
+
+
+def _escape_dots(name: str) -> str:
+    return name.replace(".", "\\.")
 
 
 def describe_error(exc: BaseException | None) -> str:

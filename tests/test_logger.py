@@ -282,3 +282,22 @@ def test_an_interrupted_run_resumed_gives_wandb_each_step_once(tmp_path, monkeyp
     assert [row["_step"] for row in history(records)] == list(range(1, 11))
     assert exit_codes(records) == [255, 0]
     assert [r["_step"] for r in read_lines(tmp_path)] == list(range(1, 11))
+
+
+def test_a_dotted_step_metric_keeps_its_values_in_wandb(tmp_path, monkeypatch):
+    """The scaling sweep's per-cell axes (B32_LR0.001000/step): W&B reads an unescaped dot in
+    a defined name as nesting, and its history then said step 0 for every row."""
+    from wandb_records import history, of_type, transaction_log
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with ExperimentLogger(tmp_path, {}, mode="offline") as lg:
+        lg.define_metric("B32_LR0.001000/*", step_metric="B32_LR0.001000/step")
+        for i in range(1, 4):
+            lg.log({"B32_LR0.001000/step": 256 * i, "B32_LR0.001000/loss": 1.0 / i})
+    records = transaction_log(tmp_path)
+    assert [row["B32_LR0.001000/step"] for row in history(records)] == [256, 512, 768]
+    (metric,) = of_type(records, "metric")
+    assert metric["step_metric"] == "B32_LR0\\.001000/step"
+    assert metric["glob_name"] == "B32_LR0\\.001000/*"
+    local = json.loads((tmp_path / "run.json").read_text())["defined_metrics"]
+    assert local == {"B32_LR0.001000/*": {"step_metric": "B32_LR0.001000/step", "summary": None}}
