@@ -467,7 +467,8 @@ def multimodal_job(
         losses["total_loss"].backward()
         # clip_grad_norm_ returns the global norm before clipping: the value worth logging
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-        logging_now = tc.log_frequency and (step + 1) % tc.log_frequency == 0
+        # the last step logs too, so a run shorter than log_frequency still shows its scalars
+        logging_now = tc.log_frequency and ((step + 1) % tc.log_frequency == 0 or step + 1 == stop)
         metrics = (
             step_metrics(losses, outputs, images, tokens, model, float(grad_norm))
             if logging_now
@@ -486,7 +487,7 @@ def multimodal_job(
             metrics["epoch"] = epoch + (batch_idx + 1) / steps_per_epoch
             logger.log(metrics, step=step)
             bar.set_postfix(loss=f"{metrics['total_loss']:.3f}")
-        if tc.image_log_frequency and step % tc.image_log_frequency == 0:
+        if tc.image_log_frequency and (step % tc.image_log_frequency == 0 or step == stop):
             recon = outputs["recon"].detach()
             logger.log_image("reconstruction", side_by_side(images, recon), step, "top: original")
             logger.log_image("image_diff", side_by_side(images, (images - recon).abs()), step)
