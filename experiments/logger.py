@@ -41,6 +41,9 @@ SECRET_KEY = re.compile(
 URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)[^@\s/]+@")
 
 
+_USER_WANDB_DATA_DIR = os.environ.get("WANDB_DATA_DIR")
+
+
 class RunClosed(RuntimeError):
     """A log call after ``finish()``."""
 
@@ -208,6 +211,10 @@ class ExperimentLogger:
     def _start_wandb(self, *, resuming: bool, init_timeout: float, **kwargs: Any) -> None:
         # The environment variable, not only the argument, keeps offline runs off the network.
         os.environ["WANDB_MODE"] = self.mode
+        # W&B stages a logged table's file under its data folder before the run refers to it:
+        # inside the run folder, a copied run folder syncs with its tables (the user's own
+        # WANDB_DATA_DIR wins)
+        os.environ["WANDB_DATA_DIR"] = _USER_WANDB_DATA_DIR or str(self.run_dir / "wandb" / "data")
         try:
             import wandb
 

@@ -301,3 +301,17 @@ def test_a_dotted_step_metric_keeps_its_values_in_wandb(tmp_path, monkeypatch):
     assert metric["glob_name"] == "B32_LR0\\.001000/*"
     local = json.loads((tmp_path / "run.json").read_text())["defined_metrics"]
     assert local == {"B32_LR0.001000/*": {"step_metric": "B32_LR0.001000/step", "summary": None}}
+
+
+def test_a_logged_table_is_staged_inside_the_run_folder(tmp_path, monkeypatch):
+    """W&B refers to a table's staged file from the run's log: it must travel with the run
+    folder (it was under ~/.local/share/wandb, lost when the folder is synced elsewhere)."""
+    from wandb_records import of_type, transaction_log
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    with ExperimentLogger(tmp_path, {}, mode="offline") as lg:
+        lg.log_table("captions", ["reference", "generated"], [["a b", "a c"]], step=1)
+    (artifact,) = of_type(transaction_log(tmp_path), "artifact")
+    staged = [Path(c["local_path"]) for c in artifact["manifest"]["contents"]]
+    assert staged and all(tmp_path.resolve() in p.resolve().parents for p in staged)
+    assert all(p.is_file() for p in staged)
