@@ -70,3 +70,28 @@ def test_wandb_receives_what_the_local_record_holds(name, tmp_path):
         assert any("grad_norm" in row and "total_loss" in row for row in rows.values())
         assert any(has_key(row, "reconstruction") for row in rows.values())
         assert any(has_key(row, "sample_captions") for row in rows.values())
+
+
+def test_the_scaling_studys_four_dashboard_views_can_be_built(tmp_path):
+    """The old study's views, from what W&B holds: (1) a cell's curves against its own step,
+    (2) final loss by batch size coloured by lr, (3) the loss table, (4) all curves by group."""
+    records = transaction_log(run_offline("laplace_scaling", tmp_path))
+    rows = history(records)
+    cells = {"B8_LR0.001000", "B8_LR0.010000", "B64_LR0.001000", "B64_LR0.010000"}
+    axes = {m["glob_name"]: m["step_metric"] for m in of_type(records, "metric")}
+    for cell in cells:  # (1): each cell's axis, escaped so W&B does not nest on the dot
+        escaped = cell.replace(".", "\\.")
+        assert axes[f"{escaped}/*"] == f"{escaped}/step"
+        steps = [r[f"{cell}/step"] for r in rows if f"{cell}/val_loss" in r]
+        assert steps and steps == sorted(steps) and steps[0] > 0
+    # (2) and (3): one row per cell with its batch size, lr and final loss
+    finals = [r for r in rows if "summary/final_val_loss" in r]
+    assert {(r["summary/batch_size"], r["summary/lr"]) for r in finals} == {
+        (8, 1e-3), (8, 1e-2), (64, 1e-3), (64, 1e-2)
+    }  # fmt: skip
+    # (4): every flat val_loss row names its cell's batch size, lr and step
+    flat = [r for r in rows if "val_loss" in r]
+    assert flat and all({"batch_size", "lr", "step"} <= set(r) for r in flat)
+    assert {(r["batch_size"], r["lr"]) for r in flat} == {
+        (r["summary/batch_size"], r["summary/lr"]) for r in finals
+    }
