@@ -66,6 +66,12 @@ def test_wandb_receives_what_the_local_record_holds(name, tmp_path):
     for key, value in yaml.safe_load((out / "config.yaml").read_text()).items():
         assert logged_config.get(key) == value, f"config {key}"
     assert [e.get("exit_code", 0) for e in of_type(records, "exit")] == [0]
+    axes = {m.get("glob_name") or m.get("name"): m.get("step_metric")
+            for m in of_type(records, "metric")}  # fmt: skip
+    defined = runstore.read_json(out / "run.json")["defined_metrics"]
+    for metric, spec in defined.items():  # every declared x axis reached W&B, dots escaped
+        escape = lambda key: key.replace(".", "\\.")  # noqa: E731
+        assert axes[escape(metric)] == escape(spec["step_metric"]), metric
     if name == "multimodal":  # the quick look logs per-batch scalars and images
         assert any("grad_norm" in row and "total_loss" in row for row in rows.values())
         assert any(has_key(row, "reconstruction") for row in rows.values())
