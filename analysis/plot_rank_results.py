@@ -3,7 +3,8 @@
     python analysis/plot_rank_results.py --results_dir multirun/2024-01-01/12-00-00 --log_scale
 
 Writes ``<prefix>_loss_curves.png``, ``<prefix>_final_losses.png``, ``<prefix>_summary.csv`` and
-``<prefix>_summary.json`` into the results folder and prints the summary table.
+``<prefix>_summary.json`` into the results folder and prints the summary table. Exits 1 when a
+job did not finish (failed, killed, interrupted, still running), as the sweep itself does.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for path in paths.values():
         print(f"wrote {path}")
-    return 0
+    return 1 if failed else 0  # the report is written; the exit code says it is incomplete
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,15 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from analysis.cli import UserError
+from analysis.scaling_results import FIELDS, LINE, read_csv_text
 from experiments.runstore import (
     CONFIG_FILE,
+    KILLED,
     RUN_FILE,
     SUMMARY_FILE,
     atomic_path,
-    save_figure,
-    write_text_atomic,
+    killed_reason,
+    run_state,
 )
 
 # The files a rank-sweep job writes beside its run record (experiments/chain_training.py).
@@ -161,28 +164,69 @@ def find_job_dirs(sweep_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(jobs, key=lambda p: _sort_key(_job_rank(p), p.name))
 
 
+_MISSING_TEXT = frozenset({"", "nan", "-nan", "na", "n/a", "null", "none"})
+
+
+def _curves_from_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:
+    """(the curve, None), or (None, what is wrong with the file). A last row cut short is a
+    job killed mid-write: the rows before it are its curve."""
+    try:
+        text = read_csv_text(path)
+    except UserError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"{path}: {exc.strerror or exc}"
+    width = len(text.columns) - 2  # the header's fields (LINE and FIELDS are the reader's)
+    if len(text) and text[FIELDS].iloc[-1] < width:
+        text = text.iloc[:-1]
+    missing = [c for c in ("epoch", "train_loss", "val_loss") if c not in text.columns]
+    if missing:
+        return None, f"{path} has no {', '.join(missing)} column"
+    if (text[FIELDS] != width).any():
+        line = text[LINE][text[FIELDS] != width].iloc[0]
+        return None, f"{path} line {line}: not {width} fields, as the header has"
+    frame = text.drop(columns=[LINE, FIELDS])
+    for column in [c for c in CURVE_COLUMNS if c in frame.columns]:
+        values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
+        bad = values.isna() & ~frame[column].str.strip().str.lower().isin(_MISSING_TEXT)
+        if bad.any():
+            i = bad.idxmax()
+            value = frame.at[i, column]
+            return None, f"{path} line {text.at[i, LINE]}: {column} is {value!r}, not a number"
+        frame[column] = values
+    return frame, None
+
+
+def _curves_from_json(job_dir: Path) -> pd.DataFrame | None:
+    for path in [job_dir / CURVES_JSON, *_legacy_curve_files(job_dir, "json")]:
+        data = _read_json(path)
+        rows = data.get("curves") if isinstance(data, dict) else data
+        if isinstance(rows, list) and rows:
+            return pd.DataFrame.from_records([r for r in rows if isinstance(r, dict)])
+    return None
+
+
 def load_curves(job_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Per-epoch losses of one job (``CURVE_COLUMNS`` first); an empty frame if none were saved."""
+    """Per-epoch losses of one job (``CURVE_COLUMNS`` first); an empty frame if none were saved.
+
+    A curve CSV that cannot be read (empty, cut, not numbers) is warned about in one line naming
+    it, and loss_curves.json (written beside it) is read instead; when that gives no curve
+    either, ``frame.attrs["problem"]`` says which file was unreadable."""
     job_dir = Path(job_dir)
-    frame: pd.DataFrame | None = None
+    frame, problems = None, []
     for path in [job_dir / CURVES_CSV, *_legacy_curve_files(job_dir, "csv")]:
         if path.is_file():
-            try:
-                frame = pd.read_csv(path)
+            frame, problem = _curves_from_csv(path)
+            if frame is not None:
                 break
-            except pd.errors.EmptyDataError:
-                continue  # a job killed before its first epoch leaves an empty file
-            except (OSError, ValueError) as exc:
-                warnings.warn(f"{path}: unreadable CSV, ignored ({exc})", stacklevel=2)
+            problems.append(f"unreadable {path.name}")
+            warnings.warn(f"unreadable loss curves: {problem}", stacklevel=2)
     if frame is None:
-        for path in [job_dir / CURVES_JSON, *_legacy_curve_files(job_dir, "json")]:
-            data = _read_json(path)
-            rows = data.get("curves") if isinstance(data, dict) else data
-            if isinstance(rows, list) and rows:
-                frame = pd.DataFrame.from_records([r for r in rows if isinstance(r, dict)])
-                break
+        frame = _curves_from_json(job_dir)
     if frame is None:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in CURVE_COLUMNS})
+        frame = pd.DataFrame({c: pd.Series(dtype=float) for c in CURVE_COLUMNS})
+        frame.attrs["problem"] = "; ".join(problems) or None
+        return frame
     for column in CURVE_COLUMNS:
         frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else np.nan
     extra = [c for c in frame.columns if c not in CURVE_COLUMNS]
@@ -190,8 +234,25 @@ def load_curves(job_dir: str | os.PathLike[str]) -> pd.DataFrame:
     return frame.sort_values("epoch", kind="stable").reset_index(drop=True)
 
 
+def _job_state(job_dir: Path, run: dict[str, Any] | None) -> tuple[str, Any]:
+    """(status, reason) of a job as it is now: run.json's state, except "killed" (with why)
+    for a "running" record whose process is gone; "unknown" without run.json (old-script
+    folders); "unreadable" when run.json is there but cannot be read."""
+    if run is None:
+        if (job_dir / RUN_FILE).exists():
+            return "unreadable", f"unreadable {RUN_FILE}: {job_dir / RUN_FILE}"
+        return "unknown", None
+    try:
+        state = run_state(job_dir, run)
+    except (OSError, ValueError) as exc:
+        return "unreadable", f"{job_dir / RUN_FILE}: {exc}"
+    if state == KILLED:
+        return state, killed_reason(run)
+    return state, run.get("reason")
+
+
 def _summary_row(job_dir: Path) -> dict[str, Any]:
-    run = _as_dict(_read_json(job_dir / RUN_FILE))
+    run = _read_json(job_dir / RUN_FILE)
     config = _as_dict(_read_yaml(job_dir / CONFIG_FILE))
     summary = _as_dict(_read_json(job_dir / SUMMARY_FILE))
     curves = load_curves(job_dir)
@@ -199,8 +260,9 @@ def _summary_row(job_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {c: summary.get(c) for c in SUMMARY_COLUMNS}
     row["rank"] = _job_rank(job_dir)
     row["structure"] = summary.get("structure") or _as_dict(config.get("model")).get("structure")
-    row["status"] = str(run.get("state") or "unknown")
-    row["reason"] = run.get("reason")
+    row["status"], reason = _job_state(job_dir, run if isinstance(run, dict) else None)
+    # A curve file that could not be read is said in the reason, so no table claims its curve.
+    row["reason"] = "; ".join(str(r) for r in (reason, curves.attrs.get("problem")) if r) or None
     row["job_dir"] = str(job_dir)
 
     # Fill what summary.json lacks from the curves (old-script folders have only curves; a failed
@@ -231,8 +293,10 @@ def collect_summary(sweep_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """One row per job (``SUMMARY_COLUMNS``), sorted by rank; failed jobs are rows too.
 
     Missing numbers are NaN (``rank``, ``parameters`` and ``epochs_completed`` are nullable ints);
-    ``status`` is run.json's state as written (a job killed hard may still say "running"), or
-    "unknown" without one.
+    ``status`` is the job's state as it is now (``runstore.run_state``): run.json's state, except
+    "killed" for a record left "running" by a process that is gone (the reason says so);
+    "unknown" without run.json (old-script folders), "unreadable" with a corrupt one. A curve
+    file that could not be read is named in ``reason``.
     """
     rows = [_summary_row(job) for job in find_job_dirs(sweep_dir)]
     frame = pd.DataFrame.from_records(rows, columns=SUMMARY_COLUMNS)
@@ -269,7 +333,7 @@ def _rank_labels(summary: pd.DataFrame) -> list[str]:
 
 def _status_text(row: Mapping[str, Any], width: int = 48) -> str:
     status = str(row["status"])
-    if status in OK_STATUSES or not row.get("reason"):
+    if not row.get("reason"):  # a finished job has a reason only when a file of it is unreadable
         return status
     text = f"{status}: {' '.join(str(row['reason']).split())}"
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -341,6 +405,48 @@ def plot_loss_curves(
     log_scale: bool = False,
     curves: Mapping[str, pd.DataFrame] | None = None,
 ) -> Path:
+    """Write ``loss_curves_figure`` to ``out_path`` (atomically)."""
+    write_all(
+        {Path(out_path): lambda tmp: save_png(loss_curves_figure(source, log_scale, curves), tmp)}
+    )
+    return Path(out_path)
+
+
+def _legend_text(row: Mapping[str, Any], label: str, frame: pd.DataFrame, drawn: bool) -> str:
+    """The legend entry: a job whose curve is not drawn says so, and why when its curve file
+    was unreadable (the legend never claims a curve the axes lack)."""
+    ok = row["status"] in OK_STATUSES
+    text = f"rank {label}" + ("" if ok else f" ({row['status']})")
+    if not drawn:
+        problem = frame.attrs.get("problem")
+        text += " - no curve" + (f" ({problem})" if problem else "")
+    return text
+
+
+def _draw_job(
+    axes: Any, frame: pd.DataFrame, ok: bool, style: dict[str, Any], floor: float, log_scale: bool
+) -> bool:
+    """One job's train and val curves (an x where a failed job stopped) and its floor; whether
+    any point was drawn."""
+    drew = False
+    for ax, column in zip(axes, ("train_loss", "val_loss"), strict=True):
+        points = frame[["epoch", column]].dropna() if not frame.empty else frame
+        if len(points):
+            drew = True
+            ax.plot(points["epoch"], points[column], **style)
+            if not ok:  # where the failed job stopped
+                last = (points["epoch"].iloc[-1], points[column].iloc[-1])
+                ax.plot(*last, "x", color=style["color"], ms=8, mew=2)
+        if math.isfinite(floor) and (floor > 0 or not log_scale):
+            ax.axhline(floor, color=style["color"], ls="--", lw=1.0, alpha=0.7)
+    return drew
+
+
+def loss_curves_figure(
+    source: str | os.PathLike[str] | pd.DataFrame,
+    log_scale: bool = False,
+    curves: Mapping[str, pd.DataFrame] | None = None,
+) -> Figure:
     """Train and val loss vs epoch side by side, one curve per rank, its floor dashed.
 
     ``source`` is a sweep folder or a summary from ``collect_summary``; ``curves`` maps job_dir to
@@ -358,28 +464,10 @@ def plot_loss_curves(
         ):
             frame = curves.get(str(row["job_dir"]), pd.DataFrame(columns=CURVE_COLUMNS))
             ok = row["status"] in OK_STATUSES
-            text = f"rank {label}" + ("" if ok else f" ({row['status']})")
-            if frame.empty:
-                text += " - no curve"
             style = {"color": color, "lw": 1.8, "ls": "-" if ok else ":"}
-            floor = _as_float(row["floor"])
-            for ax, column in zip(axes, ("train_loss", "val_loss"), strict=True):
-                points = frame[["epoch", column]].dropna() if not frame.empty else frame
-                if len(points):
-                    ax.plot(points["epoch"], points[column], **style)
-                    if not ok:  # where the failed job stopped
-                        ax.plot(
-                            points["epoch"].iloc[-1],
-                            points[column].iloc[-1],
-                            "x",
-                            color=color,
-                            ms=8,
-                            mew=2,
-                        )
-                if math.isfinite(floor) and (floor > 0 or not log_scale):
-                    ax.axhline(floor, color=color, ls="--", lw=1.0, alpha=0.7)
-            drawn += int(not frame.empty)
-            handles.append(Line2D([], [], **style, label=text))
+            drew = _draw_job(axes, frame, ok, style, _as_float(row["floor"]), log_scale)
+            drawn += int(drew)
+            handles.append(Line2D([], [], **style, label=_legend_text(row, label, frame, drew)))
         handles.append(Line2D([], [], color="0.4", ls="--", lw=1.0, label="floor (same colour)"))
 
         for ax, title in zip(axes, ("Training loss", "Validation loss"), strict=True):
@@ -403,12 +491,18 @@ def plot_loss_curves(
         axes[0].set_ylabel("loss (log scale)" if log_scale else "loss")
         fig.suptitle("Rank sweep: loss curves")
         fig.legend(handles=handles, loc="outside right center", frameon=False)
-        return save_figure(fig, out_path, _DPI)
+        return fig
 
 
 def plot_final_losses(
     summary: pd.DataFrame, out_path: str | os.PathLike[str], log_scale: bool = False
 ) -> Path:
+    """Write ``final_losses_figure`` to ``out_path`` (atomically)."""
+    write_all({Path(out_path): lambda tmp: save_png(final_losses_figure(summary, log_scale), tmp)})
+    return Path(out_path)
+
+
+def final_losses_figure(summary: pd.DataFrame, log_scale: bool = False) -> Figure:
     """Per rank: the final val loss bar beside the floor bar, values annotated, the zero
     predictor's loss dotted; failed ranks are a hatched marker, not left out."""
     labels = _rank_labels(summary)
@@ -525,7 +619,29 @@ def plot_final_losses(
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
         if summary.empty:
             ax.text(0.5, 0.5, "no jobs", ha="center", va="center", transform=ax.transAxes)
-        return save_figure(fig, out_path, _DPI)
+        return fig
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def save_png(fig: Figure, path: Path, dpi: int = _DPI) -> None:
+    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def write_all(writers: Mapping[Path, Callable[[Path], Any]]) -> list[Path]:
+    """Write a report's files all or none: each writer fills a temp file beside its path, and
+    only when every one succeeded are they renamed into place, so a full disk half-way leaves
+    the old outputs, not a mix. An OSError is raised naming the file it hit (a failed write()
+    names none: a bare "No space left on device")."""
+    with ExitStack() as stack:
+        for path, write in writers.items():
+            tmp = stack.enter_context(atomic_path(path))
+            try:
+                write(tmp)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    return list(writers)
 
 
 # ---------------------------------------------------------------------------- report
@@ -556,7 +672,7 @@ def write_report(
     summary: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write ``{prefix}_loss_curves.png``, ``{prefix}_final_losses.png``, ``{prefix}_summary.csv``
-    and ``{prefix}_summary.json`` into ``sweep_dir`` (each atomically); return their paths.
+    and ``{prefix}_summary.json`` into ``sweep_dir`` (all or none); return their paths.
     ``summary``: the folder's ``collect_summary``, when the caller has already read it."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.exists():
@@ -583,12 +699,17 @@ def write_report(
         "summary_csv": sweep_dir / f"{prefix}_summary.csv",
         "summary_json": sweep_dir / f"{prefix}_summary.json",
     }
-    plot_loss_curves(summary, paths["loss_curves"], log_scale=log_scale)
-    plot_final_losses(summary, paths["final_losses"], log_scale=log_scale)
     table = _for_files(summary, sweep_dir)
-    with atomic_path(paths["summary_csv"]) as tmp:
-        table.to_csv(tmp, index=False)
     records = [{k: _plain(v) for k, v in r.items()} for r in table.to_dict("records")]
     text = json.dumps(records, indent=2, allow_nan=False) + "\n"
-    write_text_atomic(paths["summary_json"], text)
+    write_all(
+        {
+            paths["loss_curves"]: lambda tmp: save_png(loss_curves_figure(summary, log_scale), tmp),
+            paths["final_losses"]: lambda tmp: save_png(
+                final_losses_figure(summary, log_scale), tmp
+            ),
+            paths["summary_csv"]: lambda tmp: table.to_csv(tmp, index=False),
+            paths["summary_json"]: lambda tmp: tmp.write_text(text),
+        }
+    )
     return paths

@@ -4,10 +4,13 @@
     python analysis/scaling_analysis.py --results outputs/scaling/results.csv [--out DIR]
         [--n-boot 2000] [--seed 0] [--loss final_val_loss|min_val_loss] [--window 3|5]
 
-Writes into DIR (default: the results file's folder), each atomically: ``scaling_fit.json``,
+Writes into DIR (default: the results file's folder), all or none: ``scaling_fit.json``,
 ``lr_opt_vs_batch.png``, ``loss_vs_lr.png`` and ``final_loss_heatmap.png``; prints the
-interpretation and the written paths. The math lives in ``analysis.scaling_fit``. No Hydra, no
-W&B; plots use matplotlib's ``Figure`` directly (Agg).
+interpretation and the written paths. Bad input (a cell that is no number, a row cut short,
+one cell twice with two losses, a design without a slope) is one ``error:`` line and exit 2,
+before anything is written; rows whose cell did not finish (status failed, killed, ...) are
+left out of the fit, said, and make the exit code 1. The math lives in
+``analysis.scaling_fit``. No Hydra, no W&B; plots use matplotlib's ``Figure`` directly (Agg).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from analysis.cli import ArgumentParser, UserError, run_cli  # noqa: E402
+from analysis.rank_sweep_report import save_png, write_all  # noqa: E402
 from analysis.scaling_fit import (  # noqa: E402
     DEFAULT_WINDOW,
     LOSS_COLUMNS,
@@ -38,7 +42,7 @@ from analysis.scaling_fit import (  # noqa: E402
     interpret,
     load_results,
 )
-from experiments.runstore import save_figure, to_jsonable, write_text_atomic  # noqa: E402
+from experiments.runstore import to_jsonable  # noqa: E402
 
 _DPI = 120
 FIT_JSON = "scaling_fit.json"
@@ -76,7 +80,7 @@ def _panels(n: int, width: float, height: float) -> tuple[Figure, list[Any]]:
     return fig, list(axes)
 
 
-def plot_lr_opt_vs_batch(result: dict[str, Any], out_path: Path) -> Path:
+def lr_opt_figure(result: dict[str, Any]) -> Figure:
     """log-log lr_opt against B per family: per-seed range as error bars, the fit line, the
     reference slopes through the primary fit's geometric centre; flagged points hollow."""
     fams = result["families"]
@@ -141,10 +145,10 @@ def plot_lr_opt_vs_batch(result: dict[str, Any], out_path: Path) -> Path:
     ax.set_title(f"lr_opt vs batch size ({result['loss']}); grey lines: grid lrs")
     ax.legend(fontsize=8, loc="best")
     ax.grid(True, which="major", alpha=0.3)
-    return save_figure(fig, out_path, _DPI)
+    return fig
 
 
-def plot_loss_vs_lr(result: dict[str, Any], grids: dict[str, FamilyGrid], out_path: Path) -> Path:
+def loss_vs_lr_figure(result: dict[str, Any], grids: dict[str, FamilyGrid]) -> Figure:
     """Per family, one curve per batch size: seed-mean loss (geometric) with a min-max band
     over seeds, the refined optimum as a star."""
     fig, axes = _panels(len(grids), 6.5, 5.0)
@@ -177,10 +181,10 @@ def plot_loss_vs_lr(result: dict[str, Any], grids: dict[str, FamilyGrid], out_pa
         ax.set_title(f"{name}: stars = refined lr_opt (hollow: flagged)")
         ax.legend(fontsize=8, ncol=2)
         ax.grid(True, which="major", alpha=0.3)
-    return save_figure(fig, out_path, _DPI)
+    return fig
 
 
-def plot_heatmap(result: dict[str, Any], grids: dict[str, FamilyGrid], out_path: Path) -> Path:
+def heatmap_figure(result: dict[str, Any], grids: dict[str, FamilyGrid]) -> Figure:
     """Per family: log10 of the seed-mean loss over (batch size, lr); cells with a diverged
     seed are hatched and marked "div" (with k/n when only some seeds diverged)."""
     fig, axes = _panels(len(grids), 6.8, 5.2)
@@ -228,15 +232,15 @@ def plot_heatmap(result: dict[str, Any], grids: dict[str, FamilyGrid], out_path:
         ax.set_title(f"{name}: log10 {result['loss']} (red box: grid argmin)")
     if image is not None:
         fig.colorbar(image, ax=axes, label=f"log10 {result['loss']} (seed mean)")
-    return save_figure(fig, out_path, _DPI)
+    return fig
 
 
 def write_outputs(
     result: dict[str, Any], grids: dict[str, FamilyGrid], out_dir: str | os.PathLike[str]
 ) -> dict[str, Path]:
-    """Write the JSON and the three plots into ``out_dir`` (atomically); return their paths."""
+    """Write the JSON and the three plots into ``out_dir``, all or none (a full disk half-way
+    leaves no new file and names the one it hit); return their paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out_dir / FIT_JSON,
         "lr_opt": out_dir / LR_OPT_PNG,
@@ -244,10 +248,14 @@ def write_outputs(
         "heatmap": out_dir / HEATMAP_PNG,
     }
     text = json.dumps(to_jsonable(result), indent=2) + "\n"
-    write_text_atomic(paths["json"], text)
-    plot_lr_opt_vs_batch(result, paths["lr_opt"])
-    plot_loss_vs_lr(result, grids, paths["loss_vs_lr"])
-    plot_heatmap(result, grids, paths["heatmap"])
+    write_all(
+        {
+            paths["json"]: lambda tmp: tmp.write_text(text),
+            paths["lr_opt"]: lambda tmp: save_png(lr_opt_figure(result), tmp, _DPI),
+            paths["loss_vs_lr"]: lambda tmp: save_png(loss_vs_lr_figure(result, grids), tmp, _DPI),
+            paths["heatmap"]: lambda tmp: save_png(heatmap_figure(result, grids), tmp, _DPI),
+        }
+    )
     return paths
 
 
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for path in paths.values():
         print(f"wrote {path}")
-    return 0
+    return 1 if result["unfinished_rows"] else 0  # the fit is written, but cells are missing
 
 
 if __name__ == "__main__":

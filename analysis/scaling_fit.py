@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -42,6 +43,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.cli import UserError
+from analysis.scaling_results import FIELDS, LINE, read_csv_text
 
 REQUIRED_COLUMNS = ("batch_size", "lr", "seed", "final_val_loss")
 LOSS_COLUMNS = ("final_val_loss", "min_val_loss")
@@ -62,12 +64,22 @@ DEFAULT_WINDOW = 3  # points in the refinement window (3 or 5), centred on the a
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 
+# A finished or diverged row is a measurement (a diverged cell is a result). Any other status
+# (failed, killed, interrupted, running) is a cell that never ran to the end: it is left out of
+# the fit and reported, never taken for a diverged cell.
+MEASURED_STATUSES = ("finished", "diverged")
+_MISSING_TEXT = frozenset({"", "nan", "-nan", "na", "n/a", "<na>", "null", "none"})
+_TRUE_TEXT = frozenset({"true", "1", "1.0", "yes", "y", "t"})
+_FALSE_TEXT = frozenset({"false", "0", "0.0", "no", "n", "f"})
+CELL_KEY = ["noise", "batch_size", "lr", "seed"]
+MIN_LRS = 3  # an optimum can only lie inside the grid, between two lrs, with three or more
+
 
 def _as_bool(series: pd.Series) -> pd.Series:
     if series.dtype == bool:
         return series
     text = series.astype(str).str.strip().str.lower()
-    return text.isin(("true", "1", "1.0", "yes", "y", "t"))
+    return text.isin(_TRUE_TEXT)
 
 
 def _stable_mask(df: pd.DataFrame, loss: str = "final_val_loss") -> pd.Series:
@@ -80,32 +92,190 @@ def _stable_mask(df: pd.DataFrame, loss: str = "final_val_loss") -> pd.Series:
         initial = pd.to_numeric(df["initial_val_loss"], errors="coerce").to_numpy(dtype=float)
         with np.errstate(invalid="ignore"):
             ok &= ~(np.isfinite(initial) & (values > initial))
+    if "measured" in df.columns:
+        ok &= df["measured"].to_numpy(dtype=bool)
     return pd.Series(ok, index=df.index)
 
 
 def load_results(path: str | os.PathLike[str], loss: str = "final_val_loss") -> pd.DataFrame:
-    """Read and validate a sweep's ``results.csv``; bad input raises ``UserError``.
-
-    Adds a ``noise`` column (``unspecified``) when absent and a boolean ``stable`` column for
-    ``loss`` (False for diverged rows, NaN losses included). Rows without a batch size, lr or
-    seed are dropped.
-    """
+    """Read and validate a sweep's ``results.csv``; bad input raises ``UserError`` naming the
+    line (see ``validate_results``). Each row keeps its line number in ``_line``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"results file {path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"results file {path} is not a readable CSV ({exc})") from None
-    return validate_results(df, loss=loss, source=str(path))
+    frame = read_csv_text(path)
+    width = len(frame.columns) - 2  # the header's fields (LINE and FIELDS are ours)
+    bad = frame[FIELDS] != width
+    if bad.any():  # pandas would fill a short row with NaN: a "diverged" cell
+        i = bad.idxmax()
+        raise UserError(
+            f"{path} line {frame.at[i, LINE]}: {frame.at[i, FIELDS]} fields where the header "
+            f"has {width} (a row cut short, or a stray comma)"
+        )
+    return validate_results(frame.drop(columns=FIELDS), loss=loss, source=str(path))
+
+
+def _row_name(df: pd.DataFrame, index: Any) -> str:
+    return f"line {df.at[index, LINE]}" if LINE in df.columns else f"row {index}"
+
+
+def _line_list(df: pd.DataFrame, limit: int = 5) -> str:
+    """'line 3, 9, 12' (the first few) for the rows of ``df``."""
+    word, names = ("line", df[LINE]) if LINE in df.columns else ("row", df.index)
+    names = [str(v) for v in names]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{word} {', '.join(names[:limit])}{more}"
+
+
+def _numbers(df: pd.DataFrame, column: str, source: str) -> pd.Series:
+    """``column`` as floats: an empty or NaN cell is NaN; any other text that is no number is
+    refused (it would otherwise pass for a missing, i.e. diverged, measurement)."""
+    raw = df[column]
+    if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
+        return raw.astype(float)
+    text = raw.astype(str).str.strip()
+    values = pd.to_numeric(text, errors="coerce")
+    bad = values.isna() & ~(raw.isna() | text.str.lower().isin(_MISSING_TEXT))
+    if bad.any():
+        i = bad.idxmax()
+        raise UserError(f"{source} {_row_name(df, i)}: {column} is {raw[i]!r}, not a number")
+    return values.astype(float)
+
+
+def _flags(df: pd.DataFrame, column: str, source: str) -> pd.Series:
+    """``column`` as booleans (true/false, 1/0, yes/no; empty is false); other text refused."""
+    raw = df[column]
+    if pd.api.types.is_bool_dtype(raw):
+        return raw.astype(bool)
+    text = raw.astype(str).str.strip().str.lower()
+    bad = ~text.isin(_TRUE_TEXT | _FALSE_TEXT | _MISSING_TEXT)
+    if bad.any():
+        i = bad.idxmax()
+        raise UserError(f"{source} {_row_name(df, i)}: {column} is {raw[i]!r}, not true/false")
+    return text.isin(_TRUE_TEXT)
+
+
+def _typed(df: pd.DataFrame, loss: str, source: str) -> pd.DataFrame:
+    """The columns the fit reads, typed, and ``measured``: the row finished or diverged."""
+    for column in ("batch_size", "lr", "seed", loss, "initial_val_loss"):
+        if column in df.columns:
+            df[column] = _numbers(df, column, source)
+    diverged = _flags(df, "diverged", source) if "diverged" in df.columns else False
+    measured = pd.Series(True, index=df.index)
+    if "status" in df.columns:
+        status = df["status"].astype(str).str.strip().str.lower()
+        measured = status.isin(MEASURED_STATUSES) | df["status"].isna()
+        measured |= status.isin(_MISSING_TEXT)  # no status: a hand-made file's measurement
+        diverged = diverged | (status == "diverged")
+    df["diverged"] = pd.Series(diverged, index=df.index).astype(bool)
+    df["measured"] = measured.to_numpy(dtype=bool)
+    if "noise" not in df.columns:
+        df["noise"] = DEFAULT_FAMILY
+    df["noise"] = df["noise"].fillna(DEFAULT_FAMILY).astype(str).str.strip()
+    return df
+
+
+_PLACE_RULES = {
+    "batch_size": (lambda v: np.isfinite(v) & (v > 0) & (v == np.round(v)), "a whole number > 0"),
+    "lr": (lambda v: np.isfinite(v) & (v > 0), "a finite number > 0"),
+    "seed": (lambda v: np.isfinite(v) & (v == np.round(v)), "a whole number"),
+}
+
+
+def _placed(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Rows with a batch size, lr and seed (the others are left out with a warning); a value
+    that cannot be one (0, part of a batch, inf) is refused by line."""
+    unplaced = df[["batch_size", "lr", "seed"]].isna().any(axis=1)
+    if unplaced.any():
+        warnings.warn(f"{source}: {int(unplaced.sum())} row(s) without a batch_size, lr or seed "
+                      f"left out ({_line_list(df[unplaced])})", stacklevel=4)  # fmt: skip
+        df = df[~unplaced]
+    for column, (ok, words) in _PLACE_RULES.items():
+        bad = ~ok(df[column].to_numpy(dtype=float))
+        if bad.any():
+            i = df.index[bad.argmax()]
+            value = df.at[i, column]
+            raise UserError(f"{source} {_row_name(df, i)}: {column} {value:g} must be {words}")
+    df["batch_size"] = df["batch_size"].round().astype(int)
+    df["seed"] = df["seed"].round().astype(int)
+    return df
+
+
+def _one_design(df: pd.DataFrame, source: str) -> None:
+    for column in DESIGN_COLUMNS:
+        if column in df.columns:
+            values = sorted(df[column].dropna().astype(str).unique())
+            if len(values) > 1:
+                raise UserError(
+                    f"{source} mixes several {column} values ({', '.join(values)}); "
+                    f"split it into one file per {column}"
+                )
+
+
+def _outcome(row: pd.Series, loss: str) -> str:
+    return f"{row[loss]:g}" if row["stable"] else "diverged"
+
+
+def _deduplicated(df: pd.DataFrame, loss: str, source: str) -> pd.DataFrame:
+    """One row per measured (noise, batch size, lr, seed) cell. A repeat with the same outcome
+    is dropped with a warning; one with another outcome is refused naming both lines (which
+    one holds is the user's call: averaging them would hide the conflict)."""
+    measured = df[df["measured"]]
+    repeats = measured[measured.duplicated(CELL_KEY, keep=False)]
+    dropped = []
+    for _, group in repeats.groupby(CELL_KEY, sort=False):
+        a = df.loc[group.index[0]]
+        for i in group.index[1:]:
+            if _outcome(a, loss) != _outcome(df.loc[i], loss):
+                raise UserError(
+                    f"{source} {_row_name(df, group.index[0])} and {_row_name(df, i)} hold the "
+                    f"same cell (noise {a['noise']}, batch_size {a['batch_size']}, lr "
+                    f"{a['lr']:g}, seed {a['seed']}) with different {loss}: "
+                    f"{_outcome(a, loss)} and {_outcome(df.loc[i], loss)}"
+                )
+            dropped.append(i)
+    if dropped:
+        warnings.warn(f"{source}: {len(dropped)} row(s) repeat an earlier row of the same cell "
+                      f"({_line_list(df.loc[dropped])}): counted once", stacklevel=4)  # fmt: skip
+    return df.drop(index=dropped)
+
+
+def _check_design(df: pd.DataFrame, loss: str, source: str) -> None:
+    """Refuse a design that cannot give a slope: per noise family two batch sizes and
+    ``MIN_LRS`` lrs among the rows that finished, and some stable cell."""
+    measured = df[df["measured"]]
+    if measured.empty:
+        counts = df["status"].astype(str).value_counts()
+        states = ", ".join(f"{k} {v}" for k, v in counts.items())
+        raise UserError(f"no row of {source} finished or diverged ({states}); nothing to fit")
+    for family, group in measured.groupby("noise"):
+        if group["batch_size"].nunique() < 2:
+            sizes = ", ".join(str(b) for b in sorted(group["batch_size"].unique()))
+            raise UserError(
+                f"the scaling fit needs at least two batch sizes "
+                f"(noise family {family!r} has only {sizes})"
+            )
+        if group["lr"].nunique() < MIN_LRS:
+            lrs = ", ".join(f"{v:g}" for v in sorted(group["lr"].unique()))
+            raise UserError(
+                f"the scaling fit needs at least {MIN_LRS} learning rates, so that an optimum "
+                f"can lie between two others (noise family {family!r} has only {lrs})"
+            )
+    if not df["stable"].any():
+        raise UserError(f"every cell in {source} diverged (no finite {loss}); nothing to fit")
 
 
 def validate_results(
     df: pd.DataFrame, loss: str = "final_val_loss", source: str = "results"
 ) -> pd.DataFrame:
-    """The checks of ``load_results`` for a DataFrame already in memory (returns a copy)."""
+    """The checks of ``load_results`` for a DataFrame (returns a copy): the columns the fit
+    reads must hold numbers (empty is NaN, a diverged loss) and true/false, by line; rows
+    without a batch size, lr or seed are dropped with a warning; exact repeats of a cell are
+    dropped with a warning, conflicting ones refused; a design without a slope is refused.
+
+    Adds ``noise`` (``unspecified``) when absent, ``measured`` (False for a row whose status
+    says it did not finish: left out of the fit, not diverged) and ``stable`` for ``loss``
+    (False for diverged rows, NaN losses included, and rows not measured)."""
     if loss not in LOSS_COLUMNS:
         raise UserError(f"loss must be one of {', '.join(LOSS_COLUMNS)}, not {loss!r}")
     df = df.copy()
@@ -116,38 +286,13 @@ def validate_results(
         raise UserError(f"{source} lacks required column(s): {', '.join(missing)}")
     if len(df) == 0:
         raise UserError(f"{source} has no rows")
-    for column in ("batch_size", "lr", "seed"):
-        df[column] = pd.to_numeric(df[column], errors="coerce")
-    df = df[np.isfinite(df[["batch_size", "lr", "seed"]].to_numpy(dtype=float)).all(axis=1)]
+    df = _placed(_typed(df, loss, source), source)
     if len(df) == 0:
         raise UserError(f"{source} has no row with a numeric batch_size, lr and seed")
-    if (df["batch_size"] <= 0).any() or (df["lr"] <= 0).any():
-        raise UserError(f"{source} has a non-positive batch_size or lr")
-    df["batch_size"] = df["batch_size"].round().astype(int)
-    df["seed"] = df["seed"].round().astype(int)
-    df["lr"] = df["lr"].astype(float)
-    if "noise" not in df.columns:
-        df["noise"] = DEFAULT_FAMILY
-    df["noise"] = df["noise"].fillna(DEFAULT_FAMILY).astype(str)
-    for column in DESIGN_COLUMNS:
-        if column in df.columns:
-            values = sorted(df[column].dropna().astype(str).unique())
-            if len(values) > 1:
-                raise UserError(
-                    f"{source} mixes several {column} values ({', '.join(values)}); "
-                    f"split it into one file per {column}"
-                )
-    for family, group in df.groupby("noise"):
-        if group["batch_size"].nunique() < 2:
-            sizes = ", ".join(str(b) for b in sorted(group["batch_size"].unique()))
-            raise UserError(
-                f"the scaling fit needs at least two batch sizes "
-                f"(noise family {family!r} has only {sizes})"
-            )
-    df[loss] = pd.to_numeric(df[loss], errors="coerce")
+    _one_design(df, source)
     df["stable"] = _stable_mask(df, loss).to_numpy()
-    if not df["stable"].any():
-        raise UserError(f"every cell in {source} diverged (no finite {loss}); nothing to fit")
+    df = _deduplicated(df, loss, source)
+    _check_design(df, loss, source)
     return df.reset_index(drop=True)
 
 
@@ -173,6 +318,8 @@ class FamilyGrid:
 
 def family_grid(df: pd.DataFrame, noise: str, loss: str = "final_val_loss") -> FamilyGrid:
     sub = df[df["noise"] == noise]
+    if "measured" in sub.columns:  # a cell that did not finish is missing, not diverged
+        sub = sub[sub["measured"]]
     if sub.empty:
         raise ValueError(f"no rows for noise family {noise!r}")
     stable = sub["stable"] if "stable" in sub.columns else _stable_mask(sub, loss)
@@ -199,7 +346,8 @@ def family_grid(df: pd.DataFrame, noise: str, loss: str = "final_val_loss") -> F
 
 def families(df: pd.DataFrame) -> list[str]:
     """Noise families, the primary one (gaussian if present) first, then sorted."""
-    names = sorted(df["noise"].astype(str).unique())
+    rows = df[df["measured"]] if "measured" in df.columns else df
+    names = sorted(rows["noise"].astype(str).unique())
     if PRIMARY_FAMILY in names:
         names.remove(PRIMARY_FAMILY)
         names.insert(0, PRIMARY_FAMILY)
@@ -483,6 +631,12 @@ def _family_fit(
     table = _family_table(grid, window)
     mean = table[table["level"] == "mean"].reset_index(drop=True)
     keep, excluded, fell_back = _fit_selection(mean, include_flagged)
+    if keep.sum() < 2:  # one optimum, or none: no slope to fit, and beta 0 would be a lie
+        have = ", ".join(str(b) for b in mean["batch_size"][keep]) or "none"
+        raise UserError(
+            f"noise family {noise!r}: fewer than two batch sizes have a stable lr to take an "
+            f"optimum from (B = {have}; the others diverged at every lr): no slope to fit"
+        )
     fit = fit_power_law(mean["batch_size"][keep], mean["lr_opt"][keep])
     fit.update(
         excluded_batch_sizes=excluded,
@@ -677,6 +831,22 @@ def _family_result(
     }
 
 
+def _unfinished_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows left out because their cell did not finish (status failed, killed, ...)."""
+    if "measured" not in df.columns:
+        return []
+    rows = df[~df["measured"]]
+    keys = [k for k in (LINE, "noise", "batch_size", "lr", "seed", "status", "reason")
+            if k in rows.columns]  # fmt: skip
+    return [{k.lstrip("_"): _plain(v) for k, v in r.items()} for r in rows[keys].to_dict("records")]
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 _SUMMARY_KEYS = (
     "beta",
     "beta_se",
@@ -744,6 +914,7 @@ def analyze(
         diff["ci"] = [_num(v) for v in diff["ci"]]
         differences[f"{a} - {b}"] = diff
     result["differences"] = differences
+    result["unfinished_rows"] = _unfinished_rows(df)
     result["reference_slopes"] = {str(k): v for k, v in REFERENCE_SLOPES.items()}
     result["notes"] = [
         "lr_opt: grid argmin of the seed-mean log loss, refined by a parabola in log10(lr) "
@@ -828,6 +999,19 @@ def _flag_lines(fam: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _unfinished_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    states: dict[str, int] = {}
+    for row in rows:
+        states[str(row.get("status"))] = states.get(str(row.get("status")), 0) + 1
+    counts = ", ".join(f"{k} {v}" for k, v in states.items())
+    where = [str(r["line"]) for r in rows if r.get("line") is not None][:5]
+    at = f"; line {', '.join(where)}{' ...' if len(rows) > len(where) else ''}" if where else ""
+    return [f"{len(rows)} row(s) did not finish ({counts}{at}): left out of the fit, "
+            "not counted as diverged"]  # fmt: skip
+
+
 def interpret(result: dict[str, Any]) -> str:
     """A few lines: beta with its interval per family, which reference slopes the interval
     includes or excludes (never more than it supports), family differences, flags."""
@@ -857,6 +1041,7 @@ def interpret(result: dict[str, Any]) -> str:
             f"beta[{key}] = {_fmt(diff['estimate'])}, 95% CI {_ci_text(diff['ci'])} "
             f"({paired} bootstrap): {verdict}"
         )
+    lines.extend(_unfinished_lines(result.get("unfinished_rows", [])))
     lines.append(
         "R^2 is not a test of the power law; the bootstrap interval is the one to trust, but it "
         "covers seed noise only, not the bias of the parabola refinement (~0.01-0.02 on smooth "

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,7 @@ from analysis.rank_sweep_report import (
     load_curves,
     write_report,
 )
+from tests.test_analysis_inputs import lock_held, write_killed_record
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -160,7 +162,7 @@ def test_cli_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     sweep = make_sweep(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(plot_rank_results.main, ["--results_dir", str(sweep), "--save_prefix", "p"])
-    assert exit_info.value.code == 0
+    assert exit_info.value.code == 1  # the failed job: the report is written, but incomplete
     out = capsys.readouterr().out
     assert "loss/floor" in out and "failed: CUDA out of memory" in out
     assert "best rank by final val loss: 8" in out
@@ -182,3 +184,86 @@ def test_cli_bad_folder_subprocess(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: results folder"), result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs as they are now (killed, running), unreadable files
+
+
+def test_a_killed_job_reads_killed_with_its_reason_and_the_cli_exits_1(tmp_path: Path) -> None:
+    """Today a job whose process died with its record open is reported as "running"."""
+    sweep = make_sweep(tmp_path)
+    _job(sweep, "4", 32, "running", epochs=3)
+    record = json.loads((sweep / "4" / "run.json").read_text())
+    write_killed_record(sweep / "4", **{k: v for k, v in record.items() if k != "state"})
+    summary = collect_summary(sweep)
+    row = summary[summary["rank"] == 32].iloc[0]
+    assert row["status"] == "killed"
+    assert "ended without closing its run record" in row["reason"]
+    result = _cli("--results_dir", str(sweep))
+    assert result.returncode == 1, result.stderr
+    assert "killed: the process (pid" in result.stdout
+    assert "2 of 5 job(s) did not finish" in result.stdout
+    table = pd.read_csv(sweep / "rank_sweep_summary.csv")
+    assert table["status"].tolist() == ["finished"] * 3 + ["failed", "killed"]
+    with lock_held(sweep / "4"):  # its process alive: running, as the record says
+        assert collect_summary(sweep)["status"].tolist()[-1] == "running"
+
+
+def test_an_unreadable_run_json_is_not_taken_for_an_old_finished_folder(tmp_path: Path) -> None:
+    """Today a corrupt run.json reads "unknown", which counts as finished."""
+    sweep = make_sweep(tmp_path)
+    (sweep / "2" / "run.json").write_text('{"state": "fini')
+    with pytest.warns(UserWarning, match="unreadable JSON"):
+        summary = collect_summary(sweep)
+    row = summary[summary["rank"] == 8].iloc[0]
+    assert row["status"] == "unreadable" and str(sweep / "2" / "run.json") in row["reason"]
+
+
+def _legend(summary: pd.DataFrame) -> list[str]:
+    from analysis.rank_sweep_report import loss_curves_figure
+
+    fig = loss_curves_figure(summary)
+    return [text.get_text() for text in fig.legends[0].get_texts()]
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"epoch,train_loss,val_loss\n1,0.5,abc\n", b"\x00\xff\xfe"]
+)
+def test_an_unreadable_curve_file_is_named_and_no_curve_is_claimed(
+    tmp_path: Path, content: bytes
+) -> None:
+    """Today an empty or corrupt loss_curves.csv silently drops the curve, the legend still
+    listing the rank as if drawn."""
+    sweep = make_sweep(tmp_path)
+    (sweep / "1" / "loss_curves.csv").write_bytes(content)
+    (sweep / "1" / "loss_curves.json").unlink()
+    bad = sweep / "1" / "loss_curves.csv"
+    with pytest.warns(UserWarning, match=f"unreadable loss curves: {bad}") as caught:
+        summary = collect_summary(sweep)
+    assert len({str(w.message) for w in caught}) == 1
+    row = summary[summary["rank"] == 4].iloc[0]
+    assert row["status"] == "finished" and row["reason"].startswith("unreadable loss_curves.csv")
+    assert "finished: unreadable loss_curves.csv" in format_summary_table(summary)
+    with pytest.warns(UserWarning):
+        legend = _legend(summary)
+    assert "rank 4 - no curve (unreadable loss_curves.csv)" in legend
+    assert "rank 2" in legend and "rank 8" in legend  # the readable ones, drawn
+
+
+def test_a_corrupt_curve_csv_falls_back_to_the_json_beside_it(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path)
+    (sweep / "1" / "loss_curves.csv").write_text("epoch,train_loss,val_loss\n1,x,y\n")
+    with pytest.warns(UserWarning, match="unreadable loss curves"):
+        curves = load_curves(sweep / "1")
+    assert len(curves) == EPOCHS and "problem" not in curves.attrs
+
+
+def test_a_last_row_cut_by_a_kill_is_dropped_without_a_word(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path)
+    path = sweep / "1" / "loss_curves.csv"
+    path.write_text(path.read_text() + "7,0.1")  # the kill came mid-append
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        curves = load_curves(sweep / "1")
+    assert curves["epoch"].tolist() == list(range(1, EPOCHS + 1))

@@ -364,3 +364,142 @@ def test_one_seed_gives_no_interval_and_says_so():
     assert all(x is None or math.isnan(x) for x in result["beta_ci"])
     assert abs(result["beta"] - 0.6) <= 0.05
     assert "no interval" in interpret(result) and "grid.seeds" in interpret(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad cells, cut rows, repeats, designs without a slope, a full disk: refused before writing
+
+
+def _edit_line(path: Path, number: int, column: str, value: str) -> None:
+    """Set ``column`` of file line ``number`` (the header is line 1) to ``value`` as text."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    fields = lines[number - 1].split(",")
+    fields[header.index(column)] = value
+    lines[number - 1] = ",".join(fields)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _refused(proc: subprocess.CompletedProcess[str], folder: Path, *words: str) -> str:
+    """One error line holding every word, exit 2, and no output written."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not [p.name for p in folder.iterdir() if p.name != "results.csv"]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("final_val_loss", "0.3x"), ("lr", "1e-3!"), ("batch_size", "eight"), ("diverged", "maybe")],
+)
+def test_a_cell_that_is_no_number_is_refused_naming_its_line(tmp_path, column, value):
+    """Today 0.3x in final_val_loss reads as a diverged cell: beta moves, exit 0."""
+    results = _write(tmp_path, surface())
+    _edit_line(results, 22, column, value)
+    _refused(_cli("--results", str(results), "--n-boot", "10"), tmp_path, "line 22", value)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "words"),
+    [("batch_size", "8.5", "whole number"), ("lr", "inf", "finite"), ("seed", "0.5", "whole")],
+)
+def test_a_value_that_cannot_be_a_grid_point_is_refused(tmp_path, column, value, words):
+    results = _write(tmp_path, surface())
+    _edit_line(results, 9, column, value)
+    _refused(_cli("--results", str(results), "--n-boot", "10"), tmp_path, "line 9", words)
+
+
+def test_the_diverged_marker_stays_a_result(tmp_path):
+    """What the sweep writes for a diverged cell (status diverged, diverged True, no loss) is
+    counted as diverged and reported, not refused."""
+    df = surface()
+    df["status"] = "finished"
+    hit = (df["batch_size"] == 8) & (df["lr"] == LRS[-1])
+    df.loc[hit, ["status", "diverged", "final_val_loss"]] = ["diverged", True, np.nan]
+    results = _write(tmp_path, df)
+    proc = _cli("--results", str(results), "--n-boot", "50")
+    assert proc.returncode == 0, proc.stderr
+    fit = json.loads((tmp_path / "scaling_fit.json").read_text())
+    assert fit["families"]["gaussian"]["n_diverged_runs"] == 3 and fit["unfinished_rows"] == []
+
+
+def test_a_file_cut_mid_row_is_refused_naming_the_row(tmp_path):
+    """Today the short last row's missing fields read as NaN (a diverged cell), no warning."""
+    results = _write(tmp_path, surface())
+    text = results.read_text()
+    results.write_text(text[: text.rstrip("\n").rindex("\n") + 12])  # 12 chars of the last row
+    _refused(_cli("--results", str(results), "--n-boot", "10"), tmp_path, "line 148", "fields")
+
+
+def test_conflicting_repeats_of_a_cell_are_refused_naming_both_lines(tmp_path):
+    """Today two losses for one cell end in a matplotlib traceback after partial outputs."""
+    df = surface()
+    df = pd.concat([df, df.iloc[[20]].assign(final_val_loss=9.9)], ignore_index=True)
+    results = _write(tmp_path, df)
+    _refused(_cli("--results", str(results), "--n-boot", "10"), tmp_path, "line 22 and line 149")
+
+
+def test_an_exact_repeat_is_counted_once_with_a_warning(tmp_path):
+    clean = analyze(load_results(_write(tmp_path, surface())), n_boot=50)
+    df = pd.concat([surface(), surface().iloc[[20]]], ignore_index=True)
+    with pytest.warns(UserWarning, match=r"1 row\(s\) repeat .*line 149"):
+        loaded = load_results(_write(tmp_path, df))
+    assert len(loaded) == len(surface())
+    assert analyze(loaded, n_boot=50)["beta"] == pytest.approx(clean["beta"])
+
+
+@pytest.mark.parametrize("design", ["one_lr", "two_lrs", "one_batch_with_an_optimum"])
+def test_a_design_without_a_slope_is_refused(tmp_path, design):
+    """Today all rows at one lr print 'beta 0.000, CI [0.000, 0.000]'."""
+    df = surface()
+    if design == "one_lr":
+        df = df[df["lr"] == LRS[3]]
+    elif design == "two_lrs":
+        df = df[df["lr"].isin(LRS[2:4])]
+    else:  # every batch size but 8 diverged at every lr
+        df.loc[df["batch_size"] != 8, "diverged"] = True
+    results = _write(tmp_path, df)
+    words = "batch sizes have a stable lr" if design.startswith("one_batch") else "learning rates"
+    _refused(_cli("--results", str(results), "--n-boot", "10"), tmp_path, words)
+
+
+def test_rows_that_did_not_finish_are_left_out_not_taken_for_diverged(tmp_path):
+    """A failed or killed job's row (no loss) is a missing cell: today it counts as diverged."""
+    df = surface()
+    df["status"] = "finished"
+    df.loc[[3, 40], ["status", "final_val_loss"]] = ["failed", np.nan]
+    df.loc[77, ["status", "final_val_loss"]] = ["killed", np.nan]
+    results = _write(tmp_path, df)
+    proc = _cli("--results", str(results), "--n-boot", "50")
+    assert proc.returncode == 1, proc.stderr
+    assert "3 row(s) did not finish (failed 2, killed 1; line 5, 42, 79)" in proc.stdout
+    fit = json.loads((tmp_path / "scaling_fit.json").read_text())
+    assert fit["families"]["gaussian"]["n_diverged_runs"] == 0
+    assert [r["line"] for r in fit["unfinished_rows"]] == [5, 42, 79]
+    assert abs(fit["beta"] - 0.6) <= 0.05
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_output(tmp_path):
+    """A write() that fails (here: a file-size limit, as a full disk does) names the file it
+    hit; the outputs are written all or none, so no new scaling_fit.json is left beside no
+    plots."""
+    results = _write(tmp_path, surface())
+
+    def limit() -> None:  # the first PNG (~70 kB) passes no more than 30 kB
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+
+    proc = subprocess.run(
+        [sys.executable, "analysis/scaling_analysis.py", "--results", str(results), "--n-boot",
+         "10"], cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=limit,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: File too large: {tmp_path / 'lr_opt_vs_batch.png'}"], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
