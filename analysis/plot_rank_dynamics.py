@@ -9,7 +9,8 @@ Reads per-layer ranks logged as ``ranks/{layer}/{measure}`` (this suite, the old
 uploader does it (``--layer-order``, the model rebuilt from the run's config, indexed names);
 a run whose order cannot be known is an error, never a guess. A run with several scopes (the
 scaling sweep's cells) gets one line per scope in the panels; ``--scope`` picks one, and the
-heat map needs one. Writes ``rank_dynamics_{measure}_{mode}.png`` and
+heat map needs one. ``--layer-order`` must name exactly the run's layers (an unknown or a
+missing name is an error naming them). Writes ``rank_dynamics_{measure}_{mode}.png`` and
 ``rank_heatmap_{measure}.png``.
 """
 
@@ -28,7 +29,12 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from analysis.cli import ArgumentParser, UserError, run_cli
-from analysis.rank_history import rank_columns, rank_table, resolve_layer_order
+from analysis.rank_history import (
+    layer_order_problem,
+    rank_columns,
+    rank_table,
+    resolve_layer_order,
+)
 from analysis.ranks import MODES, RANK_MEASURES, compute_rank_decay_dynamics
 from experiments.rank_probe import probed_layer_order
 from experiments.runstore import CONFIG_FILE, METRICS_FILE, read_metrics, save_figure
@@ -47,6 +53,11 @@ def scope_tables(
     }
     if not groups:
         raise UserError(f"no rank metrics for {measure} (expected ranks/<layer>/{measure})")
+    if layer_order is not None:  # checked against every scope's layers: never ignored
+        for by_layer in groups.values():
+            problem = layer_order_problem(layer_order, by_layer)
+            if problem:
+                raise UserError(problem)
     config_order = probed_layer_order(config) if config else None
     tables = {}
     for scope, columns in sorted(groups.items()):

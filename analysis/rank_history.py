@@ -94,6 +94,23 @@ def resolve_layer_order(
     return None, f"layer order unknown for {listed}: pass --layer-order"
 
 
+def layer_order_problem(given: Sequence[str], layers: Iterable[str]) -> str | None:
+    """Why a user's layer order does not fit a run whose logged layers are ``layers`` (names
+    the run lacks, its layers the order leaves out, a name given twice), or None when it names
+    exactly those layers. The order is the user's word: a mismatch is an error, never skipped."""
+    names = set(layers)
+    unknown = [x for x in dict.fromkeys(given) if x not in names]
+    missing = sorted(names - set(given))
+    twice = sorted({x for x in given if list(given).count(x) > 1})
+    found = {"not layers of the run": unknown, "the run's layers left out": missing,
+             "given twice": twice}  # fmt: skip
+    parts = [f"{k}: {', '.join(map(repr, v))}" for k, v in found.items() if v]
+    if not parts:
+        return None
+    layers_text = ", ".join(sorted(names))
+    return f"--layer-order does not match the run ({'; '.join(parts)}); its layers: {layers_text}"
+
+
 def dynamics_key(scope: str, measure: str, metric: str) -> str:
     return f"{scope}/{measure}_{metric}" if scope else f"{measure}_{metric}"
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from analysis.cli import UserError
 from analysis.plot_rank_dynamics import cell_steps, main, scope_tables
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_run(path, records):
@@ -87,3 +92,30 @@ def test_no_rank_metrics_is_a_clear_error(tmp_path):
     write_run(tmp_path / "run", [{"_step": 0, "loss": 1.0}])
     with pytest.raises(UserError, match="no rank metrics for effective_rank"):
         main(["--run-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize(
+    ("order", "words"),
+    [
+        ("conv,fc,head", ["not layers of the run: 'head'"]),
+        ("conv", ["the run's layers left out: 'fc'"]),
+        ("conv1,fc", ["not layers of the run: 'conv1'", "left out: 'conv'"]),
+        ("conv,fc,conv", ["given twice: 'conv'"]),
+    ],
+)
+def test_a_layer_order_that_does_not_match_the_run_is_one_error_line(tmp_path, order, words):
+    """Today names that are not the run's layers are ignored without a word."""
+    records = [{"_step": s, "ranks/conv/effective_rank": 9.0, "ranks/fc/effective_rank": 4.0}
+               for s in range(3)]  # fmt: skip
+    write_run(tmp_path / "run", records)
+    proc = subprocess.run(
+        [sys.executable, "analysis/plot_rank_dynamics.py", "--run-dir", str(tmp_path / "run"),
+         "--layer-order", order], cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --layer-order does not match"), lines
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "its layers: conv, fc" in lines[0]
+    assert not list((tmp_path / "run").glob("*.png"))
