@@ -113,6 +113,15 @@ def git_commit(path: Path | None = None) -> str | None:
         return None
 
 
+def slurm_ids() -> dict[str, str] | None:
+    """The SLURM job this process runs in (job id, array job and task ids, node), if any."""
+    names = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID",
+             "array_task_id": "SLURM_ARRAY_TASK_ID", "job_name": "SLURM_JOB_NAME",
+             "node": "SLURMD_NODENAME", "restart_count": "SLURM_RESTART_COUNT"}  # fmt: skip
+    ids = {key: os.environ[var] for key, var in names.items() if os.environ.get(var)}
+    return ids or None
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
@@ -161,6 +170,8 @@ class ExperimentLogger:
     def _open(self, config, mode: str, name, run_id, init_timeout: float, identity) -> None:
         resuming = run_id is not None
         self.config = redact(dict(config or {}))
+        if slurm_ids():  # which cluster job wrote the run, findable from W&B too
+            self.config["slurm"] = slurm_ids()
         self.mode = mode
         self.run_id = run_id or new_run_id()
         self.name = name or self.run_dir.name
@@ -196,6 +207,7 @@ class ExperimentLogger:
             "git_commit": git_commit(),
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "slurm": slurm_ids(),
             "defined_metrics": {},
         }
         if mode != "disabled":

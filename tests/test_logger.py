@@ -315,3 +315,17 @@ def test_a_logged_table_is_staged_inside_the_run_folder(tmp_path, monkeypatch):
     staged = [Path(c["local_path"]) for c in artifact["manifest"]["contents"]]
     assert staged and all(tmp_path.resolve() in p.resolve().parents for p in staged)
     assert all(p.is_file() for p in staged)
+
+
+def test_the_slurm_job_is_in_the_record_and_the_wandb_config(tmp_path, monkeypatch):
+    from wandb_records import config, transaction_log
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for var, value in {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240",
+                       "SLURM_ARRAY_TASK_ID": "2", "SLURMD_NODENAME": "node7"}.items():  # fmt: skip
+        monkeypatch.setenv(var, value)
+    with ExperimentLogger(tmp_path, {"lr": 0.1}, mode="offline") as lg:
+        lg.log({"loss": 1.0})
+    ids = {"job_id": "4242", "array_job_id": "4240", "array_task_id": "2", "node": "node7"}
+    assert json.loads((tmp_path / "run.json").read_text())["slurm"] == ids
+    assert config(transaction_log(tmp_path))["slurm"] == ids
