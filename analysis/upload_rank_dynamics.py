@@ -12,8 +12,11 @@ per rank measure T ``T_rank_drop_gini``, ``T_rank_decay_centroid``, ``T_normaliz
 step that holds all layers, and write the steps not written before:
 
 - local run store (``--runs-dir``): ``rank_dynamics.csv`` (one row per step, scope and rank
-  type) and the marker ``rank_dynamics.json`` in the run folder. The training process never
-  writes these two files, so running runs are handled the same way.
+  type; replaced whole, a torn row in it is dropped with a warning and its step recomputed)
+  and the marker ``rank_dynamics.json`` in the run folder. The training process never writes
+  these two files, so a run still running (its ``run.lock`` held) is written the same way; one
+  whose process died (run.json still "running", the lock free) has ended: state ``killed``
+  (``runstore.run_state``) in the plan, in ``--filters`` and in the marker.
 - W&B: a finished, crashed or failed run gets them in place (resumed, on its own
   ``rank_dynamics/step`` axis tied to the original step, summary marker ``rank_dynamics``); a
   run still running gets them in a companion run (job_type rank_dynamics, same group, id
@@ -22,20 +25,31 @@ step that holds all layers, and write the steps not written before:
 What was written before is read back (the CSV rows; the runs' ``rank_dynamics/step`` rows), so a
 second pass adds nothing and a pass interrupted half-way, run again, ends with every step
 present exactly once. Steps whose dynamics the live rank probe already logged count as written.
+
+Ctrl-C or SIGTERM stops a batch at once (a run whose files are being written is finished
+first), prints the summary of what was written and exits 130. The worker processes die with
+the uploader however it ends, kill -9 included.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import io
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from csv import reader as csv_reader
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,6 +115,7 @@ class RunData:
     written: set[tuple[int, str, str]]  # (step, scope, rank type) already present
     config: dict[str, Any]
     probe_mode: tuple[str, bool] | None  # the live probe's (mode, prepend_input_rank)
+    extra: dict[str, Any] = field(default_factory=dict)  # the source's facts at read time
 
 
 @dataclass
@@ -113,6 +128,7 @@ class Plan:
     orders: dict[str, list[str]] = field(default_factory=dict)  # scope -> layers
     order_source: str = ""
     target: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # RunData.extra, for the write
 
     @property
     def steps(self) -> int:
@@ -158,7 +174,7 @@ def plan_run(run: Any, label: str, read: Callable[[], RunData], settings: Settin
         keys = zip(rows["step"], rows["scope"], rows["rank_type"], strict=True)
         rows = rows[[k not in data.written for k in keys]]
     plan = Plan(run, label, "process", rows=rows.reset_index(drop=True), orders=orders,
-                order_source=", ".join(sorted(sources)))  # fmt: skip
+                order_source=", ".join(sorted(sources)), extra=data.extra)  # fmt: skip
     if rows.empty:
         plan.action = "skip"
         plan.reason = f"up to date (all {computable:,} steps written before or logged live)"
@@ -218,8 +234,16 @@ class LocalStore:
         except RunError:
             return {run.name}  # reported when the run is read
 
-    def target(self, run: Path) -> str:
-        return "local run folder"
+    def target(self, plan: Plan) -> str:
+        return f"local run folder ({plan.extra.get('state', 'state unknown')})"
+
+    def state(self, run: Path, record: dict[str, Any]) -> str:
+        """run.json's state as it is now: a "running" record whose process is gone (its
+        run.lock free, or its pid gone on this host) is an ended run, killed."""
+        try:
+            return runstore.run_state(run, record)
+        except OSError as exc:
+            raise RunError(f"unreadable run folder {run}: {runstore.LOCK_FILE}: {exc}") from None
 
     def workers(self, runs: int) -> int:
         """Forked workers for many runs on Linux (fork is unsafe on macOS, spawn is slow)."""
@@ -246,7 +270,7 @@ class LocalStore:
                 for part in key.split(".")[1:]:
                     have = have.get(part) if isinstance(have, dict) else None
             else:
-                have = record.get(key)
+                have = self.state(run, record) if key == "state" else record.get(key)
             if have != want:
                 return False
         return True
@@ -292,6 +316,9 @@ class LocalStore:
         metrics = run / runstore.METRICS_FILE
         if not metrics.exists():
             raise SkipRun("no rank metrics (no metrics.jsonl)")
+        # state and size before reading: a run that grows or ends meanwhile is read again
+        # next pass (the marker's metrics_bytes must not cover lines this read did not see)
+        extra = {"state": self.state(run, record), "metrics_bytes": _size(metrics)}
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -306,33 +333,65 @@ class LocalStore:
         csv = run / CSV_FILE
         if csv.exists():
             try:
-                done = pd.read_csv(csv, keep_default_na=False, na_values=[""],
-                                   dtype={"scope": str})  # fmt: skip
-                written |= set(zip(done["step"].astype(int), done["scope"].fillna(""),
-                                   done["rank_type"], strict=True))  # fmt: skip
+                done = read_dynamics_csv(csv)
+                written |= set(zip(done["step"].astype(int), done["scope"], done["rank_type"],
+                                   strict=True))  # fmt: skip
             except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
                 raise RunError(f"unreadable {csv}: {exc} (remove it to recompute)") from None
         probe_mode = live_probe_mode(config, record, history, self.settings.measures)
-        return RunData(history, written, config, probe_mode)
+        return RunData(history, written, config, probe_mode, extra)
 
     def write(self, plan: Plan) -> int:
         run: Path = plan.run
         csv = run / CSV_FILE
         rows = plan.rows
         if csv.exists():
-            old = pd.read_csv(csv, keep_default_na=False, na_values=[""], dtype={"scope": str})
-            rows = pd.concat([old.fillna({"scope": ""}), rows], ignore_index=True)
+            old = read_dynamics_csv(csv, warn=False)  # read() warned about its torn rows
+            if not old.empty:
+                rows = pd.concat([old, rows], ignore_index=True)
         rows = rows.sort_values(["scope", "rank_type", "step"], kind="stable")
-        with runstore.atomic_path(csv) as tmp:
+        commit_point()  # a stop waits for both files: the summary counts what is on disk
+        with runstore.atomic_path(csv) as tmp:  # replaced whole, never appended: no tear
             rows.to_csv(tmp, index=False)
         self.write_marker(plan, int(rows["step"].max()))
         return plan.steps
 
     def write_marker(self, plan: Plan, last_step: int | None) -> None:
-        marker = self.settings.marker(last_step, metrics_bytes=_size(plan.run / runstore.METRICS_FILE),
+        state = plan.extra.get("state")
+        marker = self.settings.marker(last_step, metrics_bytes=plan.extra.get("metrics_bytes"),
                                       csv_bytes=_size(plan.run / CSV_FILE),
-                                      layers=layer_record(plan.orders), order_source=plan.order_source)  # fmt: skip
+                                      layers=layer_record(plan.orders), order_source=plan.order_source,
+                                      run_state=state, complete=state in ENDED_STATES)  # fmt: skip
         runstore.write_json_atomic(plan.run / MARKER_FILE, marker)
+
+
+def read_dynamics_csv(path: Path, warn: bool = True) -> pd.DataFrame:
+    """``rank_dynamics.csv`` without torn rows. This tool replaces it whole, but a file cut short
+    (a killed copy, a full disk, an older appending writer) ends mid-row: a row without its
+    newline or with too few fields is dropped, with one warning naming the file, so that its
+    step counts as not written and is computed again."""
+    text = path.read_text()
+    end = text.rfind("\n") + 1
+    torn = int(end < len(text))  # the last line lost its newline: cut mid-row
+    lines = text[:end].splitlines(keepends=True)
+    if lines:
+        width = _fields(lines[0])
+        rows = [line for line in lines[1:] if _fields(line) == width]
+        torn += len(lines) - 1 - len(rows)
+        frame = pd.read_csv(io.StringIO(lines[0] + "".join(rows)), keep_default_na=False,
+                            na_values=[""], dtype={"scope": str})  # fmt: skip
+    else:  # cut inside the header: every step is computed again
+        frame = pd.DataFrame(columns=["step", "scope", "rank_type", *DYNAMICS_METRICS])
+    if torn and warn:
+        tqdm.write(f"warning: {path}: {torn} torn row{'s' if torn > 1 else ''} dropped (the file "
+                   "was cut mid-row); computing those steps again", file=sys.stderr)  # fmt: skip
+    return frame.fillna({"scope": ""})
+
+
+def _fields(line: str) -> int:
+    if '"' in line:  # a quoted field may hold commas
+        return len(next(csv_reader([line]), []))
+    return line.count(",") + 1
 
 
 class RunError(Exception):
@@ -500,8 +559,8 @@ class WandbProject:
         probe_mode = live_probe_mode(config, {}, original, s.measures)
         return RunData(original, written, config, probe_mode)
 
-    def target(self, run: Any) -> str:
-        return "in place" if run.state in ENDED_STATES else "companion run"
+    def target(self, plan: Plan) -> str:
+        return "in place" if plan.run.state in ENDED_STATES else "companion run"
 
     def write(self, plan: Plan) -> int:
         run, s = plan.run, self.settings
@@ -694,10 +753,20 @@ def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) ->
     if args.max_runs is not None or args.trial:
         runs = runs[: min(args.max_runs or TRIAL_RUNS, TRIAL_RUNS) if args.trial else args.max_runs]
     print(f"Found {len(runs)} runs in {where}")
+    with stop_signals():
+        return run_batch(source, args, settings, runs, where)
 
+
+def run_batch(source: Any, args: Any, settings: Settings, runs: list[Any], where: str) -> int:
+    """Plan every run, print the plan, write (unless a dry run) and print the summary."""
     workers = source.workers(len(runs))
-    plans = in_workers(functools.partial(plan_one, source, settings=settings), runs, workers,
-                       "Reading runs")  # fmt: skip
+    try:
+        plans = in_workers(functools.partial(plan_one, source, settings=settings), runs, workers,
+                           "Reading runs")  # fmt: skip
+    except Interrupted as stop:
+        planned = list(stop.done.values())
+        return print_summary(len(runs), [], [p for p in planned if p.action == "skip"],
+                             [p for p in planned if p.action == "error"], 0, "interrupted")  # fmt: skip
     to_write = [p for p in plans if p.action == "process"]
     skipped = [p for p in plans if p.action == "skip"]
     errors = [p for p in plans if p.action == "error"]
@@ -714,31 +783,56 @@ def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) ->
     for plan in errors:
         print(f"error: {plan.label}: {plan.reason}", file=sys.stderr)
 
-    added = 0
     if args.trial and not args.dry_run and to_write:
         to_write = to_write[:1]
         args.dry_run = not trial_confirmed(to_write[0].label, args.yes)
     if args.dry_run:
         print("Dry run: nothing was written.")
-    elif to_write:
+        return print_summary(len(plans), [], skipped, errors, 0, "dry run")
+    added, outcome = 0, "complete"
+    if to_write:
         confirm(len(to_write), where, args.yes)
-        results = in_workers(functools.partial(write_one, source), to_write, workers,
-                             "Processing runs")  # fmt: skip
-        for plan, (steps, error) in zip(to_write, results, strict=True):
-            added += steps
-            if error is not None:  # one failing run never stops the batch
-                plan.action, plan.reason = "error", error
-                errors.append(plan)
-                print(f"error: {plan.label}: {plan.reason}", file=sys.stderr)
-    processed = [p for p in to_write if p.action == "process"] if not args.dry_run else []
+        added, outcome = write_all(source, to_write, workers, errors)
+    processed = [p for p in to_write if p.action == "process"]
+    return print_summary(len(plans), processed, skipped, errors, added, outcome)
 
+
+def write_all(source: Any, plans: list[Plan], workers: int, errors: list[Plan]) -> tuple[int, str]:
+    """Write the planned runs; returns (steps added, "complete" | "interrupted"). A run not
+    written because of a stop is marked so; a failing one joins ``errors``."""
+    try:
+        results, outcome = in_workers(functools.partial(write_one, source), plans, workers,
+                                      "Processing runs"), "complete"  # fmt: skip
+    except Interrupted as stop:
+        results, outcome = [stop.done.get(i) for i in range(len(plans))], "interrupted"
+    added = 0
+    for plan, result in zip(plans, results, strict=True):
+        if result is None:
+            plan.action = "stopped"  # not written: the next pass does it
+            continue
+        steps, error = result
+        added += steps
+        if error is not None:  # one failing run never stops the batch
+            plan.action, plan.reason = "error", error
+            errors.append(plan)
+            print(f"error: {plan.label}: {plan.reason}", file=sys.stderr)
+    return added, outcome
+
+
+def print_summary(total: int, processed: list[Plan], skipped: list[Plan], errors: list[Plan],
+                  added: int, outcome: str) -> int:  # fmt: skip
+    """The closing summary every call ends with; returns the exit code (130 after a stop, 1
+    when a run failed)."""
     print()
-    print("Processing complete!" if not args.dry_run else "Dry run complete (nothing written)")
-    print(f"  Total runs: {len(plans)}")
+    print({"complete": "Processing complete!", "dry run": "Dry run complete (nothing written)",
+           "interrupted": "Interrupted: run it again to finish (each step is written once)"}[outcome])  # fmt: skip
+    print(f"  Total runs: {total}")
     print(f"  Processed: {len(processed)}")
     print(f"  Skipped: {len(skipped)}")
     print(f"  Errors: {len(errors)}")
     print(f"  New steps added: {added:,}")
+    if outcome == "interrupted":
+        return 130
     return 1 if errors else 0
 
 
@@ -779,26 +873,6 @@ def write_one(source: Any, plan: Plan) -> tuple[int, str | None]:
         return 0, describe(exc)
 
 
-def in_workers(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str) -> list:
-    """``[fn(x) for x in items]`` with a progress bar, in ``workers`` forked processes when
-    more than one (reading and writing run folders is CPU-bound JSON and CSV work)."""
-    bar = tqdm(total=len(items), desc=desc, unit="run", file=sys.stderr, disable=None)
-    with bar:
-        if workers <= 1:
-            results = []
-            for item in items:
-                results.append(fn(item))
-                bar.update()
-            return results
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = []
-            for result in pool.map(fn, items, chunksize=4):
-                results.append(result)
-                bar.update()
-            return results
-
-
 def plan_one(source: Any, run: Any, settings: Settings) -> Plan:
     label = source.label(run)
     try:
@@ -807,12 +881,184 @@ def plan_one(source: Any, run: Any, settings: Settings) -> Plan:
             return Plan(run, label, "skip", reason)
         plan = plan_run(run, label, lambda: source.read(run), settings)
         if plan.action == "process":
-            plan.target = source.target(run)
+            plan.target = source.target(plan)
         return plan
     except SkipRun as exc:
         return Plan(run, label, "skip", str(exc))
     except Exception as exc:  # one failing run never stops the batch
         return Plan(run, label, "error", describe(exc))
+
+
+# -- workers, and stopping them: Ctrl-C, SIGTERM, and an uploader killed outright ---------------
+
+
+class Interrupted(Exception):
+    """A batch stopped by Ctrl-C or SIGTERM; ``done`` maps an item's index to its result, for
+    the items that completed."""
+
+    def __init__(self, done: dict[int, Any]):
+        super().__init__(f"interrupted after {len(done)} items")
+        self.done = done
+
+
+class WorkerStopped(Exception):
+    """A worker's answer for an item it abandoned or refused because it was asked to stop."""
+
+
+@dataclass
+class _StopState:
+    requested: bool = False  # Ctrl-C or SIGTERM arrived
+    abortable: bool = True  # a stop may abandon what this process does now
+    busy: bool = False  # a worker is on an item
+    parent: int | None = None  # in a worker: the uploader's pid
+
+
+_STOP = _StopState()
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def commit_point() -> None:
+    """From here on the current item is finished, not abandoned: a stop arriving meanwhile
+    takes effect after it, so an interrupted batch counts exactly the runs on disk."""
+    _STOP.abortable = False
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """In the uploader: Ctrl-C and SIGTERM raise KeyboardInterrupt, except after an item's
+    commit point (the sequential loop stops after the item)."""
+    _STOP.requested = True
+    if _STOP.abortable:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM (kill PID, a scheduler) stops a batch the way Ctrl-C does: the workers are
+    stopped, and the summary is printed. Only the main thread can take signals."""
+    _STOP.requested, _STOP.abortable = False, True
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _worker_on_sigterm(signum: int, frame: Any) -> None:
+    """In a worker (SIGTERM from the uploader stopping it, or the death signal when the
+    uploader died): a write finishes, a read is abandoned; an idle worker whose uploader is
+    gone exits, one whose uploader lives waits for the pool's shutdown (exiting now would
+    break the pool and lose the other workers' answers)."""
+    _STOP.requested = True
+    if _STOP.abortable:
+        raise KeyboardInterrupt  # unwinds the read; a temp file in flight is removed
+    if not _STOP.busy and os.getppid() != _STOP.parent:
+        os._exit(128 + signum)
+
+
+def _worker_init(parent: int) -> None:
+    """Each worker dies with the uploader however it ends, kill -9 included: the kernel sends
+    it SIGTERM when the uploader dies (Linux PR_SET_PDEATHSIG), and a thread checks the parent
+    pid as a fallback. Ctrl-C reaches the whole process group: the uploader decides."""
+    global _STOP
+    _STOP = _StopState(abortable=False, parent=parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_on_sigterm)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the watcher thread alone
+    if os.getppid() != parent:  # the uploader died before the death signal was set
+        os._exit(1)
+    threading.Thread(target=_watch_parent, name="watch-uploader", daemon=True).start()
+
+
+def _watch_parent() -> None:
+    while os.getppid() == _STOP.parent:
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10  # let a write past its commit point finish
+    while _STOP.busy and not _STOP.abortable and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os._exit(1)
+
+
+def _run_task(fn: Callable[[Any], Any], item: Any) -> Any:
+    """One item in a worker; refused once a stop was asked (the queued rest drains at once)."""
+    if _STOP.requested:
+        raise WorkerStopped("stopped before it started")
+    try:
+        _STOP.busy = _STOP.abortable = True
+        return fn(item)
+    except KeyboardInterrupt:
+        raise WorkerStopped("stopped") from None
+    finally:
+        _STOP.busy = _STOP.abortable = False
+
+
+def in_workers(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str) -> list:
+    """``[fn(x) for x in items]`` with a progress bar, in ``workers`` forked processes when
+    more than one (reading and writing run folders is CPU-bound JSON and CSV work). Ctrl-C or
+    SIGTERM raises :class:`Interrupted` with the results of the items done."""
+    bar = tqdm(total=len(items), desc=desc, unit="run", file=sys.stderr, disable=None)
+    with bar:
+        if workers > 1:
+            return _in_pool(fn, items, workers, bar)
+        results: list[Any] = []
+        try:
+            for item in items:
+                _STOP.abortable = True
+                if _STOP.requested:  # arrived after the last item's commit point
+                    raise KeyboardInterrupt
+                results.append(fn(item))
+                bar.update()
+        except KeyboardInterrupt:
+            raise Interrupted(dict(enumerate(results))) from None
+        finally:
+            _STOP.abortable = True
+        return results
+
+
+def _in_pool(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, bar: tqdm) -> list:
+    before = {p.pid for p in multiprocessing.active_children()}
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_worker_init, initargs=(os.getpid(),))  # fmt: skip
+    futures: list[Any] = []
+    try:
+        futures = [pool.submit(_run_task, fn, item) for item in items]
+        for future in as_completed(futures):
+            if isinstance(future.exception(), WorkerStopped):  # someone stopped a worker
+                raise KeyboardInterrupt
+            bar.update()
+        return [future.result() for future in futures]
+    except KeyboardInterrupt:
+        commit_point()  # a second Ctrl-C does not cut the stop short
+        _stop_pool(pool, [p for p in multiprocessing.active_children() if p.pid not in before])
+        done = {i: f.result() for i, f in enumerate(futures)
+                if f.done() and not f.cancelled() and f.exception() is None}  # fmt: skip
+        raise Interrupted(done) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, procs: list[Any], grace: float = 10.0) -> None:
+    """Cancel the items not started, ask each worker to stop (SIGTERM: a write finishes, a read
+    is abandoned), wait for them to end, kill the ones that do not, and collect the answers."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + grace
+    waiting = [proc.sentinel for proc in procs]
+    while waiting and time.monotonic() < deadline:  # wait without reaping: the pool reaps
+        ready = multiprocessing.connection.wait(waiting, deadline - time.monotonic())
+        waiting = [s for s in waiting if s not in ready]
+    for proc in procs:
+        if proc.sentinel in waiting:
+            proc.kill()
+    pool.shutdown(wait=True)  # the answers that arrived are set on their futures
 
 
 if __name__ == "__main__":

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -15,6 +23,7 @@ from analysis import upload_rank_dynamics as up
 from analysis.cli import UserError
 from analysis.rank_history import indexed_order, parse_rank_column, resolve_layer_order
 from analysis.ranks import RANK_MEASURES, compute_rank_decay_dynamics
+from experiments import runstore
 from tests.entrypoint import run_script
 from tests.wandb_standin import StandInServer
 
@@ -439,3 +448,226 @@ def test_trial_plans_three_runs_and_writes_one(server, capsys, monkeypatch):
                    init=server.init) == 0  # fmt: skip
     assert "Processed: 1" in capsys.readouterr().out
     assert [i["id"] for i in server.inits] == ["a"]
+
+
+# -- stopping: kill -9, Ctrl-C, SIGTERM (real processes, real signals) -----------------------
+
+BUSY_RUNS = 32
+
+
+def build_busy_store(root: Path) -> Path:
+    """Runs that logged ranks at every step: an upload of a few seconds, in two workers."""
+    for r in range(BUSY_RUNS):
+        write_local_run(root / f"run_{r:03d}", [rank_row(s) for s in range(2000)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def busy_store_once(tmp_path_factory) -> Path:
+    return build_busy_store(tmp_path_factory.mktemp("busy"))
+
+
+@pytest.fixture
+def busy_store(busy_store_once) -> Path:
+    for path in busy_store_once.rglob("*rank_dynamics*"):  # a fresh store: nothing written
+        path.unlink()
+    return busy_store_once
+
+
+def written_runs(store: Path) -> int:
+    return len(list(store.rglob(up.CSV_FILE)))
+
+
+@pytest.fixture
+def start_upload(tmp_path):
+    """Start the CLI in its own session (a Ctrl-C can go to its whole process group), output to
+    files (a pipe held open by a stray worker would block the test); whatever it left running
+    is killed at teardown."""
+    started: list[psutil.Process] = []
+
+    def start(store: Path) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+        with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, str(SCRIPT), "--runs-dir", str(store), "--yes"],
+                stdout=out, stderr=err, text=True, env=env, start_new_session=True,
+            )  # fmt: skip
+        proc.out, proc.err = tmp_path / "out.txt", tmp_path / "err.txt"
+        proc.started = started  # its workers join it once seen
+        started.append(psutil.Process(proc.pid))
+        return proc
+
+    yield start
+    for p in still_alive(started):
+        p.kill()
+
+
+def wait_until_written(proc: subprocess.Popen, store: Path, runs: int) -> list:
+    """Wait until ``runs`` runs are written; returns the uploader's child processes."""
+    uploader = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    while written_runs(store) < runs:
+        assert proc.poll() is None, proc.err.read_text()
+        assert time.monotonic() < deadline, "the upload never started writing"
+        time.sleep(0.005)
+    children = uploader.children(recursive=True)
+    proc.started.extend(children)
+    return children
+
+
+def still_alive(procs: list) -> list:
+    """The processes still running (a zombie waiting for its reaper has ended)."""
+    alive = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def assert_gone_and_nothing_written_after(children: list, store: Path, seconds: float = 5):
+    deadline = time.monotonic() + seconds
+    while still_alive(children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = still_alive(children)
+    assert not left, f"workers outlived the uploader: {[p.pid for p in left]}"
+    written = written_runs(store)
+    time.sleep(1.0)
+    assert written_runs(store) == written < BUSY_RUNS  # nothing written after, and it was cut
+    assert not [p.name for p in store.rglob("*.tmp")]  # no half-written file left
+    return written
+
+
+needs_workers = pytest.mark.skipif(
+    sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
+    reason="the uploader forks workers on Linux with two cores or more",
+)
+
+
+@needs_workers
+def test_workers_die_with_a_killed_uploader(busy_store, start_upload):
+    proc = start_upload(busy_store)
+    children = wait_until_written(proc, busy_store, 2)
+    assert len(children) >= 2  # the workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert_gone_and_nothing_written_after(children, busy_store)
+
+
+@needs_workers
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_workers_and_prints_the_summary(busy_store, start_upload, how):
+    proc = start_upload(busy_store)
+    children = wait_until_written(proc, busy_store, 2)
+    if how == "ctrl-c":  # a terminal sends SIGINT to the whole foreground group
+        os.killpg(proc.pid, signal.SIGINT)
+    else:  # kill PID, a scheduler: the uploader alone
+        os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    out, err = proc.out.read_text(), proc.err.read_text()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    written = assert_gone_and_nothing_written_after(children, busy_store)
+    assert "Interrupted: run it again to finish" in out
+    assert f"Total runs: {BUSY_RUNS}" in out and "Errors: 0" in out
+    assert f"Processed: {written}\n" in out  # the summary counts what is on disk
+    assert f"New steps added: {written * 2000:,}" in out
+
+    # a rerun ends with every step present once
+    rerun = run_script(SCRIPT, ["--runs-dir", str(busy_store), "--yes"], cwd=busy_store)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"Processed: {BUSY_RUNS - written}\n" in rerun.stdout
+    for csv in busy_store.rglob(up.CSV_FILE):
+        table = pd.read_csv(csv)
+        assert len(table) == 2000 * 4 and not table.duplicated(["step", "rank_type"]).any()
+
+
+# -- a torn rank_dynamics.csv ---------------------------------------------------------------
+
+
+def cut_in_last_row(text: str) -> str:
+    return text[: len(text) - 1 - 3]  # "490,,numerical_rank,0.1,0.2,0.3": inside the last value
+
+
+def cut_in_rank_type(text: str) -> str:
+    last = text.splitlines()[-1]
+    return text[: len(text) - 1 - len(last) + len("490,,numer")]
+
+
+def cut_in_header(text: str) -> str:
+    return text[: len("step,sc")]
+
+
+@pytest.mark.parametrize(
+    ("cut", "recomputed"),
+    [(cut_in_last_row, 1), (cut_in_rank_type, 1), (cut_in_header, 50)],
+)
+def test_a_torn_csv_row_is_dropped_and_its_step_recomputed(tmp_path, capsys, cut, recomputed):
+    run = write_local_run(tmp_path / "r", history(500))  # 50 steps x 4 rank types: 200 rows
+    assert local(tmp_path) == 0
+    csv = run / up.CSV_FILE
+    whole = csv.read_text()
+    assert whole.splitlines()[-1].startswith("490,,numerical_rank,")
+    csv.write_text(cut(whole))  # a writer killed mid-row
+    capsys.readouterr()
+
+    assert local(tmp_path) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(csv) in warnings[0] and "torn" in warnings[0]
+    assert f"New steps added: {recomputed}\n" in captured.out
+    table = pd.read_csv(csv)
+    assert len(table) == 200 and not table.duplicated(["step", "rank_type"]).any()
+    pd.testing.assert_frame_equal(table, pd.read_csv(io.StringIO(whole)))  # no fragment left
+    assert csv.read_text().endswith("\n")
+
+    assert local(tmp_path) == 0  # and then it is up to date, without a warning
+    captured = capsys.readouterr()
+    assert "New steps added: 0" in captured.out and "warning" not in captured.err
+
+
+# -- the local store's run state: running, or killed when its process is gone ----------------
+
+
+def test_a_run_whose_process_died_is_ended_killed(tmp_path, capsys):
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    run = write_local_run(tmp_path / "dead", history(30), record={
+        "state": "running", "pid": int(exited.stdout), "host": socket.gethostname()})  # fmt: skip
+    (run / runstore.LOCK_FILE).write_text("")  # its lock file, held by nobody
+    assert local(tmp_path, "--dry-run") == 0
+    assert "3 new steps -> local run folder (killed)" in capsys.readouterr().out
+    assert local(tmp_path, "--filters", '{"state": "running"}', "--dry-run") == 0
+    assert "Found 0 runs" in capsys.readouterr().out
+    assert local(tmp_path, "--filters", '{"state": "killed"}') == 0
+    out = capsys.readouterr().out
+    assert "Found 1 runs" in out and "Processed: 1" in out
+    marker = json.loads((run / up.MARKER_FILE).read_text())
+    assert marker["run_state"] == "killed" and marker["complete"] is True
+    assert json.loads((run / "run.json").read_text())["state"] == "running"  # not ours to edit
+
+
+def test_a_run_still_running_is_written_beside_it(tmp_path, capsys):
+    run = write_local_run(tmp_path / "live", history(30),
+                          record={"state": "running", "host": socket.gethostname()})  # fmt: skip
+    code = ("import sys, time\nfrom experiments import runstore\n"
+            "runstore.RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        record = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**record, "pid": holder.pid}))
+        assert local(tmp_path, "--dry-run") == 0
+        assert "3 new steps -> local run folder (running)" in capsys.readouterr().out
+        assert local(tmp_path, "--filters", '{"state": "running"}') == 0
+        out = capsys.readouterr().out
+        assert "Found 1 runs" in out and "Processed: 1" in out
+        assert len(pd.read_csv(run / up.CSV_FILE)) == 3 * 4  # written beside the live run
+        marker = json.loads((run / up.MARKER_FILE).read_text())
+        assert marker["run_state"] == "running" and marker["complete"] is False
+    finally:
+        holder.kill()
+        holder.wait()
