@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: the run folder or .)")
     args = parser.parse_args(argv)
     history, config, name = load_history(args.run_dir, args.run)
-    order = [x.strip() for x in args.layer_order.split(",")] if args.layer_order else None
+    given = args.layer_order
+    order = [x.strip() for x in given.split(",")] if given is not None else None  # "" is an error
     tables = scope_tables(history, args.rank_type, config, order)
     if args.scope is not None:
         if args.scope not in tables:

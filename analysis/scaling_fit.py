@@ -101,9 +101,16 @@ def load_results(path: str | os.PathLike[str], loss: str = "final_val_loss") -> 
     """Read and validate a sweep's ``results.csv``; bad input raises ``UserError`` naming the
     line (see ``validate_results``). Each row keeps its line number in ``_line``."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"results file {path} is a folder: pass its results.csv")
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
     frame = read_csv_text(path)
+    for column in frame.columns.drop(
+        [LINE, FIELDS]
+    ):  # an empty cell is missing, as pandas reads it
+        text = frame[column].astype(str).str.strip()
+        frame[column] = text.where(frame[column].notna() & (text != ""), None)
     width = len(frame.columns) - 2  # the header's fields (LINE and FIELDS are ours)
     bad = frame[FIELDS] != width
     if bad.any():  # pandas would fill a short row with NaN: a "diverged" cell
@@ -148,7 +155,7 @@ def _flags(df: pd.DataFrame, column: str, source: str) -> pd.Series:
     if pd.api.types.is_bool_dtype(raw):
         return raw.astype(bool)
     text = raw.astype(str).str.strip().str.lower()
-    bad = ~text.isin(_TRUE_TEXT | _FALSE_TEXT | _MISSING_TEXT)
+    bad = ~text.isin(_TRUE_TEXT | _FALSE_TEXT | _MISSING_TEXT) & raw.notna()
     if bad.any():
         i = bad.idxmax()
         raise UserError(f"{source} {_row_name(df, i)}: {column} is {raw[i]!r}, not true/false")
@@ -171,6 +178,10 @@ def _typed(df: pd.DataFrame, loss: str, source: str) -> pd.DataFrame:
     df["measured"] = measured.to_numpy(dtype=bool)
     if "noise" not in df.columns:
         df["noise"] = DEFAULT_FAMILY
+    named = df["noise"].notna()
+    if named.any() and not named.all():  # which family it belongs to cannot be guessed
+        i = df.index[(~named).argmax()]
+        raise UserError(f"{source} {_row_name(df, i)} has no noise family while other rows do")
     df["noise"] = df["noise"].fillna(DEFAULT_FAMILY).astype(str).str.strip()
     return df
 

@@ -119,3 +119,11 @@ def test_a_layer_order_that_does_not_match_the_run_is_one_error_line(tmp_path, o
         assert word in lines[0], lines[0]
     assert "its layers: conv, fc" in lines[0]
     assert not list((tmp_path / "run").glob("*.png"))
+
+
+def test_an_empty_layer_order_is_not_taken_for_none(tmp_path):
+    records = [{"_step": s, "ranks/l0/effective_rank": 5.0, "ranks/l1/effective_rank": 2.0}
+               for s in range(3)]  # fmt: skip
+    write_run(tmp_path / "run", records)
+    with pytest.raises(UserError, match="not layers of the run: ''.*left out: 'l0', 'l1'"):
+        main(["--run-dir", str(tmp_path / "run"), "--layer-order", ""])

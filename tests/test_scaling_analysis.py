@@ -503,3 +503,17 @@ def test_a_full_disk_names_the_file_and_leaves_no_output(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"error: File too large: {tmp_path / 'lr_opt_vs_batch.png'}"], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+
+
+def test_empty_cells_are_missing_values_not_text(tmp_path):
+    """An empty optimizer cell is no second optimizer; a row without a noise family in a file
+    of named families is refused (its family cannot be guessed), and a folder is no file."""
+    df = surface().astype({"optimizer": object, "noise": object})
+    df.loc[3, "optimizer"] = None
+    results = _write(tmp_path, df)
+    assert len(load_results(results)) == len(df)
+    df.loc[7, "noise"] = " "
+    results = _write(tmp_path, df)
+    _refused(_cli("--results", str(results), "--n-boot", "10"), tmp_path, "line 9", "noise")
+    with pytest.raises(UserError, match="is a folder"):
+        load_results(tmp_path)
