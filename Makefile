@@ -8,7 +8,8 @@ TORCH_VERSION ?= 2.13.0
 # Without a GPU take the CPU wheel (~200 MB) instead of the multi-GB CUDA build pip picks by default.
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 
-.PHONY: help install demo test test-all lint format bench analyze clean distclean
+.PHONY: help install demo test test-all lint format bench analyze clean distclean \
+	slurm-start slurm-stop slurm-status test-slurm
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +33,23 @@ test: install ## the default test suite (no slow tests, no network)
 
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -m "slow or not slow"
+
+# A single-node SLURM cluster on this machine (root; scripts/slurm_cluster.sh) and the suite
+# that runs every experiment's sweep on it (tests_slurm/, not part of `make test`).
+KS_SLURM_DIR ?= /tmp/ks-slurm
+export KS_SLURM_DIR
+
+slurm-start: ## start a single-node SLURM cluster here (root; installs packages if missing)
+	scripts/slurm_cluster.sh start
+
+slurm-stop: ## stop that cluster's daemons by their recorded PIDs
+	scripts/slurm_cluster.sh stop
+
+slurm-status: ## which of its daemons run, and sinfo
+	scripts/slurm_cluster.sh status
+
+test-slurm: install ## the SLURM suite on a running cluster (skips without one)
+	SLURM_CONF=$${SLURM_CONF:-$(KS_SLURM_DIR)/slurm.conf} $(PY) -m pytest tests_slurm
 
 lint: install ## ruff check and format check
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,220 @@
+"""Every experiment's sweep through `hydra/launcher=slurm` on a real SLURM cluster, at tiny
+sizes: no mock of SLURM or submitit. The sweep folder is under pytest's tmp_path, which the
+node sees (one node: any local path). Jobs run with this Python (the venv) and this
+environment, as sbatch exports it.
+
+The fault cases at the end (a hard time limit, scancel of one array task) are xfail: they
+record what happens today, which the experiment code does not handle yet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from entrypoint import run_script
+
+REPO = Path(__file__).resolve().parents[1]
+RANK_SWEEP = REPO / "experiments" / "rank_sweep.py"
+SCALING = REPO / "experiments" / "laplace_scaling.py"
+MULTIMODAL = REPO / "experiments" / "multimodal.py"
+
+# the default suite's tiny configs (tests/test_rank_sweep.py, test_laplace_scaling.py,
+# test_multimodal.py)
+RANK_SMALL = [
+    "weight.out_features=32",
+    "weight.in_features=64",
+    "train.num_epochs=3",
+    "train.steps_per_epoch=20",
+    "train.batch_size=32",
+]
+SCALING_SMALL = [
+    "task.n_features=8",
+    "task.n_train=256",
+    "task.n_val=128",
+    "train.epochs=2",
+    "logger=disabled",
+]
+MULTIMODAL_TINY = [
+    "data.num_train=16",
+    "data.num_val=8",
+    "data.image_size=16",
+    "model.image_encoder_layers=2",
+    "model.conv_width=8",
+    "model.latent_dim=16",
+    "model.embedding_dim=16",
+    "model.transformer_layers=1",
+    "model.num_heads=2",
+    "train.batch_size=8",
+    "train.num_samples=2",
+    "train.max_steps=1",
+    "logger=disabled",
+]
+SLURM = "hydra/launcher=slurm"
+# two array tasks at once on a 2-core node (the default, 2 CPUs a task, runs them in turn)
+ONE_CPU = "hydra.launcher.cpus_per_task=1"
+
+
+def sweep(script: Path, args: list[str], sweep_dir: Path, timeout: float = 300):
+    return run_script(script, ["-m", SLURM, *args, f"hydra.sweep.dir={sweep_dir}"],
+                      sweep_dir.parent, timeout)  # fmt: skip
+
+
+def job_states(sweep_dir: Path) -> dict[str, str]:
+    """Job folder name -> the state its run.json records."""
+    return {
+        p.parent.name: json.loads(p.read_text())["state"]
+        for p in sorted(sweep_dir.glob("*/run.json"))
+    }
+
+
+def slurm_states(sweep_dir: Path) -> dict[str, str]:
+    """Array task (e.g. '12_0') -> its state in SLURM's accounting, for the jobs this sweep's
+    submitit folder names."""
+    arrays = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}
+    assert arrays, f"no SLURM job in {sweep_dir / '.submitit'}"
+    proc = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(sorted(arrays))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split("|", 1) for line in proc.stdout.split())
+
+
+def assert_ran_on_slurm(sweep_dir: Path, tasks: int) -> None:
+    """Each job was a task of a SLURM array that ran to its end and left submitit's result."""
+    states = slurm_states(sweep_dir)
+    assert len(states) == tasks and set(states.values()) == {"COMPLETED"}, states
+    for task in states:
+        assert list((sweep_dir / ".submitit" / task).glob("*_result.pkl")), task
+
+
+def test_rank_sweep_with_the_default_slurm_resources(tmp_path):
+    """The launcher's defaults as they are (no GPU, 2 CPUs, 4 GB) run on a node without GPUs;
+    W&B offline as by default."""
+    out = tmp_path / "sweep"
+    proc = sweep(RANK_SWEEP, ["rank=2,4", *RANK_SMALL], out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = pd.read_csv(out / "rank_sweep_summary.csv")
+    assert summary["rank"].tolist() == [2, 4]
+    assert summary["status"].tolist() == ["finished", "finished"]
+    assert "rank_sweep_summary.csv" in proc.stdout and "did not finish" not in proc.stdout
+    assert (out / "rank_sweep_loss_curves.png").stat().st_size > 10_000
+    assert job_states(out) == {"0_rank_2": "finished", "1_rank_4": "finished"}
+    assert_ran_on_slurm(out, tasks=2)
+
+
+def test_rank_sweep_failed_job_is_listed_and_the_sweep_exits_1(tmp_path):
+    """A job whose input is refused is a failed row; the other job goes on. SLURM itself sees
+    both tasks COMPLETED (the failure is caught inside Python): only the run records tell."""
+    out = tmp_path / "sweep"
+    proc = sweep(RANK_SWEEP, ["rank=2,1000", *RANK_SMALL, "logger=disabled", ONE_CPU], out)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 of 2 jobs did not finish: 1_rank_1000 (failed)" in proc.stdout
+    summary = pd.read_csv(out / "rank_sweep_summary.csv")
+    assert summary["status"].tolist() == ["finished", "failed"]
+    assert "above min(shape)" in summary["reason"].iloc[1]
+    assert job_states(out) == {"0_rank_2": "finished", "1_rank_1000": "failed"}
+    assert_ran_on_slurm(out, tasks=2)
+    # 2 cores, 1 CPU a task: each job takes 1 torch thread
+    assert json.loads((out / "0_rank_2" / "summary.json").read_text())["torch_threads"] == 1
+
+
+def test_scaling_sweep_on_slurm(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["batch_size=8,64", "lr=1.0e-3", "seed=0", *SCALING_SMALL, ONE_CPU]
+    proc = sweep(SCALING, args, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["batch_size"]) == [8, 64]
+    assert set(results["status"]) == {"finished"}
+    assert set(job_states(out).values()) == {"finished"} and len(job_states(out)) == 2
+    assert_ran_on_slurm(out, tasks=2)
+
+
+def test_multimodal_sweep_on_slurm(tmp_path):
+    out = tmp_path / "sweep"
+    proc = sweep(MULTIMODAL, ["train.grad_clip=1.0,0.5", *MULTIMODAL_TINY, ONE_CPU], out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "did not finish" not in proc.stdout
+    states = job_states(out)
+    assert len(states) == 2 and set(states.values()) == {"finished"}, states
+    for job in states:
+        assert (out / job / "metrics.jsonl").stat().st_size > 0
+    assert_ran_on_slurm(out, tasks=2)
+
+
+# -- fault cases: what SLURM does to a job, and what the sweep says about it ----------------------
+
+LONG = ["rank=2", *RANK_SMALL[:2], "train.num_epochs=100000", "train.steps_per_epoch=20",
+        "logger=disabled", ONE_CPU]  # fmt: skip
+
+
+@pytest.mark.xfail(
+    reason="issue 14: a job ended by its time limit leaves no submitit result, so the master "
+    "raises UncompletedJobError (a traceback with the job's whole stderr) before the sweep "
+    "report runs: no summary, no 'did not finish' line",
+    strict=False,
+)
+def test_hard_time_limit_is_reported_by_the_sweep(tmp_path):
+    """timeout_min=1 with signal_delay_s=0 (no USR2 warning): at the limit slurmstepd sends
+    SIGTERM, then SIGKILL after KillWait."""
+    out = tmp_path / "sweep"
+    args = [*LONG, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=0"]
+    proc = sweep(RANK_SWEEP, args, out, timeout=420)
+    assert list(slurm_states(out).values()) == ["TIMEOUT"]
+    # today the job's own record is right: SIGTERM -> interrupted
+    assert job_states(out) == {"0_rank_2": "interrupted"}
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr[:2000]
+    assert "1 of 1 jobs did not finish: 0_rank_2 (interrupted)" in proc.stdout
+    assert (out / "rank_sweep_summary.csv").exists()
+
+
+@pytest.mark.xfail(
+    reason="issue 14: a cancelled array task leaves no submitit result, so the master raises "
+    "UncompletedJobError after the other task finished: no summary, no 'did not finish' line",
+    strict=False,
+)
+def test_scancel_of_one_array_task_is_reported_by_the_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["-m", SLURM, "rank=2,4", *RANK_SMALL[:2], "train.num_epochs=300",
+            "train.steps_per_epoch=20", "logger=disabled", ONE_CPU, f"hydra.sweep.dir={out}"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    master = subprocess.Popen(
+        [sys.executable, str(RANK_SWEEP), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # wait until task 1 trains (its run record exists), then cancel it alone
+        deadline = time.time() + 180
+        while not (out / "1_rank_4" / "run.json").exists():
+            assert time.time() < deadline and master.poll() is None, "task 1 never started"
+            time.sleep(0.5)
+        (array,) = {p.name.split("_")[0] for p in (out / ".submitit").iterdir() if p.is_dir()}
+        subprocess.run(["scancel", f"{array}_1"], check=True, timeout=30)
+        stdout, stderr = master.communicate(timeout=300)
+    finally:
+        if master.poll() is None:
+            master.send_signal(signal.SIGINT)
+            master.wait(30)
+    states = slurm_states(out)
+    assert states[f"{array}_0"] == "COMPLETED" and states[f"{array}_1"].startswith("CANCELLED")
+    assert job_states(out) == {"0_rank_2": "finished", "1_rank_4": "interrupted"}
+    assert master.returncode == 1
+    assert "Traceback" not in stderr, stderr[:2000]
+    assert "1 of 2 jobs did not finish: 1_rank_4 (interrupted)" in stdout
+    summary = pd.read_csv(out / "rank_sweep_summary.csv")
+    assert summary["status"].tolist()[0] == "finished"
