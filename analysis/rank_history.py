@@ -99,15 +99,16 @@ def layer_order_problem(given: Sequence[str], layers: Iterable[str]) -> str | No
     the run lacks, its layers the order leaves out, a name given twice), or None when it names
     exactly those layers. The order is the user's word: a mismatch is an error, never skipped."""
     names = set(layers)
+    ordered = indexed_order(names) or sorted(names)  # layer_2 before layer_10 where it can
     unknown = [x for x in dict.fromkeys(given) if x not in names]
-    missing = sorted(names - set(given))
+    missing = [x for x in ordered if x not in set(given)]
     twice = sorted({x for x in given if list(given).count(x) > 1})
     found = {"not layers of the run": unknown, "the run's layers left out": missing,
              "given twice": twice}  # fmt: skip
     parts = [f"{k}: {', '.join(map(repr, v))}" for k, v in found.items() if v]
     if not parts:
         return None
-    layers_text = ", ".join(sorted(names))
+    layers_text = ", ".join(ordered)
     return f"--layer-order does not match the run ({'; '.join(parts)}); its layers: {layers_text}"
 
 

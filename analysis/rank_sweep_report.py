@@ -206,12 +206,13 @@ def _curves_from_json(job_dir: Path) -> pd.DataFrame | None:
     return None
 
 
-def load_curves(job_dir: str | os.PathLike[str]) -> pd.DataFrame:
+def load_curves(job_dir: str | os.PathLike[str], warn: bool = True) -> pd.DataFrame:
     """Per-epoch losses of one job (``CURVE_COLUMNS`` first); an empty frame if none were saved.
 
     A curve CSV that cannot be read (empty, cut, not numbers) is warned about in one line naming
     it, and loss_curves.json (written beside it) is read instead; when that gives no curve
-    either, ``frame.attrs["problem"]`` says which file was unreadable."""
+    either, ``frame.attrs["problem"]`` says which file was unreadable. ``warn=False``: a
+    second read, after ``collect_summary`` has said it."""
     job_dir = Path(job_dir)
     frame, problems = None, []
     for path in [job_dir / CURVES_CSV, *_legacy_curve_files(job_dir, "csv")]:
@@ -220,7 +221,8 @@ def load_curves(job_dir: str | os.PathLike[str]) -> pd.DataFrame:
             if frame is not None:
                 break
             problems.append(f"unreadable {path.name}")
-            warnings.warn(f"unreadable loss curves: {problem}", stacklevel=2)
+            if warn:
+                warnings.warn(f"unreadable loss curves: {problem}", stacklevel=2)
     if frame is None:
         frame = _curves_from_json(job_dir)
     if frame is None:
@@ -394,8 +396,8 @@ def _summary_and_curves(
     summary = source if isinstance(source, pd.DataFrame) else collect_summary(source)
     found = dict(curves or {})
     for job_dir in summary["job_dir"]:
-        if str(job_dir) not in found:
-            found[str(job_dir)] = load_curves(job_dir)
+        if str(job_dir) not in found:  # collect_summary read it first and warned
+            found[str(job_dir)] = load_curves(job_dir, warn=False)
     return summary, found
 
 

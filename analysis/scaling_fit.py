@@ -227,6 +227,10 @@ def _outcome(row: pd.Series, loss: str) -> str:
     return f"{row[loss]:g}" if row["stable"] else "diverged"
 
 
+def _said(row: pd.Series, loss: str) -> str:
+    return f"{row[loss]:g}" + ("" if row["stable"] else " (diverged)")
+
+
 def _deduplicated(df: pd.DataFrame, loss: str, source: str) -> pd.DataFrame:
     """One row per measured (noise, batch size, lr, seed) cell. A repeat with the same outcome
     is dropped with a warning; one with another outcome is refused naming both lines (which
@@ -242,7 +246,7 @@ def _deduplicated(df: pd.DataFrame, loss: str, source: str) -> pd.DataFrame:
                     f"{source} {_row_name(df, group.index[0])} and {_row_name(df, i)} hold the "
                     f"same cell (noise {a['noise']}, batch_size {a['batch_size']}, lr "
                     f"{a['lr']:g}, seed {a['seed']}) with different {loss}: "
-                    f"{_outcome(a, loss)} and {_outcome(df.loc[i], loss)}"
+                    f"{_said(a, loss)} and {_said(df.loc[i], loss)}"
                 )
             dropped.append(i)
     if dropped:

@@ -158,7 +158,10 @@ def _failed_row(job: Path, problem: str | None = None) -> dict:
     from its run record, or "failed" and ``problem`` (an unreadable result file)."""
     cfg, cfg_problem = _read_config(job)
     status, why = ("failed", problem) if problem else _job_status(job)
+    batch, lr = cfg.get("batch_size"), cfg.get("lr")
+    numbers = isinstance(batch, int) and isinstance(lr, (int, float))
     return {
+        "cell": f"B{batch}_LR{lr:.6f}" if numbers else job.name,  # the sweep's cell names
         "batch_size": cfg.get("batch_size"),
         "lr": cfg.get("lr"),
         "seed": cfg.get("seed"),

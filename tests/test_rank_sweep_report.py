@@ -245,7 +245,8 @@ def test_an_unreadable_curve_file_is_named_and_no_curve_is_claimed(
     row = summary[summary["rank"] == 4].iloc[0]
     assert row["status"] == "finished" and row["reason"].startswith("unreadable loss_curves.csv")
     assert "finished: unreadable loss_curves.csv" in format_summary_table(summary)
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, by collect_summary
         legend = _legend(summary)
     assert "rank 4 - no curve (unreadable loss_curves.csv)" in legend
     assert "rank 2" in legend and "rank 8" in legend  # the readable ones, drawn
