@@ -41,6 +41,9 @@ TABLES_DIR = "tables"
 
 LOCK_FILE = "run.lock"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the process's umask, for files made by mkstemp
+
 # What a writer records. Readers add "killed": a record left "running" by a process that died
 # without closing it (kill -9, out of memory, a node lost), see :func:`run_state`.
 RUN_STATES = ("running", "finished", "failed", "interrupted")
@@ -75,6 +78,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make these files unlike the rest
     os.close(fd)
     try:
         yield Path(tmp)

@@ -274,3 +274,10 @@ def test_a_killed_multimodal_run_resumed_logs_each_step_once(tmp_path, signum):
     final = {k: v for k, v in runstore.read_json(whole / "summary.json").items()
              if k.startswith("final_")}  # fmt: skip
     assert final and {k: runstore.read_json(cut / "summary.json")[k] for k in final} == final
+
+
+def test_atomically_written_files_get_the_usual_permissions(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    runstore.write_json_atomic(tmp_path / "a.json", {"a": 1})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
