@@ -23,8 +23,25 @@ from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
 from experiments.logger import ExperimentLogger
 from experiments.rank_probe import RankProbe, chain_probe_layers, input_rank
-from experiments.runtime import TrainingFailed, lr_factor
-from experiments.weights import INIT_METHODS, load_weight, make_weight
+from experiments.resources import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    check_numbers,
+    interruptible,
+    rank_sweep_memory,
+)
+from experiments.runtime import TrainingFailed, lr_factor, resolve_device
+from experiments.weights import (
+    DTYPES,
+    INIT_METHODS,
+    finish_weight,
+    make_weight,
+    open_weight,
+    weight_nbytes,
+)
 from ksmm import KSLinearChain, check_structure, expected_mse, loss_floor, zero_predictor_loss
 
 STRUCTURES = ("butterfly", "monarch", "lowrank")
@@ -33,8 +50,30 @@ SCHEDULES = ("cosine", "constant")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Numbers of the rank sweep's config beyond the existing checks below (every number must also
+# be finite: experiments.resources.check_numbers); null values are "not set" and pass.
+RULES = {
+    "rank": POSITIVE_INT,
+    "max_rank": POSITIVE_INT,
+    "weight.out_features": POSITIVE_INT,
+    "weight.in_features": POSITIVE_INT,
+    "weight.seed": SEED,
+    "model.nblocks": POSITIVE_INT,
+    "data.input_std": POSITIVE,
+    "data.num_samples": POSITIVE_INT,
+    "data.val_fraction": FRACTION,
+    "train.num_epochs": POSITIVE_INT,
+    "train.steps_per_epoch": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.lr": POSITIVE,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.grad_clip": NON_NEGATIVE,  # 0 or null: no clipping; below 0 reverses the step
+}
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Every check that needs no training, run before anything is written."""
+    check_numbers(cfg, {})  # finite numbers first: NaN passes no comparison below
     checks = [
         (cfg.rank > 0, f"rank must be a positive integer, got {cfg.rank}"),
         (cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}"),
@@ -50,12 +89,20 @@ def validate_config(cfg: DictConfig) -> None:
         (cfg.rank_probe.mode in ("difference", "ratio"), f"rank_probe.mode must be difference or ratio, got {cfg.rank_probe.mode!r}"),
         (cfg.rank_probe.every >= 0 and cfg.rank_probe.probe_size > 0, "rank_probe.every must be >= 0 and rank_probe.probe_size > 0"),
         (cfg.weight.path is not None or cfg.weight.init in INIT_METHODS, f"weight.init must be one of {', '.join(INIT_METHODS)}, got {cfg.weight.init!r}"),
+        (cfg.weight.path is not None or cfg.weight.dtype in DTYPES, f"weight.dtype must be one of {', '.join(DTYPES)}, got {cfg.weight.dtype!r}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_numbers(cfg, RULES)
     if cfg.data.mode == "fixed" and cfg.data.num_samples * (1 - cfg.data.val_fraction) < 1:
         raise UserError(f"data.num_samples={cfg.data.num_samples} leaves no training samples")
+    if (
+        cfg.data.mode == "fixed"
+        and cfg.data.num_samples - int(cfg.data.num_samples * (1 - cfg.data.val_fraction)) < 1
+    ):
+        raise UserError(f"data.num_samples={cfg.data.num_samples} with data.val_fraction="
+                        f"{cfg.data.val_fraction} leaves no validation samples")  # fmt: skip
 
 
 def build_rank_probe(cfg: DictConfig, chain: KSLinearChain, device: torch.device) -> RankProbe:
@@ -82,26 +129,86 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def build_weight(cfg: DictConfig) -> torch.Tensor:
-    """The target W (out x in), float32: loaded from ``weight.path`` or generated."""
+    """The target W (out x in), float32: loaded from ``weight.path`` or generated, each step
+    only once the memory it needs has been found on this machine (nothing allocated before),
+    then checked for signal.
+
+    Order: the memory the weight alone needs (any size), reading the file's values (checked as
+    they are read), the rank and structure against the shape, the memory of the whole job (the
+    chain, its data and evaluation), drawing a generated weight."""
     w = cfg.weight
+    device = resolve_device(cfg.runtime.device)
+    weight = None
     if w.path is not None:
-        return load_weight(Path(w.path).expanduser())
-    weight = make_weight(w.out_features, w.in_features, w.init, w.dtype, w.seed)
-    return weight.float()
+        path = Path(w.path).expanduser()
+        source = open_weight(path)  # memory-mapped: its shape, not its values
+        shape = (int(source.shape[0]), int(source.shape[1]))
+        kw = {
+            "source_bytes": weight_nbytes(source),
+            "size_hint": f"use a smaller weight than {path}",
+        }
+        _check_memory(cfg, shape, device, weight_only=True, **kw)
+        weight = finish_weight(source, path)
+        where = str(path)
+    else:
+        shape = (w.out_features, w.in_features)
+        kw = {"init": w.init, "dtype_bytes": DTYPES[w.dtype].itemsize}
+        _check_memory(cfg, shape, device, weight_only=True, **kw)
+        where = f"the generated weight (weight.init={w.init}, weight.dtype={w.dtype})"
+    check_rank_shape(cfg, shape)
+    _check_memory(cfg, shape, device, weight_only=False, **kw)
+    if weight is None:
+        weight = make_weight(w.out_features, w.in_features, w.init, w.dtype, w.seed).float()
+    check_signal(cfg, weight, where)
+    return weight
 
 
-def check_rank(cfg: DictConfig, weight: torch.Tensor) -> None:
-    """The rank against the weight's shape, then the structure's own constraints (nblocks)."""
-    limit = min(weight.shape)
-    if cfg.rank > limit:
+def _check_memory(cfg: DictConfig, shape, device: torch.device, **kw) -> None:
+    for kind, need in rank_sweep_memory(cfg, shape, device, **kw).items():
+        need.check(device if kind == "cuda" else "cpu")
+
+
+# The targets' mean square, s^2 ||W||_F^2 / M, must sit well inside float32's range: the loss
+# is computed in float32 and would overflow to inf or underflow to 0 outside it.
+TARGET_RANGE = (1e-30, 1e30)
+
+
+def check_signal(cfg: DictConfig, weight: torch.Tensor, where: str) -> None:
+    """A weight with nothing to approximate (all zeros), or whose targets' scale float32
+    cannot hold, is bad input: the floor would be 0 and loss/floor NaN, or every loss inf."""
+    energy = 0.0  # ||W||_F^2 in float64, a block of rows at a time (no full float64 copy)
+    rows = max(1, 2**22 // weight.shape[1])
+    for i in range(0, weight.shape[0], rows):
+        energy += float(weight[i : i + rows].double().pow(2).sum())
+    if energy == 0:
+        raise UserError(f"{where} is all zeros: there is nothing to approximate (the loss floor "
+                        "and the zero predictor's loss would be 0)")  # fmt: skip
+    scale = cfg.data.input_std**2 * energy / weight.shape[0]
+    low, high = TARGET_RANGE
+    if not low <= scale <= high:
         raise UserError(
-            f"rank {cfg.rank} is above min(shape) = {limit} of the {tuple(weight.shape)} weight"
+            f"the targets' mean square data.input_std^2 * ||W||_F^2 / out_features = {scale:.3g} "
+            f"for {where} is outside float32's safe range [{low:g}, {high:g}]: rescale the "
+            "weight or data.input_std"
         )
-    m, n = weight.shape
+
+
+def check_rank_shape(cfg: DictConfig, shape: tuple[int, int]) -> None:
+    """The rank against the weight's shape, then the structure's own constraints (nblocks)."""
+    limit = min(shape)
+    if cfg.rank > limit:
+        raise UserError(f"rank {cfg.rank} is above min(shape) = {limit} of the {tuple(shape)} "
+                        "weight")  # fmt: skip
+    m, n = shape
     try:
         check_structure(m, n, cfg.rank, cfg.model.structure, cfg.model.nblocks)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def check_rank(cfg: DictConfig, weight: torch.Tensor) -> None:
+    """The rank against the weight's shape, then the structure's own constraints (nblocks)."""
+    check_rank_shape(cfg, (int(weight.shape[0]), int(weight.shape[1])))
 
 
 def build_chain(cfg: DictConfig, weight: torch.Tensor, device: torch.device) -> KSLinearChain:
@@ -118,8 +225,8 @@ def build_chain(cfg: DictConfig, weight: torch.Tensor, device: torch.device) -> 
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if cfg.model.init == "svd":
-        chain.load_projection(weight)
+    if cfg.model.init == "svd":  # an SVD with singular vectors: minutes at large sizes
+        interruptible(chain.load_projection, weight)
     return chain.to(device)
 
 
@@ -300,5 +407,9 @@ def save_checkpoint(path: Path, chain: KSLinearChain, cfg: DictConfig) -> None:
 
 
 def floor_and_baseline(cfg: DictConfig, weight: torch.Tensor) -> tuple[float, float]:
-    floor = loss_floor(weight, cfg.rank, cfg.model.structure, cfg.model.nblocks, cfg.data.input_std)
-    return float(floor), float(zero_predictor_loss(weight, cfg.data.input_std))
+    """The loss floor (an SVD: minutes at large sizes, so Ctrl-C/SIGTERM are honoured during
+    it) and the zero predictor's loss."""
+    floor = interruptible(
+        loss_floor, weight, cfg.rank, cfg.model.structure, cfg.model.nblocks, cfg.data.input_std
+    )
+    return float(floor), float(interruptible(zero_predictor_loss, weight, cfg.data.input_std))

@@ -7,7 +7,17 @@
 from __future__ import annotations
 
 from analysis.cli import ArgumentParser, UserError, run_cli
+from experiments.resources import F32, F64, check_memory
 from experiments.weights import DTYPES, INIT_METHODS, make_weight, save_weight
+
+
+def memory_needed(out_features: int, in_features: int, init: str, dtype: str) -> int:
+    """Bytes at the peak, rough and high: the float32 draw (x4 for orthogonal's QR and
+    hadamard's concatenations), the weight in its dtype, the copy save_weight writes, and the
+    float64 copy the printed norm is taken on."""
+    mn = out_features * in_features
+    draw = F32 * mn * (4 if init in ("orthogonal", "hadamard") else 1)
+    return draw + 2 * DTYPES[dtype].itemsize * mn + F64 * mn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("output_features", "input_features"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
-    weight = make_weight(
-        args.output_features, args.input_features, args.init_method, args.dtype, args.seed
+    m, n = args.output_features, args.input_features
+    check_memory(
+        memory_needed(m, n, args.init_method, args.dtype),
+        f"the {m}x{n} {args.dtype} weight",
+        "use smaller --output_features/--input_features",
     )
+    weight = make_weight(m, n, args.init_method, args.dtype, args.seed)
     path = save_weight(weight, args.output_path)
     norm = weight.double().norm().item()
     print(

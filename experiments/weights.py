@@ -126,18 +126,37 @@ def _pick_tensor(obj: object, path: Path) -> torch.Tensor:
     )
 
 
-def load_weight(path: str | os.PathLike[str]) -> torch.Tensor:
-    """A 2-D float32 weight from a ``.pth``/``.pt`` file holding a tensor or a one-matrix state
-    dict (also under a ``state_dict`` key)."""
+def _read(path: Path, mmap: bool) -> object:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def open_weight(path: str | os.PathLike[str]) -> torch.Tensor:
+    """The weight tensor in a ``.pth``/``.pt`` file (a tensor or a one-matrix state dict, also
+    under a ``state_dict`` key), checked for shape and kind but its values not yet read: the
+    file is memory-mapped (torch.save's zip format), so a caller can check the memory the
+    weight needs (:func:`weight_nbytes`) before :func:`finish_weight` reads it. A file in the
+    old non-zip format is read whole, after checking there is memory for its size."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"weight file {path} does not exist")
     if not path.is_file():
         raise UserError(f"weight path {path} is not a file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise UserError(f"weight file {path} is empty")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = _read(path, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            from experiments.resources import check_memory
+
+            check_memory(2 * size, f"reading {path} (an old torch file format, read whole)",
+                         "save it again with torch.save", "cpu")  # fmt: skip
+            obj = _read(path, mmap=False)
+    except UserError:
+        raise
     except Exception as exc:  # torch raises many types for bad files; all mean "unreadable" here
         raise _load_error(path, exc) from exc
 
@@ -151,6 +170,18 @@ def load_weight(path: str | os.PathLike[str]) -> torch.Tensor:
         raise UserError(f"{path} holds an empty tensor of shape {tuple(weight.shape)}")
     if weight.is_complex() or weight.dtype == torch.bool:
         raise UserError(f"{path} holds a {weight.dtype} tensor, not a real-valued one")
+    return weight
+
+
+def weight_nbytes(weight: torch.Tensor) -> int:
+    """Bytes the weight's values take once read densely in its own dtype (a view expanded from
+    one value, or a sparse tensor, takes its full shape's size)."""
+    return weight.numel() * weight.element_size()
+
+
+def finish_weight(weight: torch.Tensor, path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read an :func:`open_weight` tensor: float32, contiguous, every value finite."""
+    path = Path(path)
     if weight.layout != torch.strided:
         weight = weight.to_dense()
     if weight.is_floating_point():
@@ -159,11 +190,19 @@ def load_weight(path: str | os.PathLike[str]) -> torch.Tensor:
             raise UserError(
                 f"{path} holds {bad} NaN/Inf value(s) out of {weight.numel()} in its weight"
             )
-    weight = weight.detach().to(torch.float32).contiguous()
+    # a copy in any case: the file's memory map must not stay the weight (a file changed
+    # under a running job would change it)
+    weight = weight.detach().to(torch.float32, copy=True).contiguous()
     bad = int((~torch.isfinite(weight)).sum())
     if bad:  # finite in float64 but too large for float32
         raise UserError(f"{path} holds {bad} value(s) too large for float32")
     return weight
+
+
+def load_weight(path: str | os.PathLike[str]) -> torch.Tensor:
+    """A 2-D float32 weight from a ``.pth``/``.pt`` file holding a tensor or a one-matrix state
+    dict (also under a ``state_dict`` key)."""
+    return finish_weight(open_weight(path), path)
 
 
 def save_weight(tensor: torch.Tensor, path: str | os.PathLike[str]) -> Path:

@@ -101,6 +101,10 @@ def test_reaches_the_floor(tmp_path):
         ("weight.path=/tmp/a=b.pth", "cannot parse 'weight.path=/tmp/a=b.pth'"),
         ("rank=[1,2]", "rank=[1,2]: Value '[1, 2]' of type 'list'"),
         ("train.lr=0.1,0.01", "sweeps over several values: add -m (--multirun)"),
+        ("train.lr=nan", "train.lr must be a finite number, got nan"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0, got -1"),
+        ("train.steps_per_epoch=-3", "train.steps_per_epoch must be a positive integer, got -3"),
+        ("data.input_std=inf", "data.input_std must be a finite number, got inf"),
     ],
 )
 def test_bad_input_one_line_nonzero_nothing_written(tmp_path, override, message):
@@ -118,15 +122,46 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, override, message)
         (lambda p: torch.save(torch.randn(3, 4, 5), p), "2-D"),
         (lambda p: torch.save(torch.full((4, 4), float("nan")), p), "NaN"),
         (lambda p: p.write_text("not a torch file"), "w.pth"),
+        # no signal: the floor and the zero predictor's loss would be 0, loss/floor NaN
+        (lambda p: torch.save(torch.zeros(16, 32), p), "w.pth is all zeros: there is nothing"),
+        (lambda p: torch.save(torch.full((16, 32), 1e18), p), "outside float32's safe range"),
     ],
 )
 def test_bad_weight_files(tmp_path, path_content, message):
     path = tmp_path / "w.pth"
     path_content(path)
-    proc = run([*SMALL, f"weight.path={path}", f"hydra.run.dir={tmp_path / 'job'}"], tmp_path)
-    assert proc.returncode != 0
+    out = tmp_path / "job"
+    proc = run([*SMALL, "rank=4", f"weight.path={path}", f"hydra.run.dir={out}"], tmp_path)
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
+
+
+def test_sigterm_during_the_floor_svd_is_honoured_within_seconds(tmp_path):
+    """The loss floor is one long LAPACK call (tens of seconds at 3000x6000 here, minutes at
+    larger sizes): SIGTERM in the middle of it ends the job at once, marked interrupted."""
+    out = tmp_path / "job"
+    args = ["weight.out_features=3000", "weight.in_features=6000", "logger=disabled",
+            f"hydra.run.dir={out}"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        record = out / "run.json"
+        deadline = time.time() + 120
+        while time.time() < deadline and not record.exists():
+            time.sleep(0.05)
+        assert record.exists(), "the job never started"
+        time.sleep(1.0)  # inside the floor's SVD: it runs right after the record is written
+        assert not (out / "loss_curves.csv").exists(), "the floor was done already"
+        proc.send_signal(signal.SIGTERM)
+        sent = time.time()
+        assert proc.wait(timeout=60) == 130
+        assert time.time() - sent < 10
+    finally:
+        proc.kill()
+        proc.wait()
+    assert json.loads(record.read_text())["state"] == "interrupted"
 
 
 def test_mistyped_key(tmp_path):

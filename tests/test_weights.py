@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,14 @@ import torch
 
 from analysis.cli import UserError, run_cli
 from experiments import generate_test_weight
-from experiments.weights import INIT_METHODS, load_weight, make_weight, save_weight
+from experiments.weights import (
+    INIT_METHODS,
+    load_weight,
+    make_weight,
+    open_weight,
+    save_weight,
+    weight_nbytes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_INITS = [m for m in INIT_METHODS if m != "hadamard"]
@@ -75,6 +83,35 @@ def test_load_state_dict(tmp_path: Path) -> None:
     assert torch.equal(load_weight(tmp_path / "sd.pth"), w)
     torch.save({"state_dict": {"layer.weight": w}, "epoch": 3}, tmp_path / "ckpt.pt")
     assert torch.equal(load_weight(tmp_path / "ckpt.pt"), w)
+
+
+def test_open_weight_reads_the_shape_without_the_values(tmp_path: Path) -> None:
+    """A 1e6 x 1e6 weight in a small file (one value, expanded): its shape and size are known
+    from the memory-mapped file before a byte of the 3.6 TiB is allocated."""
+    path = tmp_path / "huge.pth"
+    torch.save(torch.ones(1).expand(10**6, 10**6), path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    weight = open_weight(path)
+    assert weight.shape == (10**6, 10**6) and weight_nbytes(weight) == 4 * 10**12
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
+
+
+def test_a_loaded_weight_is_a_copy_of_the_file(tmp_path: Path) -> None:
+    """Read through a memory map, but not left on it: the file changed under a running job
+    does not change its weight."""
+    path = tmp_path / "w.pth"
+    w = torch.randn(64, 32)
+    torch.save(w, path)
+    loaded = load_weight(path)
+    torch.save(torch.zeros(64, 32), path)
+    assert torch.equal(loaded, w)
+
+
+def test_old_format_weight_files_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "old.pth"
+    w = torch.randn(8, 4)
+    torch.save(w, path, _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    assert torch.equal(load_weight(path), w)
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:
