@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a plain script: make the repo importable
 
 import hydra
 import pandas as pd
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from analysis.cli import UserError
@@ -28,6 +29,18 @@ from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
 from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
 from experiments.rank_probe import RankProbe, input_rank, mlp_probe_layers
+from experiments.resources import (
+    NON_EMPTY,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    UNIT,
+    check_finite,
+    check_numbers,
+    check_rules,
+    scaling_memory,
+)
 from experiments.runstore import write_json_atomic
 from experiments.runtime import check_override_keys, is_multirun, job_dir, run_job
 from experiments.scaling_training import (
@@ -46,26 +59,86 @@ from experiments.schemas import LaplaceScalingConfig, register_configs
 log = logging.getLogger(__name__)
 
 
+# Numbers of the scaling sweep's config (every number must also be finite); the grid's lists
+# are checked whichever the runner, so a bad grid never waits for runner=grid to show.
+RULES = {
+    "batch_size": POSITIVE_INT,
+    "lr": POSITIVE,
+    "seed": SEED,
+    "task.n_features": POSITIVE_INT,
+    "task.n_train": POSITIVE_INT,
+    "task.noise_std": POSITIVE,
+    "model.hidden": POSITIVE_INT,
+    "model.depth": POSITIVE_INT,
+    "optim.momentum": UNIT,
+    "optim.betas": UNIT,
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "train.epochs": POSITIVE_INT,
+    "train.steps": POSITIVE_INT,
+    "train.evals": POSITIVE_INT,
+    "grid.batch_sizes": (NON_EMPTY, POSITIVE_INT),
+    "grid.lrs": (NON_EMPTY, POSITIVE),
+    "grid.seeds": (NON_EMPTY, SEED),
+    "grid.noises": NON_EMPTY,
+}
+# labels are y = x . w* + noise with Var(x . w*) ~ 1: their square must fit float32's losses
+MAX_NOISE_STD = 1e15
+
+
 def validate(cfg: DictConfig) -> None:
-    g = cfg.grid
-    lrs = [cfg.lr] if cfg.runner == "cell" else list(g.lrs)
-    batch_sizes = [cfg.batch_size] if cfg.runner == "cell" else list(g.batch_sizes)
-    noises = [cfg.task.noise] if cfg.runner == "cell" else list(g.noises)
+    g, t = cfg.grid, cfg.task
+    check_finite(cfg)  # NaN passes no comparison below
+    if t.n_val < 1:
+        raise UserError(f"task.n_val={t.n_val} leaves the validation set empty: it must be at "
+                        "least 1")  # fmt: skip
+    for key in ("grid.lrs", "grid.batch_sizes", "grid.seeds", "grid.noises"):
+        if not len(OmegaConf.select(cfg, key)):
+            raise UserError(f"{key} is empty: it must list at least one value")
+    check_rules(cfg, {k: v for k, v in RULES.items() if k.startswith("task.")})  # sizes first
+    cell = cfg.runner == "cell"
+    lrs = [cfg.lr] if cell else list(g.lrs)
+    batch_sizes = [cfg.batch_size] if cell else list(g.batch_sizes)
+    noises = [t.noise] if cell else list(g.noises)
+    keys = (
+        ("lr", "batch_size", "task.noise")
+        if cell
+        else ("grid.lrs", "grid.batch_sizes", "grid.noises")
+    )
     checks = [
         (cfg.runner in ("cell", "grid"), f"runner must be cell or grid, got {cfg.runner!r}"),
-        (all(lr > 0 for lr in lrs), f"learning rates must be positive, got {lrs}"),
-        (all(0 < b <= cfg.task.n_train for b in batch_sizes), f"batch sizes must be in 1..task.n_train={cfg.task.n_train}, got {batch_sizes}"),
-        (all(n in NOISES for n in noises), f"noise must be one of {', '.join(NOISES)}, got {noises}"),
+        (all(lr > 0 for lr in lrs), f"learning rates ({keys[0]}) must be positive, got {lrs}"),
+        (all(0 < b <= t.n_train for b in batch_sizes), f"batch sizes ({keys[1]}) must be in 1..task.n_train={t.n_train}, got {batch_sizes}"),
+        (all(n in NOISES for n in noises), f"noise ({keys[2]}) must be one of {', '.join(NOISES)}, got {noises}"),
         (cfg.optim.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim.name!r}"),
         (cfg.model.kind in MODELS, f"model.kind must be one of {', '.join(MODELS)}, got {cfg.model.kind!r}"),
         (cfg.train.protocol in PROTOCOLS, f"train.protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.train.protocol!r}"),
-        (cfg.task.noise_std > 0, f"task.noise_std must be positive, got {cfg.task.noise_std}"),
-        ("student_t" not in noises or cfg.task.student_t_df > 2, f"task.student_t_df must be > 2 (finite variance), got {cfg.task.student_t_df}"),
-        (cfg.runner == "cell" or len(g.seeds) > 0, "grid.seeds is empty"),
+        (t.noise_std > 0, f"task.noise_std must be positive, got {t.noise_std}"),
+        (t.noise_std <= MAX_NOISE_STD, f"task.noise_std={t.noise_std:g} is too large: float32 losses overflow above {MAX_NOISE_STD:g}"),
+        ("student_t" not in noises or t.student_t_df > 2, f"task.student_t_df must be > 2 (finite variance), got {t.student_t_df}"),
+        (len(cfg.optim.betas) == 2, f"optim.betas must hold two values (beta1, beta2), got {list(cfg.optim.betas)}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_numbers(cfg, RULES)
+    if cfg.runner == "grid":
+        for key in ("grid.lrs", "grid.batch_sizes", "grid.seeds", "grid.noises"):
+            values = list(OmegaConf.select(cfg, key))
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:
+                raise UserError(f"{key} lists {repeated[0]} twice: its cells would run twice")
+    for lr in lrs:
+        if float(torch.tensor(lr, dtype=torch.float32)) == 0:
+            raise UserError(f"learning rate {lr} is 0 in float32: nothing would train")
+    names = {}
+    for lr in lrs:  # the cells' W&B names keep 6 decimals of the lr
+        other = names.setdefault(cell_name(batch_sizes[0], lr), lr)
+        if other != lr:
+            raise UserError(f"learning rates {other} and {lr} share the W&B name "
+                            f"{cell_name(batch_sizes[0], lr)} (6 decimals): use lrs that differ "
+                            "there")  # fmt: skip
+    scaling_memory(cfg, len(lrs), batch_sizes).check("cpu")
 
 
 class CellLogger:

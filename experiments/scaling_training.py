@@ -215,6 +215,10 @@ def train_group(
     """
     started = time.perf_counter()
     k, n_train = len(lrs), len(task.x_train)
+    if not k:
+        raise ValueError("train_group needs at least one learning rate")
+    if not len(task.x_val):
+        raise ValueError("train_group needs a validation set (task.n_val >= 1)")
     if batch_size > n_train:
         raise ValueError(f"batch_size {batch_size} is larger than the {n_train} training samples")
     model = StackedStudent(k, task.x_train.shape[1], model_kind, hidden, depth, seed)
@@ -244,6 +248,9 @@ def train_group(
     diverged_at = torch.full((k,), -1, dtype=torch.long)
     stopped = torch.zeros(k, dtype=torch.long)
     reasons: list[str | None] = [None] * k
+    for j in (~active).nonzero().flatten().tolist():  # never trained: a divergence at step 0
+        reasons[j] = f"initial val loss is {initial[j].item()}"
+        diverged_at[j] = 0
     train_sum, train_n = torch.zeros(k), 0
     curves: list[list[float]] = [[] for _ in range(k)]
     train_curves: list[list[float]] = [[] for _ in range(k)]
@@ -305,8 +312,9 @@ def train_group(
         results.append(
             CellResult(
                 lr=float(lr),
+                # a diverged slice's last window holds zeros where it was frozen, not a loss
                 final_train_loss=_finite_or_nan(train_curves[j][-1])
-                if train_curves[j]
+                if train_curves[j] and not diverged
                 else math.nan,
                 final_val_loss=math.nan if diverged else final_val,
                 min_val_loss=min(finite) if finite else math.nan,

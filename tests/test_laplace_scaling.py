@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -114,18 +115,38 @@ def test_grid_runner_results_and_old_names(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("task.noise=cauchy", "noise must be one of"),
-        ("batch_size=0", "batch sizes must be in"),
-        ("lr=-1", "learning rates must be positive"),
+        ("task.noise=cauchy", "noise (task.noise) must be one of"),
+        ("batch_size=0", "batch sizes (batch_size) must be in"),
+        ("lr=-1", "learning rates (lr) must be positive"),
         ("task.noise=student_t task.student_t_df=2", "student_t_df must be > 2"),
         ("optim.name=lion", "optim.name must be one of"),
+        # jobs that never trained ended "finished" with steps 0
+        ("task.n_val=0", "task.n_val=0 leaves the validation set empty"),
+        ("task.noise_std=inf", "task.noise_std must be a finite number, got inf"),
+        ("task.noise_std=-1", "task.noise_std must be positive, got -1"),
+        ("runner=grid grid.lrs=[]", "grid.lrs is empty"),  # was a ZeroDivisionError
+        ("runner=grid grid.lrs=[] grid.batch_sizes=[512,1024]", "grid.lrs is empty"),
     ],
 )
 def test_bad_input(tmp_path, override, message):
-    proc = run([*SMALL, *override.split(), f"hydra.run.dir={tmp_path / 'job'}"], tmp_path)
+    out = tmp_path / "job"
+    proc = run([*SMALL, *override.split(), f"hydra.run.dir={out}"], tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
+
+
+def test_a_cell_that_cannot_start_is_diverged_not_finished():
+    """Non-finite initial val loss (labels that overflowed): the cell never trained, so it is
+    a divergence at step 0 with its reason, never 'finished' with a train loss of 0."""
+    task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
+    task.y_val[3] = float("inf")
+    (cell,) = train_group(task, 16, [1e-2], seed=0, epochs=2)
+    assert cell.diverged and cell.steps == 0 and "initial val loss is inf" in cell.reason
+    assert math.isnan(cell.final_train_loss) and math.isnan(cell.final_val_loss)
+    with pytest.raises(ValueError, match="at least one learning rate"):
+        train_group(task, 16, [], seed=0)
 
 
 def test_assembly_by_hand_lists_failed_jobs(tmp_path):
@@ -143,7 +164,7 @@ def test_assembly_by_hand_lists_failed_jobs(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # written, and the exit code says a job failed
     frame = pd.read_csv(sweep / "results.csv")
     assert frame["status"].tolist() == ["finished", "failed"] and frame["reason"][1] == "OOM"
     empty = subprocess.run(
