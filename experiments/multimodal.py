@@ -35,7 +35,14 @@ from analysis.cli import UserError
 from experiments import runstore
 from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
-from experiments.multimodal_data import PairSet, Tokenizer, distinct_scenes, load_pairs, words
+from experiments.multimodal_data import (
+    PairSet,
+    Tokenizer,
+    distinct_scenes,
+    load_pairs,
+    plan_pairs,
+    words,
+)
 from experiments.multimodal_model import (
     MultimodalModel,
     alignment_loss,
@@ -45,6 +52,14 @@ from experiments.multimodal_model import (
     retrieval_top1,
 )
 from experiments.rank_probe import RankProbe, encoder_probe_layers, hooked_features, input_rank
+from experiments.resources import (
+    FRACTION,
+    NON_NEGATIVE,
+    SEED,
+    check_finite,
+    check_numbers,
+    multimodal_memory,
+)
 from experiments.runtime import (
     TrainingFailed,
     check_override_keys,
@@ -62,6 +77,7 @@ ALIGNMENTS = ("infonce", "mse", "cosine")
 def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
     """Check the config and load the data (errors name the file); the job gets the pairs."""
     dc, mc, tc = cfg.data, cfg.model, cfg.train
+    check_finite(cfg)  # NaN passes no comparison below
     if dc.source not in ("synthetic", "folder"):
         raise UserError(f"data.source must be one of synthetic, folder, got {dc.source!r}")
     if cfg.loss.alignment not in ALIGNMENTS:
@@ -74,7 +90,10 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
         "data.image_size": dc.image_size,
         "data.max_objects": dc.max_objects,
         "model.image_encoder_layers": mc.image_encoder_layers,
+        "model.conv_width": mc.conv_width,
         "model.latent_dim": mc.latent_dim,
+        "model.embedding_dim": mc.embedding_dim,
+        "model.num_heads": mc.num_heads,
         "model.transformer_layers": mc.transformer_layers,
         "model.prefix_tokens": mc.prefix_tokens,
         "train.epochs": tc.epochs,
@@ -96,6 +115,15 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
     for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"{key} must be >= 0, got {value}")
+    check_numbers(cfg, RULES)
+    if not (cfg.loss.image_weight or cfg.loss.caption_weight or cfg.loss.alignment_weight):
+        raise UserError("loss.image_weight, loss.caption_weight and loss.alignment_weight are "
+                        "all 0: the total loss is 0 and nothing would train")  # fmt: skip
+    if tc.min_lr > tc.lr:
+        raise UserError(f"train.min_lr={tc.min_lr} is above train.lr={tc.lr}: the cosine "
+                        "schedule would raise the learning rate")  # fmt: skip
+    if mc.conv_width % 8:  # the decoder's GroupNorm: 8 groups over conv_width channels
+        raise UserError(f"model.conv_width must be a multiple of 8, got {mc.conv_width}")
     if not 0 <= mc.dropout < 1:
         raise UserError(f"model.dropout must be in [0, 1), got {mc.dropout}")
     if dc.max_caption_len and dc.max_caption_len < 3:
@@ -121,8 +149,29 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
         )
     if cfg.resume:
         check_resume_config(cfg)
-    resolve_device(cfg.runtime.device)
-    return load_pairs(cfg, cfg.seed)
+    device = resolve_device(cfg.runtime.device)
+    plan = plan_pairs(cfg)  # the captions and the image files' presence; no image decoded
+    max_len = dc.max_caption_len or plan.longest_caption + 2
+    vocab = min(dc.vocab_size, 4 + plan.longest_caption * plan.num_images)
+    for kind, need in multimodal_memory(
+        cfg, plan.num_images, vocab, max_len, plan.channels, device
+    ).items():
+        need.check(device if kind == "cuda" else "cpu")
+    return load_pairs(cfg, cfg.seed, plan)
+
+
+# Numbers beyond the checks in validate (every number must also be finite)
+RULES = {
+    "seed": SEED,
+    "data.val_fraction": FRACTION,
+    "data.max_caption_len": NON_NEGATIVE,
+    "model.caption_encoder_layers": NON_NEGATIVE,
+    "train.log_frequency": NON_NEGATIVE,
+    "train.image_log_frequency": NON_NEGATIVE,
+    "train.checkpoint_frequency": NON_NEGATIVE,
+    "train.num_samples": NON_NEGATIVE,
+    "train.max_steps": NON_NEGATIVE,
+}
 
 
 # What a resumed run may change: when and how it logs, where it runs, and when it stops.

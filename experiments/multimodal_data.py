@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,11 @@ COLS = ("left", "center", "right")
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# words in the longest synthetic caption per object ("a large circle with dense horizontal
+# hatching at the top left"), and " and " between objects
+WORDS_PER_OBJECT = 12
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -239,9 +245,27 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def folder_pairs(
-    folder: str, captions_file: str | None, size: int, channels: int, val_fraction: float, seed: int
-) -> tuple[PairSet, PairSet]:
+@dataclass
+class DataPlan:
+    """What a data set will hold, known before any image is decoded: for the memory check."""
+
+    num_images: int
+    longest_caption: int  # words
+    channels: int
+    rows: list[tuple[str, str]] = field(default_factory=list)  # folder: checked (image, caption)
+    root: Path | None = None
+    captions_file: Path | None = None
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def plan_folder(folder: str, captions_file: str | None, channels: int) -> DataPlan:
+    """Read and check the captions file against the folder, decoding no image: every caption
+    non-empty, every listed image present (all missing ones named at once), at least 2 pairs.
+    Images in the folder that no caption names cannot train the captioner: one warning line
+    with their count and the first few."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"data.folder {root} does not exist or is not a folder")
@@ -254,14 +278,50 @@ def folder_pairs(
         cap_path = Path(captions_file).expanduser()
         cap_path = cap_path if cap_path.is_absolute() else root / cap_path
     rows = read_captions(cap_path)
-    images, captions = [], []
     for name, caption in rows:
         if not words(caption):
             raise UserError(f"the caption of {name} in {cap_path} is empty")
-        images.append(load_image(root / name, size, channels))
-        captions.append(caption)
+    on_disk = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    missing = [name for name, _ in rows if not (root / name).exists()]
+    captioned = {(root / name).resolve() for name, _ in rows}
+    uncaptioned = [p for p in on_disk if p.resolve() not in captioned]
+    if missing:
+        hint = ""
+        if on_disk and len(uncaptioned) == len(on_disk):
+            hint = (f"; none of the {len(on_disk)} images in the folder is named in it (e.g. "
+                    f"{uncaptioned[0].relative_to(root)}): do the names match?")  # fmt: skip
+        raise UserError(f"{len(missing)} of the {len(rows)} images listed in {cap_path} do not "
+                        f"exist in {root} ({_first(missing)}){hint}")  # fmt: skip
+    if uncaptioned:
+        names = [str(p.relative_to(root)) for p in uncaptioned]
+        log.warning("%d of the %d images in %s have no caption in %s and are left out (%s)",
+                    len(names), len(on_disk), root, cap_path.name, _first(names))  # fmt: skip
     if len(rows) < 2:
         raise UserError(f"{cap_path} has {len(rows)} pair; at least 2 are needed (train and val)")
+    longest = max(len(words(c)) for _, c in rows)
+    return DataPlan(len(rows), longest, channels, rows, root, cap_path)
+
+
+def plan_pairs(cfg: DictConfig) -> DataPlan:
+    dc = cfg.data
+    if dc.source == "synthetic":
+        longest = dc.max_objects * WORDS_PER_OBJECT + dc.max_objects - 1
+        return DataPlan(dc.num_train + dc.num_val, longest, 1)
+    if dc.folder is None:
+        raise UserError("data.source=folder needs data.folder=<folder of images>")
+    return plan_folder(dc.folder, dc.captions, dc.channels)
+
+
+def folder_pairs(
+    folder: str, captions_file: str | None, size: int, channels: int, val_fraction: float, seed: int,
+    plan: DataPlan | None = None,
+) -> tuple[PairSet, PairSet]:  # fmt: skip
+    plan = plan or plan_folder(folder, captions_file, channels)
+    rows, root = plan.rows, plan.root
+    images = [load_image(root / name, size, channels) for name, _ in rows]
+    captions = [caption for _, caption in rows]
     order = np.random.default_rng(seed).permutation(len(rows))
     n_val = min(len(rows) - 1, max(1, round(val_fraction * len(rows))))
     tensor = torch.from_numpy(np.stack(images))
@@ -272,10 +332,14 @@ def folder_pairs(
     )
 
 
-def load_pairs(cfg: DictConfig, seed: int) -> tuple[PairSet, PairSet]:
+def load_pairs(cfg: DictConfig, seed: int, plan: DataPlan | None = None) -> tuple[PairSet, PairSet]:
+    """The train and validation pairs; ``plan`` (from :func:`plan_pairs`) saves reading the
+    captions file twice."""
     dc = cfg.data
     if dc.source == "synthetic":
         return synthetic_pairs(dc.num_train, dc.num_val, dc.image_size, dc.max_objects, seed)
     if dc.folder is None:
         raise UserError("data.source=folder needs data.folder=<folder of images>")
-    return folder_pairs(dc.folder, dc.captions, dc.image_size, dc.channels, dc.val_fraction, seed)
+    return folder_pairs(
+        dc.folder, dc.captions, dc.image_size, dc.channels, dc.val_fraction, seed, plan
+    )

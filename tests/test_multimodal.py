@@ -4,6 +4,7 @@ it (a subprocess) with tiny configs."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 from entrypoint import run_script
 
-from experiments.multimodal_data import ANGLES, Tokenizer, render, synthetic_pairs
+from experiments.multimodal_data import ANGLES, Tokenizer, plan_folder, render, synthetic_pairs
 from experiments.multimodal_model import caption_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,12 +164,32 @@ def test_excel_csv_and_unicode_captions(tmp_path):
     root = _folder(
         tmp_path, "\ufeffimage,caption\n0.png,un chat élevé\n1.png,日本の猫\n2.png,a bird\n"
     )
+    from PIL import Image
+
+    Image.new("L", (20, 20), 0).save(root / "uncaptioned.png")  # in the folder, not in the file
     out = tmp_path / "job"
     proc = run([*TINY, "train.max_steps=1", "data.source=folder", f"data.folder={root}",
                 f"hydra.run.dir={out}"], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     itos = torch.load(out / "last.pt", weights_only=False)["tokenizer"]["itos"]
     assert "élevé" in itos or "日本の猫" in itos
+    warned = [line for line in (proc.stdout + proc.stderr).splitlines() if "no caption" in line]
+    assert len(warned) == 1 and "1 of the 4 images in" in warned[0], warned
+    assert "are left out (uncaptioned.png)" in warned[0]
+
+
+def test_images_without_a_caption_are_counted_in_one_warning(tmp_path, caplog):
+    from PIL import Image
+
+    root = _folder(tmp_path, "image,caption\n0.png,a cat\n1.png,a dog\n")  # 2.png: none
+    for i in range(3, 8):
+        Image.new("L", (20, 20), 255).save(root / f"{i}.png")
+    with caplog.at_level(logging.WARNING, logger="experiments.multimodal_data"):
+        plan = plan_folder(str(root), None, 1)
+    assert plan.num_images == 2 and [name for name, _ in plan.rows] == ["0.png", "1.png"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"6 of the 8 images in {root} have no caption in captions.csv")
+    assert warning.endswith("are left out (2.png, 3.png, 4.png, ...)")
 
 
 def _folder(tmp_path: Path, captions: str, image_bytes: bytes | None = None) -> Path:
@@ -196,6 +217,17 @@ BAD_INPUTS = {
         OK + "sub,a fox\n",
         None,
         "sub listed in the captions file is a folder",
+    ),
+    # every missing one named at once, before any image is decoded
+    "captions naming missing images": (
+        OK + "x.png,a fox\ny.png,an owl\n",
+        None,
+        "2 of the 5 images listed in",
+    ),
+    "captions naming none of the images": (
+        "image,caption\na.png,a cat\nb.png,a dog\n",
+        None,
+        "none of the 3 images in the folder is named in it (e.g. 0.png): do the names match?",
     ),
 }
 
