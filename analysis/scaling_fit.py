@@ -21,6 +21,9 @@ Decisions where the brief was silent (also in the report's ``notes``):
   bootstrap replicate; replicates that cannot be fitted are dropped and counted;
 - fewer than three contiguous stable points around the argmin: no refinement, flag
   ``few_points``;
+- a row whose ``status`` says its cell did not finish (failed, killed, ...) is left out and
+  reported, never taken for a diverged cell; a cell that is no number, a row cut short, one
+  cell twice with two outcomes, or a design without a slope is refused naming the line;
 - rows missing a ``noise`` column form one family named ``unspecified``; a file that mixes
   several optimizers, models or protocols is refused (a slope across them means nothing);
 - the top-level result describes the primary family: ``gaussian`` if present, else the first
@@ -106,12 +109,7 @@ def load_results(path: str | os.PathLike[str], loss: str = "final_val_loss") -> 
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
     frame = read_csv_text(path)
-    for column in frame.columns.drop(
-        [LINE, FIELDS]
-    ):  # an empty cell is missing, as pandas reads it
-        text = frame[column].astype(str).str.strip()
-        frame[column] = text.where(frame[column].notna() & (text != ""), None)
-    width = len(frame.columns) - 2  # the header's fields (LINE and FIELDS are ours)
+    width = len(frame.columns) - 2  # the header's fields (LINE and FIELDS are the reader's)
     bad = frame[FIELDS] != width
     if bad.any():  # pandas would fill a short row with NaN: a "diverged" cell
         i = bad.idxmax()
@@ -119,6 +117,10 @@ def load_results(path: str | os.PathLike[str], loss: str = "final_val_loss") -> 
             f"{path} line {frame.at[i, LINE]}: {frame.at[i, FIELDS]} fields where the header "
             f"has {width} (a row cut short, or a stray comma)"
         )
+    # An empty cell is a missing value, as pandas reads it (an empty loss: a diverged cell).
+    for column in frame.columns.drop([LINE, FIELDS]):
+        text = frame[column].astype(str).str.strip()
+        frame[column] = text.where(frame[column].notna() & (text != ""), None)
     return validate_results(frame.drop(columns=FIELDS), loss=loss, source=str(path))
 
 
