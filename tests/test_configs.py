@@ -72,7 +72,7 @@ def test_launchers_compose(compose_cfg, launcher):
     assert "_target_" in cfg.hydra.launcher
     if launcher == "slurm":
         assert cfg.hydra.launcher.array_parallelism == 64
-        assert cfg.hydra.launcher.gpus_per_node == 1
+        assert cfg.hydra.launcher.gpus_per_node is None  # a GPU only where asked (slurm_gpu)
 
 
 def test_output_folders_are_unique_per_launch(compose_cfg):
