@@ -419,14 +419,15 @@ def scaling_memory(cfg: DictConfig, lrs: int, batch_sizes: list[int]) -> Need:
     hidden = [mc.hidden] * mc.depth if mc.kind == "mlp" else []
     dims = [d, *hidden, 1]
     per_copy = sum(a * b + b for a, b in zip(dims[:-1], dims[1:], strict=True))
-    model = Part(4 * F32 * lrs * per_copy, f"{lrs} stacked students of {per_copy:,} parameters",
+    students = f"{lrs} stacked students" if lrs > 1 else "the student"
+    model = Part(4 * F32 * lrs * per_copy, f"{students} of {per_copy:,} parameters",
                  "use fewer grid.lrs or a smaller model.hidden")  # fmt: skip
     width = d + sum(hidden) + 1
     b = max(batch_sizes, default=1)
-    step = Part(3 * F32 * lrs * b * width, f"a batch of {b} through {lrs} students",
+    step = Part(3 * F32 * lrs * b * width, f"a batch of {b} through {students}",
                 "use smaller batch sizes")  # fmt: skip
     val = Part(2 * F32 * lrs * t.n_val * width, f"the {t.n_val} validation samples through "
-               f"{lrs} students", sizes)  # fmt: skip
+               f"{students}", sizes)  # fmt: skip
     return Need({"train": [task, model, max(step, val, key=lambda p: p.nbytes)]})
 
 
