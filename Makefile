@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 # Without a GPU take the CPU wheel (~200 MB) instead of the multi-GB CUDA build pip picks by default.
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 
-.PHONY: help install demo test test-all lint format bench analyze clean distclean \
+.PHONY: help install demo test test-slow test-all lint format bench analyze clean distclean \
 	slurm-start slurm-stop slurm-status test-slurm
 
 help: ## list the targets
@@ -30,6 +30,9 @@ demo: install ## a small real rank sweep, offline (~2 min); prints where its plo
 
 test: install ## the default test suite (no slow tests, no network)
 	$(PY) -m pytest
+
+test-slow: install ## the slow tests only (faults on a real tmpfs, memory measurements)
+	$(PY) -m pytest -m slow
 
 test-all: install ## every test, slow ones included
 	$(PY) -m pytest -m "slow or not slow"
