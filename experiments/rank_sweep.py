@@ -120,7 +120,8 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tens
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="rank_sweep")
 def main(cfg: DictConfig) -> None:
-    if cfg.max_rank is not None and cfg.rank > cfg.max_rank:
+    # a max_rank below 1 is bad input, for validate to say (not a reason to skip every job)
+    if cfg.max_rank is not None and 0 < cfg.max_rank < cfg.rank:
         log.info("rank %d > max_rank %d: skipped", cfg.rank, cfg.max_rank)
         remove_job_folder(job_dir())  # nothing of ours in it: leave no stub behind
         return

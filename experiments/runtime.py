@@ -26,7 +26,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -183,8 +183,6 @@ def run_job(
 ) -> None:
     """Run ``body(cfg, logger, inputs)``; ``inputs`` is what ``validate(cfg)`` returned (the
     weight, the data set, ... it had to load to check them), so nothing is loaded twice."""
-    threads = configure_threads(cfg.runtime.num_threads)
-    seed_everything(cfg.seed)
     multirun = is_multirun()
     out = job_dir()
     # A full disk under Hydra's job log must not print a traceback per log line: the run
@@ -192,8 +190,16 @@ def run_job(
     logging.raiseExceptions = False
     one_line_warnings()
     try:
-        inputs = validate(cfg) if validate is not None else None
+        with sigterm_interrupts():
+            # validation first: it checks the thread count and the seed used next
+            inputs = validate(cfg) if validate is not None else None
+        threads = configure_threads(cfg.runtime.num_threads)
+        seed_everything(cfg.seed)
         logger = start_logger(cfg, out)
+    except KeyboardInterrupt:
+        print("interrupted before the run started: nothing was kept", file=sys.stderr)
+        remove_job_folder(out)
+        _exit_interrupted()
     except (UserError, OSError) as exc:
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         if not multirun:
@@ -213,11 +219,7 @@ def run_job(
             body(cfg, logger, inputs)
     except KeyboardInterrupt:
         print(f"interrupted: the run record in {out} says so", file=sys.stderr)
-        # a late repeat of the signal (slurmstepd sends two) must not turn exit 130 into a
-        # death by signal once the interpreter's shutdown has reset the handlers
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)
-        sys.exit(130)
+        _exit_interrupted()
     except (UserError, OSError) as exc:
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         log.error("job failed: %s", message)
@@ -228,6 +230,33 @@ def run_job(
         if not multirun:
             raise
         log.exception("job failed: %s", describe_error(exc))
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM unwinds like Ctrl-C here (Python's default dies on the spot, leaving the job
+    folder Hydra made behind). The logger takes over the signals once the run starts."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: the host handles signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_interrupted() -> NoReturn:
+    # a late repeat of the signal (slurmstepd sends two) must not turn exit 130 into a death
+    # by signal once the interpreter's shutdown has reset the handlers
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(130)
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

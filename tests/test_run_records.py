@@ -281,3 +281,31 @@ def test_atomically_written_files_get_the_usual_permissions(tmp_path):
     plain.write_text("x")
     runstore.write_json_atomic(tmp_path / "a.json", {"a": 1})
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_sigterm_while_the_input_is_checked_leaves_nothing(tmp_path):
+    """Before the run starts (a big weight being made and checked) SIGTERM unwinds like Ctrl-C:
+    exit 130 and no job folder left (Python's default would die on the spot and leave it)."""
+    job = tmp_path / "job"
+    proc = start([f"hydra.run.dir={job}", "logger=disabled", "weight.out_features=6000",
+                  "weight.in_features=12000", "weight.init=orthogonal"], tmp_path)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (job / "run.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert not (job / "run.json").exists(), "the check ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted before the run started" in stderr
+    assert not job.exists()
+
+
+@pytest.mark.parametrize("bad", ["runtime.num_threads=0", f"seed={2**70}", "max_rank=0"])
+def test_bad_threads_seed_or_max_rank_is_one_line_and_nothing_left(tmp_path, bad):
+    job = tmp_path / "job"
+    proc = run_script(SCRIPT, [bad, *SMALL, "train.num_epochs=1", f"hydra.run.dir={job}"],
+                      tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    assert bad.split("=")[0] in error_line(proc.stderr)
+    assert not job.exists()
