@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from analysis.cli import UserError
 from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
 from experiments.logger import ExperimentLogger
+from experiments.progress import progress
 from experiments.rank_probe import RankProbe, chain_probe_layers, input_rank
 from experiments.resources import (
     FRACTION,
@@ -324,7 +324,7 @@ def train_chain(
     best = {"train": math.inf, "val": math.inf}
     row: dict[str, Any] = {}
     started = time.perf_counter()
-    bar = tqdm(range(1, tc.num_epochs + 1), desc=f"rank {cfg.rank}", unit="epoch", leave=False)
+    bar = progress(range(1, tc.num_epochs + 1), desc=f"rank {cfg.rank}", unit="epoch", leave=False)
     for epoch in bar:
         chain.train()
         loss_sum, grad_norm = 0.0, 0.0

@@ -22,12 +22,12 @@ import hydra
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from analysis.cli import UserError
 from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
 from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
+from experiments.progress import progress
 from experiments.rank_probe import RankProbe, input_rank, mlp_probe_layers
 from experiments.resources import (
     NON_EMPTY,
@@ -299,7 +299,7 @@ def grid_job(cfg: DictConfig, logger: ExperimentLogger, _inputs: None = None) ->
     groups = [(n, s, b) for n in g.noises for s in g.seeds for b in g.batch_sizes]
     rows: list[dict] = []
     out = job_dir() / RESULTS_FILE
-    with tqdm(total=len(groups) * len(g.lrs), desc="cells", unit="cell") as bar:
+    with progress(total=len(groups) * len(g.lrs), desc="cells", unit="cell") as bar:
         for noise, seed, batch_size in groups:
             bar.set_postfix(noise=noise, seed=seed, B=batch_size)
             rows += run_group(cfg, logger, batch_size, seed, noise, g.lrs)

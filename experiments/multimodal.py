@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from analysis.cli import UserError
 from experiments import runstore
@@ -51,6 +50,7 @@ from experiments.multimodal_model import (
     latent_stats,
     retrieval_top1,
 )
+from experiments.progress import progress
 from experiments.rank_probe import RankProbe, encoder_probe_layers, hooked_features, input_rank
 from experiments.resources import (
     FRACTION,
@@ -499,7 +499,7 @@ def multimodal_job(
     psutil.cpu_percent(interval=None)  # starts the cpu_percent interval
     epoch_loss, epoch_batches = 0.0, 0
     started, first_step, eval_time = time.perf_counter(), step, 0.0
-    bar = tqdm(total=stop, initial=step, desc="multimodal", unit="batch", leave=False)
+    bar = progress(total=stop, initial=step, desc="multimodal", unit="batch", leave=False)
     while step < stop:
         epoch, batch_idx = divmod(step, steps_per_epoch)
         # the order depends on the seed and the epoch only, so a resumed run sees the same batches
