@@ -370,7 +370,9 @@ def train_chain(
             },
             step=epoch,
         )
-        bar.set_postfix(val=f"{val_loss:.4g}", over_floor=f"{row['loss_over_floor']:.3f}")
+        bar.set_postfix(
+            val=f"{val_loss:.4g}", over_floor=f"{row['loss_over_floor']:.3f}", refresh=False
+        )
     return {
         "final_train_loss": row["train_loss"],
         "final_val_loss": row["val_loss"],

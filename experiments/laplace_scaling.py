@@ -301,7 +301,7 @@ def grid_job(cfg: DictConfig, logger: ExperimentLogger, _inputs: None = None) ->
     out = job_dir() / RESULTS_FILE
     with progress(total=len(groups) * len(g.lrs), desc="cells", unit="cell") as bar:
         for noise, seed, batch_size in groups:
-            bar.set_postfix(noise=noise, seed=seed, B=batch_size)
+            bar.set_postfix(noise=noise, seed=seed, B=batch_size, refresh=False)
             rows += run_group(cfg, logger, batch_size, seed, noise, g.lrs)
             write_results(pd.DataFrame(rows), out)  # after every group: nothing lost on a kill
             bar.update(len(g.lrs))

@@ -535,7 +535,7 @@ def multimodal_job(
             metrics.update(hardware_stats(device), learning_rate=lr, batch_size=len(idx))
             metrics["epoch"] = epoch + (batch_idx + 1) / steps_per_epoch
             logger.log(metrics, step=step)
-            bar.set_postfix(loss=f"{metrics['total_loss']:.3f}")
+            bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", refresh=False)
         if tc.image_log_frequency and (step % tc.image_log_frequency == 0 or step == stop):
             recon = outputs["recon"].detach()
             logger.log_image("reconstruction", side_by_side(images, recon), step, "top: original")
