@@ -67,10 +67,14 @@ class SweepOutcome(Callback):
     # their run records' times: those left as they were belong to earlier launches
     before: dict[Path, float | None] = {}
     started = 0.0
+    # job folder -> (the cluster's word for how it ended the job, the job's log), filled by a
+    # launcher whose jobs the cluster can end (hydra_plugins/ks_slurm_launcher/slurm_launcher.py)
+    ended_by_cluster: dict[Path, tuple[str, Path]] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepOutcome.before = _job_records(Path(config.hydra.sweep.dir))
         SweepOutcome.started = time.time()
+        SweepOutcome.ended_by_cluster = {}
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         check_sweep(config.hydra.sweep.dir)
@@ -86,6 +90,12 @@ def check_sweep(sweep_dir: str) -> None:
             refused[job] = "not run: its folder holds an earlier launch's run"
     unfinished = {**unfinished_jobs(jobs), **refused}
     jobs += list(refused)
+    for job, (slurm_state, job_log) in SweepOutcome.ended_by_cluster.items():
+        if job not in jobs:  # ended before Hydra made its folder
+            jobs.append(job)
+            unfinished[job] = f"no run record, SLURM: {slurm_state}"
+        if job in unfinished:  # (a job may finish its record and be ended on its way out)
+            unfinished[job] += f"; log {job_log}"
     if unfinished:
         SweepOutcome.incomplete = True
         root = Path(sweep_dir)

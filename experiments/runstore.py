@@ -47,6 +47,9 @@ os.umask(_UMASK)  # read once: the process's umask, for files made by mkstemp
 # What a writer records. Readers add "killed": a record left "running" by a process that died
 # without closing it (kill -9, out of memory, a node lost), see :func:`run_state`.
 RUN_STATES = ("running", "finished", "failed", "interrupted")
+# A cluster's word, written by the sweep master into the record of a job the cluster ended
+# (hydra_plugins/ks_slurm_launcher/slurm_launcher.py): "timeout", and "killed" for a node or memory failure.
+CLUSTER_STATES = ("timeout", "killed")
 KILLED = "killed"
 
 

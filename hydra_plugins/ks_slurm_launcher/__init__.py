@@ -1,0 +1,1 @@
+"""This suite's SLURM launcher (Hydra finds launcher plugins under ``hydra_plugins``)."""
