@@ -54,6 +54,9 @@ class Rule:
 
     test: Callable[[Any], bool]
     says: str  # "<key> must be ..., got <value>"
+    # tested on a list as a whole, not on each element (a field, not identity with NON_EMPTY:
+    # a sweep job under submitit gets copies of the entry point's rules, pickled by value)
+    whole_list: bool = False
 
 
 POSITIVE = Rule(lambda v: v > 0, "must be positive")
@@ -62,7 +65,7 @@ NON_NEGATIVE = Rule(lambda v: v >= 0, "must be >= 0")
 FRACTION = Rule(lambda v: 0 < v < 1, "must be in (0, 1)")
 UNIT = Rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
 PROPORTION = Rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
-NON_EMPTY = Rule(lambda v: len(v) > 0, "must not be empty")
+NON_EMPTY = Rule(lambda v: len(v) > 0, "must not be empty", whole_list=True)
 # seeds feed numpy (non-negative only) and torch generators, some scaled by 1000 or 100003
 SEED = Rule(lambda v: isinstance(v, int) and 0 <= v < 2**40, "must be an integer in [0, 2**40)")
 
@@ -99,7 +102,7 @@ def check_rules(cfg: DictConfig, rules: Mapping[str, Rule | tuple[Rule, ...]]) -
         if value is None:
             continue
         for rule in wanted if isinstance(wanted, tuple) else (wanted,):
-            if rule is NON_EMPTY:
+            if rule.whole_list:
                 if not len(value):
                     raise UserError(f"{key} is empty: it must list at least one value")
                 continue

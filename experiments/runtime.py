@@ -200,13 +200,20 @@ def run_job(
         print("interrupted before the run started: nothing was kept", file=sys.stderr)
         remove_job_folder(out)
         _exit_interrupted()
-    except (UserError, OSError) as exc:
+    except Exception as exc:
+        bad_input = isinstance(exc, (UserError, OSError))
+        if not bad_input and not multirun:
+            raise  # a bug: its traceback
         message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
         if not multirun:
             print(f"error: {message}", file=sys.stderr)
             remove_job_folder(out)
             sys.exit(2)
-        log.error("job failed: %s", message)
+        if bad_input:
+            log.error("job failed: %s", message)
+        else:  # a bug in one job of a sweep: its traceback in the job's log
+            message = describe_error(exc)
+            log.exception("job failed: %s", message)
         # Record the failure (locally and in the sweep's W&B group, like any failed job) so
         # the sweep's report lists it, then let the sweep go on.
         with contextlib.suppress(UserError, OSError):  # a folder that is not ours stays so

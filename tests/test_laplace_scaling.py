@@ -217,3 +217,13 @@ def test_mlp_hidden_layers_are_rank_probed_per_cell(tmp_path):
         keys |= set(json.loads(line))
     assert "B8_LR0.001000/ranks/hidden_1/effective_rank" in keys
     assert "B64_LR0.010000/effective_rank_normalized_aurc" in keys
+
+
+def test_multirun_through_submitit_local(tmp_path):
+    """Jobs that run in another process get the entry point's globals pickled by value (the
+    config rules were copies there, and an identity check on them failed in every job)."""
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", "hydra/launcher=local", "batch_size=8,64", "lr=1.0e-3", "seed=0", *SMALL,
+                f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(pd.read_csv(sweep / "results.csv")) == 2
