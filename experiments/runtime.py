@@ -100,8 +100,8 @@ def parallel_jobs() -> int:
     n_jobs = launcher.get("n_jobs")  # joblib
     if n_jobs is not None:
         return available_cores() if n_jobs < 0 else max(1, int(n_jobs))
-    if "submitit" in str(launcher.get("_target_", "")) and "cpus_per_task" in launcher:
-        # each submitit job owns cpus_per_task cores
+    if "cpus_per_task" in launcher:  # submitit's launchers, ours over them included
+        # each job owns cpus_per_task cores
         return max(1, available_cores() // max(1, int(launcher.cpus_per_task or 1)))
     return 1
 
