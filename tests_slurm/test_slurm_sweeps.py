@@ -217,3 +217,16 @@ def test_scancel_of_one_array_task_is_reported_by_the_sweep(tmp_path):
     assert "1 of 2 jobs did not finish: 1_rank_4 (interrupted; log " in stdout
     summary = pd.read_csv(out / "rank_sweep_summary.csv")
     assert summary["status"].tolist()[0] == "finished"
+
+
+def test_a_request_no_node_can_satisfy_is_one_line_before_submitting(tmp_path):
+    """Too much memory, too many CPUs or a GPU on this CPU node: one line and exit 2, nothing
+    submitted, no sweep folder (SLURM would keep such an array PENDING without a word)."""
+    for ask in ("hydra.launcher.mem_gb=4096", "hydra.launcher.cpus_per_task=512",
+                "hydra.launcher.gpus_per_node=1"):  # fmt: skip
+        out = tmp_path / "sweep"
+        proc = sweep(RANK_SWEEP, ["rank=2", *RANK_SMALL, "logger=disabled", ask], out)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "no node can run a task asking for" in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr and not out.exists()

@@ -12,6 +12,9 @@ sweep outcome, and the sweep goes on to its report (experiments/callbacks.py).
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,11 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         import submitit
 
+        problem = unsatisfiable_request(self.params)
+        if problem:  # else the array would stay PENDING (PartitionConfig) without a word
+            print(f"error: {problem}", file=sys.stderr)
+            _remove_new_sweep_folder(Path(str(self.config.hydra.sweep.dir)))
+            sys.exit(2)
         submitted: list[Any] = []
         executor_map_array = submitit.AutoExecutor.map_array
 
@@ -77,6 +85,44 @@ class _Collected:
 
     def results(self) -> list[None]:
         return [None]
+
+
+def unsatisfiable_request(params: dict[str, Any]) -> str | None:
+    """Why no node of the partition can run one task as asked (CPUs, memory, GPUs), or None
+    (also when ``sinfo`` cannot tell: then SLURM has its say)."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"]
+    if params.get("partition"):
+        cmd += ["-p", str(params["partition"])]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    nodes = [line.split("|") for line in out.split() if line.count("|") == 3]
+    if not nodes:
+        return f"partition {params.get('partition')!r} has no nodes (sinfo)"
+    cpus = int(params.get("cpus_per_task") or 1) * int(params.get("tasks_per_node") or 1)
+    mem_mb = 1024 * float(params.get("mem_gb") or 0)
+    gpus = int(params.get("gpus_per_node") or 0)
+
+    def fits(node: list[str]) -> bool:
+        node_gpus = sum(int(g.rsplit(":", 1)[-1].split("(")[0]) for g in node[3].split(",")
+                        if g.startswith("gpu") and g.rsplit(":", 1)[-1][:1].isdigit())  # fmt: skip
+        return int(node[1]) >= cpus and float(node[2]) >= mem_mb and node_gpus >= gpus
+
+    if any(fits(node) for node in nodes):
+        return None
+    biggest = max(nodes, key=lambda n: (int(n[1]), float(n[2])))
+    return (f"no node can run a task asking for {cpus} CPUs, {mem_mb / 1024:g} GB and {gpus} "
+            f"GPUs (the largest has {biggest[1]} CPUs, {float(biggest[2]) / 1024:.1f} GB, gres "
+            f"{biggest[3]}): lower hydra.launcher.cpus_per_task / mem_gb / gpus_per_node")  # fmt: skip
+
+
+def _remove_new_sweep_folder(sweep_dir: Path) -> None:
+    """Nothing was submitted: a sweep folder holding only what this launch wrote goes."""
+    ours = {"multirun.yaml", runstore.LOCK_FILE}
+    if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= ours:
+        runstore.release_all_locks()
+        shutil.rmtree(sweep_dir, ignore_errors=True)
 
 
 def settle_record(folder: Path, slurm_state: str, job_id: str) -> None:
