@@ -91,18 +91,22 @@ def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFra
         except (OSError, yaml.YAMLError) as exc:
             raise UserError(f"unreadable {config_path}: {exc}") from None
         return read_metrics(run_dir), config or {}, run_dir.name
-    import wandb  # only the W&B source needs it
-
-    from analysis.upload_rank_dynamics import describe, scan
+    # the uploader's W&B client: its retries and timeouts, scan_history for every row
+    # (history() is sampled), the lazy config load retried too
+    from analysis.upload_rank_dynamics import describe, public_api, run_config, scan, with_retries
 
     try:
-        run = wandb.Api(timeout=60).run(run_path)
-    except Exception as exc:  # no API key, no network, no such run: one line
+        api = public_api()
+        run = with_retries(f"reading {run_path}", lambda: api.run(run_path))
+        frame = scan(run, f"reading {run_path}")
+        config = run_config(run)
+    except UserError:
+        raise
+    except Exception as exc:  # no API key, no network, no such run, retries spent: one line
         raise UserError(f"cannot read W&B run {run_path}: {describe(exc)}") from None
-    frame = scan(run, f"reading {run_path}")  # every row (history() is sampled), with retries
     if "_step" not in frame.columns:
         raise UserError(f"run {run_path} has no history")
-    return frame, dict(run.config or {}), run.name
+    return frame, config, run.name
 
 
 def plot(dynamics: dict[str, dict[str, np.ndarray]], steps: dict[str, np.ndarray], title: str,

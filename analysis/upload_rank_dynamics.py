@@ -26,6 +26,12 @@ What was written before is read back (the CSV rows; the runs' ``rank_dynamics/st
 second pass adds nothing and a pass interrupted half-way, run again, ends with every step
 present exactly once. Steps whose dynamics the live rank probe already logged count as written.
 
+W&B is read through wandb's public API, every request retried on 429, 5xx and timeouts (see
+"How the W&B reads retry" below); a run whose reads still fail is one error line, and the batch
+goes on. The writes go to the same server, online: with W&B in offline or disabled mode
+(WANDB_MODE, `wandb offline`) nothing would reach the runs, so the uploader refuses to write
+(a --dry-run still reads).
+
 Ctrl-C or SIGTERM stops a batch at once (a run whose files are being written is finished
 first), prints the summary of what was written and exits 130. The worker processes die with
 the uploader however it ends, kill -9 included.
@@ -41,6 +47,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import sys
 import threading
@@ -405,9 +412,58 @@ class SkipRun(Exception):
 # -- W&B ---------------------------------------------------------------------------------------
 
 
-def http_response(exc: BaseException) -> Any:
-    """The HTTP response behind a W&B/requests error, looking through wrappers
-    (CommError.exc, __cause__, __context__); None if there is none."""
+# How the W&B reads retry. wandb 0.31's public API sends its GraphQL through wandb-core, which
+# retries 429, 5xx and timeouts on its own: 20 times by default, backing off up to 60 s, so a
+# server that keeps failing held one request for ~16 minutes before the uploader saw anything
+# (measured). The uploader's Api asks wandb-core for one retry (CLIENT_RETRIES; 0 would mean
+# "default") after a 1-2 s wait, and an HTTP timeout of WANDB_HTTP_TIMEOUT seconds (default
+# REQUEST_TIMEOUT); the uploader's own retries (RETRIES tries, backoff 1, 2, 4, ... s, at most
+# RETRY_SECONDS of failing in a row) come on top and say what they do. Worst case per read:
+# a 429/5xx that does not end ~20 s, a server that hangs ~3 min; then that run is reported
+# failed and the batch goes on. The writes (wandb.init, log, finish) keep wandb's own retries:
+# wandb.init gives up after its 90 s init timeout.
+CLIENT_RETRIES = 1
+REQUEST_TIMEOUT = 20.0  # seconds per request (WANDB_HTTP_TIMEOUT overrides)
+RETRIES = 5
+RETRY_SECONDS = 120.0
+LIST_PAGE = 100  # runs per listing request
+HISTORY_PAGE = 1000  # history rows per request
+# what wandb-core says when it gave up on a request (its message is all the error carries)
+_TIMED_OUT = ("deadline exceeded", "Client.Timeout", "did not respond in time")
+_GAVE_UP = "giving up after"
+
+
+def request_timeout() -> float:
+    try:
+        return float(os.environ.get("WANDB_HTTP_TIMEOUT") or REQUEST_TIMEOUT)
+    except ValueError:
+        raise UserError(f"WANDB_HTTP_TIMEOUT={os.environ['WANDB_HTTP_TIMEOUT']!r} is not a "
+                        "number of seconds") from None  # fmt: skip
+
+
+def public_api() -> Any:
+    """``wandb.Api`` with the retry settings above. wandb.Api takes its settings from wandb's
+    global ones when it is made (its copy is what its requests use): they are set for that
+    moment and put back, so that nothing else in this process changes."""
+    import wandb
+
+    timeout = request_timeout()
+    client = {"x_graphql_retry_max": CLIENT_RETRIES, "x_graphql_retry_wait_min_seconds": 1.0,
+              "x_graphql_retry_wait_max_seconds": 2.0, "x_graphql_timeout_seconds": timeout}  # fmt: skip
+    settings = wandb.setup().settings
+    before = {name: getattr(settings, name) for name in client}
+    try:
+        for name, value in client.items():
+            setattr(settings, name, value)
+        # the Python side waits for wandb-core longer than wandb-core's tries take
+        return wandb.Api(timeout=math.ceil((CLIENT_RETRIES + 1) * (timeout + 2) + 5))
+    finally:
+        for name, value in before.items():
+            setattr(settings, name, value)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps (CommError.exc, __cause__, __context__)."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -415,48 +471,80 @@ def http_response(exc: BaseException) -> Any:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        response = getattr(e, "response", None)
-        if isinstance(getattr(response, "status_code", None), int):
-            return response
+        yield e
         todo += [getattr(e, "exc", None), e.__cause__, e.__context__]
-    return None
 
 
 def http_status(exc: BaseException) -> int | None:
-    response = http_response(exc)
-    return None if response is None else response.status_code
+    """The HTTP status of a failed W&B request. wandb 0.31 raises WandbApiFailedError (public
+    API calls, history scans) or CommError wrapping it, with no headers; the status is in
+    ``response.http_status`` when wandb-core did not retry a GraphQL call, and only in the
+    message when it retried and gave up ("... giving up after 2 attempt(s) while retrying:
+    HTTP 429: ...") or when a history scan failed ("returned error 404: ...")."""
+    for e in _causes(exc):
+        status = getattr(getattr(e, "response", None), "http_status", None)
+        if isinstance(status, int) and status:
+            return status
+        # a history scan's errors carry no status at all: "returned error 404: ..."
+        if type(e).__name__ == "WandbApiFailedError" and (
+            found := re.search(r"\b(?:HTTP|returned error) (\d{3})\b", str(e))
+        ):
+            return int(found.group(1))
+    return None
 
 
-def retry_delay(exc: BaseException, attempt: int) -> float:
-    """Seconds to wait: the server's RateLimit-Reset / Retry-After when it sends one, else
-    exponential backoff (1, 2, 4, ... s, at most 60)."""
-    headers = getattr(http_response(exc), "headers", None) or {}
-    for name in ("RateLimit-Reset", "Retry-After"):
-        try:
-            return min(max(float(headers[name]), 0.0), 300.0)
-        except (KeyError, TypeError, ValueError):
-            continue
-    return min(2.0**attempt, 60.0)
+def transient(exc: BaseException) -> str | None:
+    """What went wrong, when trying again may help ("HTTP 429", "HTTP 503", "timed out", "no
+    connection"); None when it will not (a 404, a bad query, a bug)."""
+    status = http_status(exc)
+    if status is not None:
+        return f"HTTP {status}" if status == 429 or 500 <= status < 600 else None
+    for e in _causes(exc):
+        text = str(e)
+        if any(mark in text for mark in _TIMED_OUT):
+            return "timed out"
+        if _GAVE_UP in text:  # wandb-core retries only what may pass: a refused connection
+            return "no connection"
+    return None
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before the next try: 1, 2, 4, ... (at most 30). W&B's 429 carries
+    RateLimit-Reset, but wandb 0.31's errors carry no headers (WandbApiFailedError has a
+    message and a status), and wandb-core does not wait for that header itself (it honours
+    Retry-After only; checked): the uploader cannot see it, so it backs off."""
+    return min(2.0**attempt, 30.0)
 
 
 sleep = time.sleep  # tests replace it
 
 
-def with_retries(what: str, fn: Callable[[], Any], attempts: int = RETRIES) -> Any:
-    """Call ``fn``; on HTTP 429 or 5xx wait and retry, up to ``attempts`` times."""
-    for attempt in range(attempts):
+def with_retries(
+    what: str, fn: Callable[[], Any], progress: Callable[[], Any] | None = None
+) -> Any:
+    """Call ``fn``; on a 429, a 5xx, a timeout or a refused connection wait and try again, up
+    to RETRIES tries in a row or RETRY_SECONDS of failing. ``progress`` (e.g. rows read so
+    far) changing between tries starts the count again."""
+    attempt, first_failure, mark = 0, None, progress() if progress else None
+    while True:
         try:
             return fn()
         except Exception as exc:
-            status = http_status(exc)
-            if status is None or not (status == 429 or 500 <= status < 600):
+            why = transient(exc)
+            if why is None:
                 raise
-            if attempt == attempts - 1:
-                raise RunError(f"{what}: HTTP {status} after {attempts} attempts") from None
-            delay = retry_delay(exc, attempt)
-            tqdm.write(f"{what}: HTTP {status}, retrying in {delay:.0f} s", file=sys.stderr)
+            now = time.monotonic()
+            if progress is not None and progress() != mark:
+                attempt, first_failure, mark = 0, None, progress()
+            first_failure = now if first_failure is None else first_failure
+            attempt += 1
+            if attempt >= RETRIES or now - first_failure > RETRY_SECONDS:
+                detail = (f" (no answer within {request_timeout():g} s)"
+                          if why == "timed out" else "")  # fmt: skip
+                raise RunError(f"{what}: {why} after {attempt} attempts{detail}") from None
+            delay = retry_delay(attempt - 1)
+            tqdm.write(f"{what}: {why}, retrying in {delay:.0f} s", file=sys.stderr)
             sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def scan(run: Any, what: str, min_step: int = 0, keys: list[str] | None = None) -> pd.DataFrame:
@@ -466,11 +554,16 @@ def scan(run: Any, what: str, min_step: int = 0, keys: list[str] | None = None) 
 
     def fetch() -> None:
         start = int(rows[-1][STEP]) + 1 if rows else min_step
-        for row in run.scan_history(keys=keys, page_size=1000, min_step=start):
+        for row in run.scan_history(keys=keys, page_size=HISTORY_PAGE, min_step=start):
             rows.append(dict(row))
 
-    with_retries(what, fetch)
+    with_retries(what, fetch, progress=lambda: len(rows))
     return pd.DataFrame.from_records(rows)
+
+
+def run_config(run: Any) -> dict[str, Any]:
+    """A listed run's config: a request of its own (the listing is lazy), with retries."""
+    return with_retries(f"reading {run.id} config", lambda: dict(run.config or {}))
 
 
 def companion_id(run_id: str) -> str:
@@ -478,34 +571,61 @@ def companion_id(run_id: str) -> str:
 
 
 def summary_marker(run: Any) -> dict[str, Any] | None:
-    marker = run.summary.get(MARKER_KEY) if run is not None else None
+    """The run's marker; reading a listed run's summary is a request of its own (the listing
+    is lazy), with retries."""
+    if run is None:
+        return None
+    marker = with_retries(f"reading {run.id} summary", lambda: run.summary.get(MARKER_KEY))
     return dict(marker) if marker else None
+
+
+def wandb_mode() -> str:
+    """The mode wandb.init runs in when not told: WANDB_MODE as it is now, else wandb's
+    settings (a settings file written by `wandb offline`)."""
+    mode = os.environ.get("WANDB_MODE")
+    if not mode:
+        import wandb
+
+        mode = wandb.setup().settings.mode
+    return {"dryrun": "offline", "run": "online"}.get(mode, mode)
+
+
+def writer_settings(base_url: str) -> Any:
+    """wandb.init settings for writing into a run on the server at ``base_url`` (the one the
+    runs were read from): no console capture, and nothing of the uploader's machine (system
+    metrics, metadata, requirements, git commit) in the run."""
+    import wandb
+
+    return wandb.Settings(base_url=base_url, console="off", quiet=True, x_disable_stats=True,
+                          x_disable_meta=True, x_save_requirements=False, disable_git=True,
+                          save_code=False)  # fmt: skip
 
 
 class WandbProject:
     """Runs of one W&B project through the public API; writes through ``wandb.init``."""
 
-    def __init__(self, entity: str | None, project: str, settings: Settings,
-                 api: Any = None, init: Callable[..., Any] | None = None):  # fmt: skip
-        if api is None or init is None:
-            import wandb  # only the W&B source needs it
+    def __init__(self, entity: str | None, project: str, settings: Settings):
+        import wandb  # only the W&B source needs it
 
-            try:
-                api = api or wandb.Api(timeout=60)
-            except Exception as exc:  # no API key, no network: say so in one line
-                raise UserError(f"W&B API unavailable ({describe(exc)}); run `wandb login`, "
-                                "or use --runs-dir for the local run store") from None  # fmt: skip
-            init = init or functools.partial(
-                wandb.init, settings=wandb.Settings(console="off", quiet=True)
-            )
-        self.api, self.init, self.settings = api, init, settings
+        try:
+            self.api = public_api()
+        except UserError:
+            raise
+        except Exception as exc:  # no API key, no network: say so in one line
+            raise UserError(f"W&B API unavailable ({describe(exc)}); run `wandb login`, "
+                            "or use --runs-dir for the local run store") from None  # fmt: skip
+        # online, said explicitly: WANDB_MODE=offline would write a local folder instead of
+        # the run (main refuses that mode before anything is written)
+        self.init = functools.partial(wandb.init, mode="online", dir=os.getcwd(),
+                                      settings=writer_settings(self.api.settings["base_url"]))  # fmt: skip
+        self.settings = settings
         self.path = f"{entity}/{project}" if entity else project
         self.entity, self.project = entity, project
         self.companions: dict[str, Any] = {}
 
     def runs(self, filters: dict[str, Any] | None) -> list[Any]:
         def listing(f: dict[str, Any] | None) -> list[Any]:
-            return list(self.api.runs(self.path, filters=f, per_page=100))
+            return list(self.api.runs(self.path, filters=f, per_page=LIST_PAGE))
 
         runs = with_retries(f"listing {self.path}", lambda: listing(filters))
         companions = with_retries(f"listing {self.path}",
@@ -555,7 +675,7 @@ class WandbProject:
         written = live_written(history, s.measures)
         if companion is not None:
             written |= live_written(scan(companion, f"reading {companion.id}"), s.measures)
-        config = dict(run.config or {})
+        config = run_config(run)
         probe_mode = live_probe_mode(config, {}, original, s.measures)
         return RunData(original, written, config, probe_mode)
 
@@ -573,7 +693,7 @@ class WandbProject:
             kwargs.update(id=companion_id(run.id), resume="allow", job_type=COMPANION_JOB_TYPE,
                           group=getattr(run, "group", None) or run.id,
                           name=f"{run.name}-rank-dynamics",
-                          config={**dict(run.config or {}), "rank_dynamics_source": run.id})  # fmt: skip
+                          config={**run_config(run), "rank_dynamics_source": run.id})  # fmt: skip
         writer = self.init(reinit="create_new", **kwargs)
         try:
             writer.define_metric(STEP_AXIS)
@@ -724,7 +844,7 @@ def trial_confirmed(label: str, yes: bool) -> bool:
         "y", "yes")  # fmt: skip
 
 
-def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = parse_settings(args)
     filters = parse_filters(args.filters)
@@ -732,7 +852,15 @@ def main(argv: list[str] | None = None, *, api: Any = None, init: Any = None) ->
         source: Any = LocalStore(args.runs_dir, settings)
         where = str(args.runs_dir)
     elif args.project:
-        source = WandbProject(args.entity, args.project, settings, api=api, init=init)
+        mode = wandb_mode()
+        if mode in ("offline", "disabled") and not args.dry_run:
+            how, undo = ((f"WANDB_MODE={os.environ['WANDB_MODE']}", "unset WANDB_MODE")
+                         if os.environ.get("WANDB_MODE")
+                         else ("wandb's settings", "run `wandb online`"))  # fmt: skip
+            raise UserError(f"W&B is in {mode} mode here ({how}): the dynamics go into the runs on "
+                            f"the W&B server, and nothing would reach them. To write them, {undo}; "
+                            "--dry-run only reads, and --runs-dir writes the local run store")  # fmt: skip
+        source = WandbProject(args.entity, args.project, settings)
         where = source.path
     else:
         raise UserError("say where the runs are: --project (and --entity) for W&B, or --runs-dir")

@@ -1,4 +1,5 @@
-"""plot_rank_dynamics on a local run folder: both key styles, layer order, bad input."""
+"""plot_rank_dynamics on a local run folder (both key styles, layer order, bad input) and on a W&B
+run, read by the real wandb client from a local W&B server (tests/wandb_server.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from analysis import upload_rank_dynamics as up
 from analysis.cli import UserError
 from analysis.plot_rank_dynamics import cell_steps, main, scope_tables
+from tests.wandb_server import serving
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,3 +130,41 @@ def test_an_empty_layer_order_is_not_taken_for_none(tmp_path):
     write_run(tmp_path / "run", records)
     with pytest.raises(UserError, match="not layers of the run: ''.*left out: 'l0', 'l1'"):
         main(["--run-dir", str(tmp_path / "run"), "--layer-order", ""])
+
+
+# -- a W&B run: --run ENTITY/PROJECT/RUN_ID ---------------------------------------------------
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    with serving(monkeypatch, tmp_path) as served:
+        yield served
+
+
+def test_plots_a_wandb_run(server, tmp_path, capsys, monkeypatch):
+    """Every row read page by page (a 503 on the way is retried), the layer order taken from
+    the run's config (the multimodal encoder's layers carry none in their names)."""
+    monkeypatch.setattr(up, "sleep", lambda seconds: None)
+    monkeypatch.setattr(up, "HISTORY_PAGE", 7)
+    layers = ["net.2", "net.5", "net.8", "proj"]
+    config = {"model": {"image_encoder_layers": 3, "conv_width": 8, "latent_dim": 16},
+              "data": {"image_size": 16}}  # fmt: skip
+    rows = [{"loss": 1.0, **{f"ranks/{layer}/effective_rank": 12.0 - 2 * i - s / 20
+                             for i, layer in enumerate(layers)}} if s % 2 == 0 else {"loss": 0.5}
+            for s in range(60)]  # fmt: skip
+    server.add("r1", rows, name="mm-encoder", config=config)
+    server.fail("HistoryPage", 503, 503)
+    out = tmp_path / "plots"
+    assert main(["--run", "team/proj/r1", "--out", str(out)]) == 0
+    assert "30 steps x 4 layers (net.2, net.5, net.8, proj)" in capsys.readouterr().out
+    assert (out / "rank_dynamics_effective_rank_difference.png").stat().st_size > 10_000
+    assert (out / "rank_heatmap_effective_rank.png").stat().st_size > 10_000
+    assert server.count("HistoryPage") == 2 + -(-60 // 7)
+
+
+def test_a_wandb_run_that_is_not_there_is_one_error_line(server):
+    with pytest.raises(UserError, match="cannot read W&B run team/proj/nope: "):
+        main(["--run", "team/proj/nope"])
+    server.add("empty", [])
+    with pytest.raises(UserError, match="run team/proj/empty has no history"):
+        main(["--run", "team/proj/empty"])

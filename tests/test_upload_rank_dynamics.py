@@ -1,4 +1,5 @@
-"""upload_rank_dynamics: the W&B path against a stand-in server, the local run store, bad input."""
+"""upload_rank_dynamics: the W&B path with the real wandb client against a local W&B server
+(tests/wandb_server.py), the local run store, bad input."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from analysis.rank_history import indexed_order, parse_rank_column, resolve_laye
 from analysis.ranks import RANK_MEASURES, compute_rank_decay_dynamics
 from experiments import runstore
 from tests.entrypoint import run_script
-from tests.wandb_standin import StandInServer
+from tests.wandb_server import FILE_STREAM, ServedRun, WandbServer, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "analysis" / "upload_rank_dynamics.py"
@@ -57,28 +58,31 @@ def expected(step: int, measure_index: int = 0, layers=LAYERS) -> dict[str, floa
 
 
 @pytest.fixture
-def server():
-    return StandInServer()
+def server(monkeypatch, tmp_path):
+    """A W&B server on 127.0.0.1 that the real client (wandb.Api, wandb.init) talks to."""
+    with serving(monkeypatch, tmp_path) as served:
+        yield served
 
 
 @pytest.fixture(autouse=True)
 def no_sleep(monkeypatch):
+    """The uploader's own waits between retries, recorded instead of slept (wandb-core's own
+    short waits are real)."""
     waits: list[float] = []
     monkeypatch.setattr(up, "sleep", waits.append)
     return waits
 
 
-def upload(server: StandInServer, *flags: str) -> int:
-    argv = ["--entity", server.entity, "--project", server.project, "--yes", *flags]
-    return up.main(argv, api=server.api(), init=server.init)
+def upload(server: WandbServer, *flags: str) -> int:
+    return up.main(["--entity", server.entity, "--project", server.project, "--yes", *flags])
 
 
-def uploaded_rows(run) -> list[dict]:
+def uploaded_rows(run: ServedRun) -> list[dict]:
     return [r for r in run.rows if up.STEP_AXIS in r]
 
 
 def test_finished_running_and_crashed_runs(server, capsys):
-    finished = server.add("fin", history(100))
+    finished = server.add("fin", history(100), config={"lr": 0.1})
     crashed = server.add("cra", history(60), state="crashed")
     running = server.add("run", history(50), state="running", group="g1")
     own_rows = len(running.rows)
@@ -91,8 +95,8 @@ def test_finished_running_and_crashed_runs(server, capsys):
     # in place, tied to the original step on the rank_dynamics/step axis
     rows = uploaded_rows(finished)
     assert [r[up.STEP_AXIS] for r in rows] == list(range(0, 100, 10))
-    assert all(r["_step"] > 99 for r in rows)  # after the run's own history
-    assert finished.defined["effective_rank_rank_drop_gini"] == up.STEP_AXIS
+    assert [r["_step"] for r in rows] == list(range(100, 110))  # after the run's own history
+    assert finished.step_metrics()["effective_rank_rank_drop_gini"] == up.STEP_AXIS
     for row in rows:
         for k, measure in enumerate(RANK_MEASURES):
             want = expected(row[up.STEP_AXIS], k)
@@ -100,22 +104,27 @@ def test_finished_running_and_crashed_runs(server, capsys):
                 assert row[f"{measure}_{metric}"] == pytest.approx(value, nan_ok=True)
     marker = finished.summary[up.MARKER_KEY]
     assert marker["last_step"] == 90 and marker["mode"] == "difference" and marker["complete"]
+    assert finished.summary["loss"] == pytest.approx(1.0)  # the run's own summary kept
+    assert finished.config == {"lr": 0.1}
     assert finished.state == "finished" and finished.exit_codes == [0]
     assert crashed.exit_codes == [1]  # a crashed run stays marked as not finished cleanly
     assert len(uploaded_rows(crashed)) == 6
+    # the uploader's own machine is not written into the runs it resumes
+    assert not {"wandb-metadata.json", "requirements.txt"} & set(finished.files)
+    assert not any(r.variables.get("commit") for r in server.requests if r.op == "UpsertBucket")
 
     # the running run is never written: a companion in the same group holds its steps
-    assert len(running.rows) == own_rows
+    assert len(running.rows) == own_rows and running.state == "running"
     companion = server.runs[up.companion_id("run")]
     assert companion.job_type == "rank_dynamics" and companion.group == "g1"
     assert companion.config["rank_dynamics_source"] == "run"
     assert [r[up.STEP_AXIS] for r in companion.rows] == [0, 10, 20, 30, 40]
 
-    # a second pass adds nothing
-    inits = len(server.inits)
+    # a second pass adds nothing and opens no run
+    upserts = server.count("UpsertBucket")
     assert upload(server) == 0
     assert "New steps added: 0" in capsys.readouterr().out
-    assert len(server.inits) == inits
+    assert server.count("UpsertBucket") == upserts
 
 
 def test_running_run_then_finished_gets_each_step_once(server, capsys):
@@ -130,42 +139,168 @@ def test_running_run_then_finished_gets_each_step_once(server, capsys):
     for s in range(120, 141):
         run.append(rank_row(s) if s % 10 == 0 else {"loss": 1.0})
     assert upload(server) == 0
-    in_place = [r[up.STEP_AXIS] for r in uploaded_rows(run)]
-    assert in_place == [120, 130, 140]
+    assert [r[up.STEP_AXIS] for r in uploaded_rows(run)] == [120, 130, 140]
     assert upload(server) == 0
     assert "New steps added: 0" in capsys.readouterr().out.split("Processing complete")[-1]
 
 
-def test_interrupted_upload_ends_with_every_step_once(server, capsys):
+def test_a_pass_cut_short_ends_with_every_step_once(server, capsys):
     run = server.add("a", history(200))
-    server.fail_logs_after = 7  # the connection drops after 7 of 20 rows
-    assert upload(server) == 1
-    assert "Errors: 1" in capsys.readouterr().out
-    assert len(uploaded_rows(run)) == 7 and up.MARKER_KEY not in run.summary
-    server.fail_logs_after = None
     assert upload(server) == 0
+    # what the server holds when an uploader dies after streaming 7 of its 20 rows: those
+    # rows, no marker (the summary is written last)
+    run.rows = run.rows[: 200 + 7]
+    del run.summary[up.MARKER_KEY]
+    capsys.readouterr()
+    assert upload(server) == 0
+    assert "New steps added: 13" in capsys.readouterr().out
     steps = [r[up.STEP_AXIS] for r in uploaded_rows(run)]
     assert sorted(steps) == list(range(0, 200, 10))  # exactly once each
 
 
+def test_listing_and_history_are_read_page_by_page(server, capsys, monkeypatch):
+    monkeypatch.setattr(up, "LIST_PAGE", 2)
+    monkeypatch.setattr(up, "HISTORY_PAGE", 16)
+    for name in "abcde":
+        server.add(name, history(100))
+    assert upload(server, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "Found 5 runs" in out and out.count("10 new steps -> in place") == 5
+    assert server.count("Runs") == 3 + 1  # 5 runs, 2 a page; the companions' listing
+    assert server.count("HistoryPage", run="a") == math.ceil(100 / 16)
+    assert server.count("UpsertBucket") == 0
+
+
+def test_dry_run_writes_nothing_and_prints_the_plan(server, capsys):
+    server.add("a", history(30))
+    server.add("b", [{"loss": 1.0}])
+    assert upload(server, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "process team/proj/a (a, finished): 3 new steps -> in place" in out
+    assert "skip    team/proj/b (b, finished): no rank metrics" in out
+    assert "nothing was written" in out.lower()
+    assert server.count("UpsertBucket") == 0 and server.count(FILE_STREAM) == 0
+
+
 def test_rate_limit_then_success(server, no_sleep, capsys):
+    """wandb-core tries each request twice (the uploader's setting); a 429 that outlasts that
+    reaches the uploader, which waits and reads again."""
     run = server.add("a", history(30))
-    run.fail_scans = [429]
+    server.fail("HistoryPage", 429, 429, 429)
     assert upload(server) == 0
-    assert no_sleep == [3.0]  # the server's RateLimit-Reset
+    err = capsys.readouterr().err
+    assert "reading a: HTTP 429, retrying in 1 s" in err
+    assert no_sleep == [1.0]
+    assert server.count("HistoryPage") == 4
     assert len(uploaded_rows(run)) == 3
-    assert "HTTP 429, retrying in 3 s" in capsys.readouterr().err
 
 
-def test_server_errors_that_do_not_end_fail_one_run_only(server, capsys):
+def test_server_errors_back_off_and_errors_that_do_not_end_fail_one_run_only(
+    server, no_sleep, capsys, monkeypatch
+):
+    monkeypatch.setattr(up, "RETRIES", 3)
+    flaky = server.add("flaky", history(30))
     bad = server.add("bad", history(30))
-    bad.fail_scans = [503] * up.RETRIES
     good = server.add("good", history(30))
+    server.fail("HistoryPage", 502, 503, 500, 500, run="flaky")  # the third try reads it
+    server.fail("HistoryPage", *[503] * 6, run="bad")  # 3 tries of 2 requests
     assert upload(server) == 1
     captured = capsys.readouterr()
-    assert "HTTP 503 after 6 attempts" in captured.err
-    assert "Processed: 1" in captured.out and "Errors: 1" in captured.out
-    assert len(uploaded_rows(good)) == 3 and not uploaded_rows(bad)
+    assert "reading flaky: HTTP 503, retrying in 1 s" in captured.err
+    assert "reading flaky: HTTP 500, retrying in 2 s" in captured.err
+    assert "error: team/proj/bad (bad, finished): reading bad: HTTP 503 after 3 attempts" in (
+        captured.err
+    )
+    assert "Processed: 2" in captured.out and "Errors: 1" in captured.out
+    assert len(uploaded_rows(flaky)) == 3 and len(uploaded_rows(good)) == 3
+    assert not uploaded_rows(bad)
+
+
+def test_a_hung_request_times_out_is_retried_then_fails_its_run_only(
+    server, no_sleep, capsys, monkeypatch
+):
+    """WANDB_HTTP_TIMEOUT is 1 s here; the server holds a hung request for 3 s."""
+    monkeypatch.setattr(up, "RETRIES", 2)
+    slow = server.add("slow", history(30))
+    stuck = server.add("stuck", history(30))
+    good = server.add("good", history(30))
+    server.fail("HistoryPage", "hang", "hang", run="slow")  # wandb-core gives up once
+    server.fail("HistoryPage", *["hang"] * 4, run="stuck")  # and twice: the run fails
+    started = time.monotonic()
+    assert upload(server) == 1
+    assert time.monotonic() - started < 30
+    captured = capsys.readouterr()
+    assert "reading slow: timed out, retrying in 1 s" in captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: team/proj/stuck (stuck, finished): reading stuck: timed out "
+                      "after 2 attempts (no answer within 1 s)"]  # fmt: skip
+    assert "Processed: 2" in captured.out and "Errors: 1" in captured.out
+    assert len(uploaded_rows(slow)) == 3 and len(uploaded_rows(good)) == 3
+    assert not uploaded_rows(stuck)
+
+
+@pytest.mark.parametrize(
+    ("faults", "status", "why"),
+    [((429, 429), 429, "HTTP 429"), ((502, 503), 503, "HTTP 503"), ((404,), 404, None),
+     (("hang", "hang"), None, "timed out"), ("closed", None, "no connection")],
+)  # fmt: skip
+def test_what_the_real_client_raises_is_understood(server, faults, status, why):
+    """The errors wandb 0.31 raises: WandbApiFailedError, its status in ``response.
+    http_status`` (not retried by wandb-core) or only in its message (retried, given up)."""
+    server.add("a", history(5))
+    api = up.public_api()
+    run = api.run("team/proj/a")
+    if faults == "closed":
+        server.close()
+    else:
+        server.fail("HistoryPage", *faults)
+    with pytest.raises(Exception) as caught:
+        list(run.scan_history())
+    assert up.http_status(caught.value) == status
+    assert up.transient(caught.value) == why
+
+
+def test_summary_and_config_loads_are_retried(server, capsys):
+    """A listed run loads its summary and config with a request of its own (lazy runs)."""
+    run = server.add("a", history(30), config={"lr": 0.1})
+    server.fail("Run", 503, 503)
+    assert upload(server) == 0
+    captured = capsys.readouterr()
+    assert "HTTP 503, retrying" in captured.err
+    assert "Processed: 1" in captured.out and len(uploaded_rows(run)) == 3
+
+
+def test_listing_is_retried_and_a_missing_project_is_one_line(server, capsys):
+    server.add("a", history(30))
+    server.fail("Runs", 500, 500)
+    assert upload(server, "--dry-run") == 0
+    assert "listing team/proj: HTTP 500, retrying" in capsys.readouterr().err
+    with pytest.raises(UserError, match="cannot list the runs of team/nope: .*nope"):
+        up.main(["--entity", "team", "--project", "nope", "--dry-run"])
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_offline_or_disabled_wandb_is_refused_unless_writing_the_local_store(
+    server, tmp_path, mode
+):
+    """With WANDB_MODE=offline a W&B write would land in a local folder, not in the runs."""
+    run = server.add("a", history(30))
+    args = ["--entity", "team", "--project", "proj", "--yes"]
+    proc = run_script(SCRIPT, args, cwd=tmp_path, WANDB_MODE=mode)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: W&B is in {mode} mode here"), lines
+    assert f"(WANDB_MODE={mode})" in lines[0] and "--runs-dir" in lines[0]
+    assert server.count("UpsertBucket") == 0 and server.count(FILE_STREAM) == 0
+    assert not uploaded_rows(run)
+    if mode == "offline":  # a dry run only reads
+        dry = run_script(SCRIPT, [*args, "--dry-run"], cwd=tmp_path, WANDB_MODE=mode)
+        assert dry.returncode == 0 and "3 new steps -> in place" in dry.stdout, dry.stderr
+    else:  # the local store is not W&B
+        write_local_run(tmp_path / "store" / "r1", history(30))
+        store = run_script(SCRIPT, ["--runs-dir", str(tmp_path / "store"), "--yes"],
+                           cwd=tmp_path, WANDB_MODE=mode)  # fmt: skip
+        assert store.returncode == 0 and "Processed: 1" in store.stdout, store.stderr
 
 
 def test_missing_keys_and_no_rank_metrics(server, capsys):
@@ -195,17 +330,6 @@ def test_layer_names_without_known_order(server, capsys):
     )
 
 
-def test_dry_run_writes_nothing_and_prints_the_plan(server, capsys):
-    server.add("a", history(30))
-    server.add("b", [{"loss": 1.0}])
-    assert upload(server, "--dry-run") == 0
-    out = capsys.readouterr().out
-    assert "process team/proj/a (a, finished): 3 new steps -> in place" in out
-    assert "skip    team/proj/b (b, finished): no rank metrics" in out
-    assert "nothing was written" in out.lower()
-    assert server.inits == []
-
-
 def test_max_runs_and_run_ids_and_filters(server, capsys):
     for name in "abc":
         server.add(name, history(20), config={"lr": 0.1 if name != "c" else 0.2})
@@ -213,8 +337,9 @@ def test_max_runs_and_run_ids_and_filters(server, capsys):
     assert "Found 1 runs" in capsys.readouterr().out
     assert upload(server, "--max-runs", "2", "--dry-run") == 0
     assert "Found 2 runs" in capsys.readouterr().out
-    assert upload(server, "--filters", '{"lr": 0.2}', "--dry-run") == 0
-    assert "team/proj/c" in capsys.readouterr().out
+    assert upload(server, "--filters", '{"config.lr": 0.2}', "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "Found 1 runs" in out and "team/proj/c" in out
     with pytest.raises(UserError, match="--run-ids matched no run for: nosuchrun"):
         upload(server, "--run-ids", "b", "nosuchrun", "--dry-run")
 
@@ -232,10 +357,19 @@ def test_live_probe_dynamics_count_as_written(server, capsys):
     assert "its probe logged difference-mode dynamics" in capsys.readouterr().out
 
 
-def test_listing_failure_is_one_line(server):
-    server.fail_listings = [404]
-    with pytest.raises(UserError, match="cannot list the runs of team/proj: HTTP 404"):
-        upload(server)
+def test_trial_plans_three_runs_and_writes_one(server, capsys, monkeypatch):
+    for name in "abcd":
+        server.add(name, history(20))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda _: "n")
+    assert up.main(["--project", "proj", "--entity", "team", "--trial"]) == 0
+    out = capsys.readouterr().out
+    assert "Found 3 runs" in out and out.count("process team/proj/") == 3
+    assert server.count("UpsertBucket") == 0  # declined: nothing written
+    monkeypatch.setattr("builtins.input", lambda _: "y")
+    assert up.main(["--project", "proj", "--entity", "team", "--trial"]) == 0
+    assert "Processed: 1" in capsys.readouterr().out
+    assert [r.variables["name"] for r in server.requests if r.op == "RunResumeStatus"] == ["a"]
 
 
 # -- the local run store ---------------------------------------------------------------------
@@ -431,23 +565,6 @@ def test_many_runs_in_worker_processes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Processed: 16" in out and "Errors: 1" in out and "New steps added: 32" in out
     assert len(list(tmp_path.rglob(up.CSV_FILE))) == 16
-
-
-def test_trial_plans_three_runs_and_writes_one(server, capsys, monkeypatch):
-    for name in "abcd":
-        server.add(name, history(20))
-    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
-    monkeypatch.setattr("builtins.input", lambda _: "n")
-    assert up.main(["--project", "proj", "--entity", "team", "--trial"], api=server.api(),
-                   init=server.init) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert "Found 3 runs" in out and out.count("process team/proj/") == 3
-    assert server.inits == []  # declined: nothing written
-    monkeypatch.setattr("builtins.input", lambda _: "y")
-    assert up.main(["--project", "proj", "--entity", "team", "--trial"], api=server.api(),
-                   init=server.init) == 0  # fmt: skip
-    assert "Processed: 1" in capsys.readouterr().out
-    assert [i["id"] for i in server.inits] == ["a"]
 
 
 # -- stopping: kill -9, Ctrl-C, SIGTERM (real processes, real signals) -----------------------
