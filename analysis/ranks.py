@@ -1,6 +1,6 @@
 """Rank measures of layer representations and the rank-decay dynamics across layers.
 
-Definitions follow ``shared/reference/rank_measures.md``. All four measures come from one set of
+All four measures come from one set of
 singular values of the (B, D) feature matrix (not centred), computed in float64:
 
 - effective_rank: exp(-sum p_i log p_i), p_i = sigma_i / sum(sigma) (Roy & Vetterli 2007);
