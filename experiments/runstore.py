@@ -296,8 +296,9 @@ def claim_run_folder(run_dir: str | os.PathLike[str], resuming: bool = False) ->
     """Make ``run_dir`` this process's: refused while another process holds its lock and,
     unless ``resuming``, when it already holds another run's record (a new run there would mix
     its curves and metrics with the old ones). Nothing is written before both checks pass."""
-    if held_lock(run_dir) is not None:
-        return held_lock(run_dir)
+    held = held_lock(run_dir)
+    if held is not None:
+        return held
     record = Path(run_dir) / RUN_FILE
     if not resuming and record.is_file():
         try:
@@ -339,9 +340,7 @@ def lock_is_held(run_dir: str | os.PathLike[str]) -> bool | None:
         return True
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    except OSError:
+    except OSError:  # no lock file (or none readable): cannot tell
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

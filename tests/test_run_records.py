@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 from entrypoint import run_script
+from test_multimodal import TINY
 
 from experiments import runstore
 from experiments.callbacks import unfinished_jobs
@@ -233,12 +234,9 @@ def test_a_resume_rewinds_the_record_so_each_step_is_logged_once(tmp_path):
 
 
 MULTIMODAL = REPO / "experiments" / "multimodal.py"
-MULTIMODAL_TINY = ["data.num_train=16", "data.num_val=8", "data.image_size=16",
-                   "model.image_encoder_layers=2", "model.conv_width=8", "model.latent_dim=16",
-                   "model.embedding_dim=16", "model.transformer_layers=1", "model.num_heads=2",
-                   "train.batch_size=8", "train.num_samples=2", "logger=disabled",
-                   "train.epochs=30", "train.log_frequency=1", "train.checkpoint_frequency=5",
-                   "train.image_log_frequency=3", "rank_probe.every=4"]  # fmt: skip
+MULTIMODAL_TINY = [*TINY, "train.epochs=30", "train.log_frequency=1",
+                   "train.checkpoint_frequency=5", "train.image_log_frequency=3",
+                   "rank_probe.every=4"]  # fmt: skip
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])

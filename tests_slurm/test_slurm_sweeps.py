@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 from entrypoint import run_script
+from test_multimodal import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 RANK_SWEEP = REPO / "experiments" / "rank_sweep.py"
@@ -40,21 +41,7 @@ SCALING_SMALL = [
     "train.epochs=2",
     "logger=disabled",
 ]
-MULTIMODAL_TINY = [
-    "data.num_train=16",
-    "data.num_val=8",
-    "data.image_size=16",
-    "model.image_encoder_layers=2",
-    "model.conv_width=8",
-    "model.latent_dim=16",
-    "model.embedding_dim=16",
-    "model.transformer_layers=1",
-    "model.num_heads=2",
-    "train.batch_size=8",
-    "train.num_samples=2",
-    "train.max_steps=1",
-    "logger=disabled",
-]
+MULTIMODAL_TINY = [*TINY, "train.max_steps=1"]  # the default suite's tiny model
 SLURM = "hydra/launcher=slurm"
 # two array tasks at once on a 2-core node (the default, 2 CPUs a task, runs them in turn)
 ONE_CPU = "hydra.launcher.cpus_per_task=1"
