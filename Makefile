@@ -31,7 +31,7 @@ demo: install ## a small real rank sweep, offline (~2 min); prints where its plo
 test: install ## the default test suite (no slow tests, no network)
 	$(PY) -m pytest
 
-test-slow: install ## the slow tests only (faults on a real tmpfs, memory measurements)
+test-slow: install ## the slow tests only (real runs read back from W&B, kill-and-resume, a full tmpfs, memory)
 	$(PY) -m pytest -m slow
 
 test-all: install ## every test, slow ones included

@@ -239,6 +239,7 @@ MULTIMODAL_TINY = [*TINY, "train.epochs=30", "train.log_frequency=1",
                    "rank_probe.every=4"]  # fmt: skip
 
 
+@pytest.mark.slow  # three real multimodal runs a case; CI runs it (make test-slow)
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_multimodal_run_resumed_logs_each_step_once(tmp_path, signum):
     """Stopped between two checkpoints, then resumed: every step's record once, and the same

@@ -39,6 +39,7 @@ def has_key(row: dict, key: str) -> bool:
     return key in row or any(k.startswith(f"{key}.") for k in row)
 
 
+@pytest.mark.slow  # a real run of each experiment; CI runs it (make test-slow)
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_wandb_receives_what_the_local_record_holds(name, tmp_path):
     out = run_offline(name, tmp_path)
@@ -78,6 +79,7 @@ def test_wandb_receives_what_the_local_record_holds(name, tmp_path):
         assert any(has_key(row, "sample_captions") for row in rows.values())
 
 
+@pytest.mark.slow
 def test_the_scaling_studys_four_dashboard_views_can_be_built(tmp_path):
     """The old study's views, from what W&B holds: (1) a cell's curves against its own step,
     (2) final loss by batch size coloured by lr, (3) the loss table, (4) all curves by group."""
