@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from analysis.cli import UserError
 from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
-from experiments.logger import ExperimentLogger
+from experiments.logger import ExperimentLogger, describe_error
 from experiments.progress import progress
 from experiments.rank_probe import RankProbe, chain_probe_layers, input_rank
 from experiments.resources import (
@@ -44,9 +45,12 @@ from experiments.weights import (
 )
 from ksmm import KSLinearChain, check_structure, expected_mse, loss_floor, zero_predictor_loss
 
+log = logging.getLogger(__name__)
+
 STRUCTURES = ("butterfly", "monarch", "lowrank")
 DATA_MODES = ("fresh", "fixed", "exact")
 SCHEDULES = ("cosine", "constant")
+LAST_CHECKPOINT = "last.pt"  # the state after the last finished epoch, while the run trains
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -284,9 +288,19 @@ class LossCurves:
         self.csv_path = run_dir / CURVES_CSV
         self.json_path = run_dir / CURVES_JSON
         self.rank, self.floor = rank, floor
-        self.rows: list[dict[str, Any]] = []
+        self.restore([])
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Start the files over holding ``rows`` (a resumed run's epochs up to its checkpoint)."""
+        self.rows = list(rows)
         with open(self.csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(CURVE_COLUMNS)
+            writer = csv.writer(f)
+            writer.writerow(CURVE_COLUMNS)
+            writer.writerows([row[c] for c in CURVE_COLUMNS] for row in self.rows)
+        if self.rows:
+            runstore.write_json_atomic(
+                self.json_path, {"rank": self.rank, "floor": self.floor, "curves": self.rows}
+            )
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -297,6 +311,64 @@ class LossCurves:
         )
 
 
+@dataclass
+class TrainingState:
+    """What the loop needs to go on from the end of an epoch exactly as if never stopped."""
+
+    chain: KSLinearChain
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    data: ChainData
+    curves: LossCurves
+    best: dict[str, float]
+    epoch: int = 0
+
+    def save(self, path: Path) -> None:
+        """``last.pt``, written atomically after every epoch (a few state dicts: small)."""
+        payload = {
+            "epoch": self.epoch,
+            "chain": self.chain.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data_rng": self.data.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best": self.best,
+            "curves": self.curves.rows,
+        }
+        with runstore.atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+
+    def load(self, path: Path) -> None:
+        saved = torch.load(path, weights_only=False, map_location="cpu")
+        self.chain.load_state_dict(saved["chain"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.data.generator.set_state(saved["data_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.best, self.epoch = saved["best"], saved["epoch"]
+        self.curves.restore(saved["curves"])
+
+
+def resume_training(state: TrainingState, last: Path, logger: ExperimentLogger) -> None:
+    """Go on from ``last`` (the run's last finished epoch); without it start over in the same
+    run (stopped before its first epoch ended). Either way the local record is cut back so each
+    epoch is recorded once."""
+    if last.is_file():
+        try:
+            state.load(last)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise UserError(f"{last} does not fit this run's config (resume with the same "
+                            f"overrides): {describe_error(exc)}") from None  # fmt: skip
+        where = f"after epoch {state.epoch}"
+    else:
+        where = "from the start (no checkpoint yet)"
+    dropped = logger.rewind(state.epoch)
+    log.info("resuming %s %s; %d records after it dropped", last.parent, where, dropped)
+
+
 def train_chain(
     cfg: DictConfig,
     chain: KSLinearChain,
@@ -304,8 +376,12 @@ def train_chain(
     data: ChainData,
     logger: ExperimentLogger,
     curves: LossCurves,
+    last: Path | None = None,
 ) -> dict[str, Any]:
-    """Train; log per epoch; return the final numbers. Raises TrainingFailed on divergence."""
+    """Train; log per epoch; return the final numbers. Raises TrainingFailed on divergence.
+
+    With ``last`` the state after each epoch is saved there, and ``cfg.resume`` goes on from it.
+    """
     device = targets.weight.device
     tc = cfg.train
     dtype = PRECISIONS[tc.precision]
@@ -321,10 +397,15 @@ def train_chain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.schedule)
     )
-    best = {"train": math.inf, "val": math.inf}
-    row: dict[str, Any] = {}
+    state = TrainingState(chain, optimizer, scheduler, scaler, data, curves,
+                          best={"train": math.inf, "val": math.inf})  # fmt: skip
+    if last is not None and cfg.get("resume"):
+        resume_training(state, last, logger)
+    best = state.best
+    row: dict[str, Any] = curves.rows[-1] if curves.rows else {}
     started = time.perf_counter()
-    bar = progress(range(1, tc.num_epochs + 1), desc=f"rank {cfg.rank}", unit="epoch", leave=False)
+    epochs = range(state.epoch + 1, tc.num_epochs + 1)
+    bar = progress(epochs, desc=f"rank {cfg.rank}", unit="epoch", leave=False)
     for epoch in bar:
         chain.train()
         loss_sum, grad_norm = 0.0, 0.0
@@ -373,6 +454,9 @@ def train_chain(
         bar.set_postfix(
             val=f"{val_loss:.4g}", over_floor=f"{row['loss_over_floor']:.3f}", refresh=False
         )
+        if last is not None:
+            state.epoch = epoch
+            state.save(last)
     return {
         "final_train_loss": row["train_loss"],
         "final_val_loss": row["val_loss"],

@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -137,6 +137,10 @@ class ExperimentLogger:
     exception marks it ``failed`` (with the reason), Ctrl-C or SIGTERM marks it ``interrupted``.
     """
 
+    # The run this process has open, for a host that stops it on a signal of its own (the
+    # SLURM launcher on the time-limit warning, hydra_plugins/ks_slurm_launcher).
+    active: ClassVar[ExperimentLogger | None] = None
+
     def __init__(
         self,
         run_dir: str | Path,
@@ -215,8 +219,10 @@ class ExperimentLogger:
         self._write_record()
         self._metrics = runstore.JsonlWriter(self.run_dir / runstore.METRICS_FILE)
         self._signalled_at: float | None = None
+        self._stop_reason: str | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._install_signal_handlers()
+        ExperimentLogger.active = self
 
     # -- W&B plumbing -------------------------------------------------------------------------
 
@@ -340,6 +346,8 @@ class ExperimentLogger:
     def log(self, metrics: Mapping[str, Any], step: int | None = None, probe: bool = False) -> int:
         """Log scalars at ``step`` (default: the next step); the rank probe joins when it is
         due or ``probe`` asks for it (e.g. at the end of training). Returns the step used."""
+        if self._stop_reason is not None and not self._finishing:
+            raise Interrupted(self._stop_reason)  # a stop request a library call swallowed
         step = self._next_step(step)
         self.step = max(self.step, step)
         values = dict(metrics)
@@ -450,6 +458,8 @@ class ExperimentLogger:
         if state not in runstore.RUN_STATES:
             raise ValueError(f"state must be one of {runstore.RUN_STATES}, got {state!r}")
         self._finished = True
+        if ExperimentLogger.active is self:
+            ExperimentLogger.active = None
         self._record.update(state=state, reason=reason, ended_at=_now())
         try:
             self._write_record()
@@ -477,7 +487,7 @@ class ExperimentLogger:
         if exc_type is None:
             self.finish("finished")
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish("interrupted", reason="interrupted by signal")
+            self.finish("interrupted", reason=self._stop_reason or "interrupted by signal")
         else:
             self.finish("failed", reason=describe_error(exc))
         return False
@@ -494,7 +504,16 @@ class ExperimentLogger:
             os.kill(os.getpid(), signum)
             return
         self._signalled_at = now
-        raise Interrupted(f"signal {signum}")
+        self.request_stop(f"interrupted by {signal.Signals(signum).name}")
+
+    def request_stop(self, reason: str) -> None:
+        """Stop the run now, from a signal handler: raises ``Interrupted`` in the main thread and
+        the record says ``interrupted`` with ``reason``. A request some library call swallows on
+        its way up (wandb.init catches broadly) is raised again by the next ``log``."""
+        if self._finished or self._finishing:
+            return
+        self._stop_reason = reason
+        raise Interrupted(reason)
 
     def _install_signal_handlers(self) -> None:
         self._finishing = False

@@ -193,8 +193,9 @@ def check_resume_config(cfg: DictConfig) -> None:
     """A resumed run goes on with the data, model, loss and schedule it started with: any other
     difference from the run's saved config.yaml is an error that names the keys."""
     out = job_dir()
-    if not (out / "last.pt").is_file():
-        raise UserError(f"resume=true but there is no last.pt in {out} (set run_dir=...)")
+    if not (out / "last.pt").is_file() and not (out / runstore.RUN_FILE).is_file():
+        # (a run stopped before its first checkpoint starts over in its own record)
+        raise UserError(f"resume=true but there is no run in {out} (set run_dir=...)")
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         return  # a run folder from before config.yaml was written: nothing to compare with
@@ -419,7 +420,8 @@ def multimodal_job(
     device = resolve_device(cfg.runtime.device)
     tc, dc = cfg.train, cfg.data
     train, val = pairs
-    resume = torch.load(out / "last.pt", weights_only=False) if cfg.resume else None
+    last = out / "last.pt"
+    resume = torch.load(last, weights_only=False) if cfg.resume and last.is_file() else None
 
     if resume is not None:
         tokenizer = Tokenizer.from_state_dict(resume["tokenizer"])
@@ -439,6 +441,7 @@ def multimodal_job(
         optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, floor=tc.min_lr / tc.lr)
     )
     step, best_val = 0, math.inf
+    epoch_loss, epoch_batches = 0.0, 0  # the running epoch's train loss, for its average
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
@@ -450,6 +453,10 @@ def multimodal_job(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         step, best_val = resume["step"], resume["best_val_loss"]
+        epoch_loss, epoch_batches = resume.get("epoch_loss", 0.0), resume.get("epoch_batches", 0)
+        if "torch_rng" in resume:  # dropout draws from it
+            torch.set_rng_state(resume["torch_rng"])
+    if cfg.resume:
         dropped = logger.rewind(step)  # the steps after the checkpoint are trained again
         log.info("resuming %s at step %d (epoch %d; %d records after it dropped)", out, step,
                  step // steps_per_epoch, dropped)  # fmt: skip
@@ -489,6 +496,9 @@ def multimodal_job(
                 "scheduler": scheduler.state_dict(),
                 "step": step,
                 "best_val_loss": best_val,
+                "epoch_loss": epoch_loss,
+                "epoch_batches": epoch_batches,
+                "torch_rng": torch.get_rng_state(),
                 "tokenizer": tokenizer.state_dict(),
                 "max_len": max_len,
                 "config": OmegaConf.to_container(cfg, resolve=True),
@@ -497,7 +507,6 @@ def multimodal_job(
 
     model.train()
     psutil.cpu_percent(interval=None)  # starts the cpu_percent interval
-    epoch_loss, epoch_batches = 0.0, 0
     started, first_step, eval_time = time.perf_counter(), step, 0.0
     bar = progress(total=stop, initial=step, desc="multimodal", unit="batch", leave=False)
     while step < stop:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from experiments.callbacks import exit_if_incomplete
 from experiments.chain_training import (
+    LAST_CHECKPOINT,
     ChainData,
     LossCurves,
     Targets,
@@ -99,12 +100,14 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tens
 
     # train
     curves = LossCurves(out, cfg.rank, floor)
-    result = train_chain(cfg, chain, targets, data, logger, curves)
+    last = out / LAST_CHECKPOINT  # after each epoch; resume=true (a SLURM requeue) goes on there
+    result = train_chain(cfg, chain, targets, data, logger, curves, last)
 
     # report
     if cfg.train.save_checkpoint:
         save_checkpoint(out / "final.pth", chain, cfg)
     logger.log_summary(result, status="finished")
+    last.unlink(missing_ok=True)  # final.pth holds the result; the optimizer state is done
     vs_floor = (  # a zero floor (rank = the weight's rank) has no ratio
         f"{result['loss_over_floor']:.3f} x floor" if floor > 0 else "floor 0: no ratio"
     )

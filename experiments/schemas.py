@@ -101,6 +101,9 @@ class RankSweepConfig:
     rank: int = 8
     max_rank: int | None = None  # jobs of a sweep with rank above it are skipped
     seed: int = 0
+    # go on in the run folder (hydra.run.dir) from its last finished epoch (last.pt); a SLURM
+    # requeue sets it
+    resume: bool = False
     weight: WeightConfig = field(default_factory=WeightConfig)
     model: ChainModelConfig = field(default_factory=ChainModelConfig)
     data: ChainDataConfig = field(default_factory=ChainDataConfig)
@@ -161,6 +164,9 @@ class LaplaceScalingConfig:
     # cell: train one (batch_size, lr, seed) cell (a multirun sweeps them);
     # grid: one process trains the whole grid, the lrs of each (batch size, seed) stacked.
     runner: str = "cell"
+    # go on in the run folder (hydra.run.dir): the grid runner from its finished groups of
+    # cells, a cell from its start; a SLURM requeue sets it
+    resume: bool = False
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0

@@ -275,6 +275,45 @@ def test_a_killed_multimodal_run_resumed_logs_each_step_once(tmp_path, signum):
     assert final and {k: runstore.read_json(cut / "summary.json")[k] for k in final} == final
 
 
+def kill_when(proc: subprocess.Popen, ready, signum: int, timeout: float = 120) -> None:
+    """Send ``signum`` as soon as ``ready()`` holds; fail if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before it was stopped: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    proc.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_stopped_rank_sweep_run_goes_on_from_its_last_epoch(tmp_path, signum):
+    """resume=true (what a SLURM requeue sets) goes on from last.pt: the same loss curves and
+    final numbers as an uninterrupted run, each epoch recorded once, last.pt gone at the end."""
+    args = [*SMALL, "weight.out_features=64", "weight.in_features=128", "rank=4",
+            "train.num_epochs=60", "train.steps_per_epoch=20"]  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_script(SCRIPT, [*args, f"hydra.run.dir={whole}"], tmp_path).returncode == 0
+    proc = start([*args, f"hydra.run.dir={cut}"], tmp_path)
+    kill_when(
+        proc,
+        lambda: (cut / "last.pt").exists() and len(list(runstore.iter_metrics(cut))) >= 10,
+        signum,
+    )
+    stopped_at = len(list(runstore.iter_metrics(cut)))
+    assert stopped_at < 60, "stopped too late"
+    resumed = run_script(SCRIPT, [*args, f"hydra.run.dir={cut}", "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after epoch" in resumed.stdout + resumed.stderr  # went on, did not start over
+    assert (cut / "loss_curves.csv").read_text() == (whole / "loss_curves.csv").read_text()
+    final = {k: v for k, v in runstore.read_json(whole / "summary.json").items()
+             if k != "wall_time_s"}  # fmt: skip
+    assert {k: runstore.read_json(cut / "summary.json").get(k) for k in final} == final
+    assert [r["_step"] for r in runstore.iter_metrics(cut)] == list(range(1, 61))
+    assert not (cut / "last.pt").exists() and (cut / "final.pth").exists()
+    assert runstore.run_state(cut) == "finished"
+
+
 def test_atomically_written_files_get_the_usual_permissions(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
