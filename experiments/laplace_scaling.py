@@ -41,7 +41,7 @@ from experiments.resources import (
     check_rules,
     scaling_memory,
 )
-from experiments.runstore import write_json_atomic
+from experiments.runstore import read_json, write_json_atomic
 from experiments.runtime import check_override_keys, is_multirun, job_dir, run_job
 from experiments.scaling_training import (
     MODELS,
@@ -84,6 +84,8 @@ RULES = {
 }
 # labels are y = x . w* + noise with Var(x . w*) ~ 1: their square must fit float32's losses
 MAX_NOISE_STD = 1e15
+# the grid runner's finished groups of cells, their rows and the logger's step after them
+GRID_PROGRESS = "grid_progress.json"
 
 
 def validate(cfg: DictConfig) -> None:
@@ -279,6 +281,8 @@ def run_group(
 
 def cell_job(cfg: DictConfig, logger: ExperimentLogger, _inputs: None = None) -> None:
     """One (batch_size, lr, seed) cell: ``cell.json`` (its results.csv row) in the job folder."""
+    if cfg.resume:  # a cell keeps nothing part-way: it trains again from its start
+        logger.rewind(0)
     (row,) = run_group(cfg, logger, cfg.batch_size, cfg.seed, cfg.task.noise, [cfg.lr])
     write_json_atomic(job_dir() / CELL_FILE, row)
     logger.log_summary(
@@ -293,17 +297,33 @@ def cell_job(cfg: DictConfig, logger: ExperimentLogger, _inputs: None = None) ->
              " (diverged)" if row["diverged"] else "")  # fmt: skip
 
 
+def resume_grid(logger: ExperimentLogger) -> tuple[int, list[dict]]:
+    """Where a stopped grid run goes on: the groups it finished (their rows as written) and the
+    logger cut back to the step after the last of them, so each step is recorded once."""
+    path = job_dir() / GRID_PROGRESS
+    saved = read_json(path) if path.is_file() else {"groups_done": 0, "step": 0, "rows": []}
+    dropped = logger.rewind(saved["step"])
+    log.info("resuming the grid after %d finished groups (%d rows); %d records after them dropped",
+             saved["groups_done"], len(saved["rows"]), dropped)  # fmt: skip
+    return saved["groups_done"], saved["rows"]
+
+
 def grid_job(cfg: DictConfig, logger: ExperimentLogger, _inputs: None = None) -> None:
     """The whole grid in this process, the lrs of each (batch size, seed) stacked."""
     g = cfg.grid
     groups = [(n, s, b) for n in g.noises for s in g.seeds for b in g.batch_sizes]
-    rows: list[dict] = []
     out = job_dir() / RESULTS_FILE
-    with progress(total=len(groups) * len(g.lrs), desc="cells", unit="cell") as bar:
-        for noise, seed, batch_size in groups:
+    done, rows = resume_grid(logger) if cfg.resume else (0, [])
+    total = len(groups) * len(g.lrs)
+    with progress(total=total, initial=done * len(g.lrs), desc="cells", unit="cell") as bar:
+        for noise, seed, batch_size in groups[done:]:
             bar.set_postfix(noise=noise, seed=seed, B=batch_size, refresh=False)
             rows += run_group(cfg, logger, batch_size, seed, noise, g.lrs)
             write_results(pd.DataFrame(rows), out)  # after every group: nothing lost on a kill
+            done += 1
+            write_json_atomic(
+                job_dir() / GRID_PROGRESS, {"groups_done": done, "step": logger.step, "rows": rows}
+            )
             bar.update(len(g.lrs))
     diverged = sum(r["diverged"] for r in rows)
     logger.log_summary(cells=len(rows), diverged=diverged, results=str(out))

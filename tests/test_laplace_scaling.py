@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -227,3 +229,36 @@ def test_multirun_through_submitit_local(tmp_path):
                 f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(pd.read_csv(sweep / "results.csv")) == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_stopped_grid_run_goes_on_from_its_finished_groups(tmp_path, signum):
+    """resume=true (what a SLURM requeue sets) keeps the finished groups of cells and trains
+    the rest: the same results.csv as an uninterrupted run, each step recorded once."""
+    args = ["runner=grid", *SMALL, "train.epochs=40"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run([*args, f"hydra.run.dir={whole}"], tmp_path).returncode == 0
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, f"hydra.run.dir={cut}"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    progress = cut / "grid_progress.json"
+    deadline = time.monotonic() + 300
+    while not (progress.exists() and json.loads(progress.read_text())["groups_done"] >= 1):
+        assert proc.poll() is None, "the grid ended before it was stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signum)
+    proc.communicate(timeout=60)
+    assert json.loads(progress.read_text())["groups_done"] < 4, "stopped too late"
+    resumed = run([*args, f"hydra.run.dir={cut}", "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming the grid after" in resumed.stdout + resumed.stderr
+
+    def results(run_dir: Path) -> pd.DataFrame:
+        return pd.read_csv(run_dir / "results.csv").drop(columns="wall_time_s")
+
+    pd.testing.assert_frame_equal(results(cut), results(whole))
+    steps = [json.loads(line)["_step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    whole_steps = [
+        json.loads(line)["_step"] for line in (whole / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == whole_steps
