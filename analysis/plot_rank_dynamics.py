@@ -1,11 +1,11 @@
-"""Plot one run's rank-decay dynamics: the old notebook's three panels and a per-layer heat map.
+"""Plot one run's rank-decay dynamics: Gini, centroid and AURC panels, and a per-layer heat map.
 
     python analysis/plot_rank_dynamics.py --run-dir outputs/rank_sweep/<time> [--rank-type
         effective_rank] [--mode difference|ratio] [--out DIR]
     python analysis/plot_rank_dynamics.py --run ENTITY/PROJECT/RUN_ID ...
 
-Reads per-layer ranks logged as ``ranks/{layer}/{measure}`` (this suite, the old notebook) or
-``{layer}_{measure}`` (the old training scripts). Layers are put in forward order the way the
+Reads per-layer ranks logged as ``ranks/{layer}/{measure}`` (this suite's probe) or
+``{layer}_{measure}`` (runs from before the suite). Layers are put in forward order the way the
 uploader does it (``--layer-order``, the model rebuilt from the run's config, indexed names);
 a run whose order cannot be known is an error, never a guess. A run with several scopes (the
 scaling sweep's cells) gets one line per scope in the panels; ``--scope`` picks one, and the

@@ -1,4 +1,4 @@
-"""Re-plot a saved rank sweep (the old ``plot_rank_results.py`` flags).
+"""Re-plot a saved rank sweep (flags kept compatible with the earlier ``plot_rank_results.py``).
 
     python analysis/plot_rank_results.py --results_dir multirun/2024-01-01/12-00-00 --log_scale
 

@@ -6,8 +6,8 @@ and no W&B.
 
 Two key styles are read:
 
-- ``ranks/{layer}/{measure}``: this suite's probe and the old notebook;
-- ``{layer}_{measure}``: the old training scripts.
+- ``ranks/{layer}/{measure}``: this suite's probe (and earlier runs logged that way);
+- ``{layer}_{measure}``: runs from before the suite, kept readable.
 
 Either may sit under a scope, ``{scope}/ranks/{layer}/{measure}``: the scaling sweep logs one
 scope per (batch size, lr) cell in one run. Each scope is its own layer stack and gets its own

@@ -2,8 +2,8 @@
 
 A sweep folder holds one sub-folder per job (Hydra multirun job dirs, any names), each with
 ``run.json``, ``config.yaml``, ``summary.json``, ``loss_curves.csv`` and ``loss_curves.json`` as
-written by the experiment; failed jobs may lack some. Folders from the old scripts
-(``rank_<r>/<prefix>_rank_<r>_loss_curves.csv``) are read too. No Hydra, no W&B; plots use
+written by the experiment; failed jobs may lack some. Folders in the pre-suite layout
+(``rank_<r>/<prefix>_rank_<r>_loss_curves.csv``) stay readable. No Hydra, no W&B; plots use
 matplotlib's ``Figure`` directly (Agg), so importing this never switches anyone's backend.
 """
 

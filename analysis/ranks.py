@@ -171,7 +171,7 @@ def compute_rank_decay_dynamics(
 
     ``ranks``: one step's ranks in layer order (returns floats), or a (steps, layers) array
     (returns arrays, vectorised over steps). ``input_rank`` (scalar or per step) is prepended as
-    R_0 when given (the old uploader did this; it changes all three numbers). Undefined values
+    R_0 when given (an explicit choice: it changes all three numbers). Undefined values
     (no drop at all, R_0 <= 0, fewer than two ranks) are NaN.
     """
     if mode not in MODES:

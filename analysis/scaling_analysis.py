@@ -1,5 +1,5 @@
-"""Fit lr_opt(B) ~ B^beta on a batch-size x learning-rate sweep (replaces the old
-``phase_2_analysis.py --results``).
+"""Fit lr_opt(B) ~ B^beta on a batch-size x learning-rate sweep (its ``--results`` kept
+compatible with the earlier ``phase_2_analysis.py``; the method: ``docs/scaling_fit.md``).
 
     python analysis/scaling_analysis.py --results outputs/scaling/results.csv [--out DIR]
         [--n-boot 2000] [--seed 0] [--loss final_val_loss|min_val_loss] [--window 3|5]

@@ -1,7 +1,7 @@
 """The batch-size x learning-rate scaling fit: lr_opt(B) ~ c * B^beta, with honest intervals.
 
 Plain functions over DataFrames and arrays: no plotting and no file writing (``load_results``
-only reads). The science follows ``scaling_sweep.md``:
+only reads). The method, with its reasons, is in ``docs/scaling_fit.md``; in short:
 
 - lr_opt per batch size is the grid argmin refined by a parabola fitted to log(loss) against
   log10(lr) over the 3-5 contiguous stable points around the minimum (positive curvature and a
@@ -13,7 +13,7 @@ only reads). The science follows ``scaling_sweep.md``:
 - beta's 95% interval is a bootstrap over seeds within each batch size; a noise-family
   difference uses a paired bootstrap (the same seed draw for both families).
 
-Decisions where the brief was silent (also in the report's ``notes``):
+Choices the method leaves open, made here (also in the report's ``notes``):
 
 - a (batch size, lr) cell enters a seed-mean curve only if none of its seeds diverged (a lr
   that sometimes diverges is no optimum, and averaging only the survivors would bias the mean);
@@ -54,7 +54,7 @@ LOSS_COLUMNS = ("final_val_loss", "min_val_loss")
 DESIGN_COLUMNS = ("optimizer", "model", "protocol")
 DEFAULT_FAMILY = "unspecified"
 PRIMARY_FAMILY = "gaussian"
-# Reference slopes: square-root (Adam SDE rule), the old "Laplace" 2/3 claim, linear (SGD).
+# Reference slopes: square-root (Adam SDE rule), the 2/3 "Laplace" claim under test, linear (SGD).
 REFERENCE_SLOPES = {
     0.5: "square-root / Adam SDE",
     0.67: 'the old "Laplace" claim',

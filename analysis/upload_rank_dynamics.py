@@ -89,7 +89,7 @@ MARKER_KEY = "rank_dynamics"  # the W&B summary key of the marker
 STEP_AXIS = "rank_dynamics/step"
 COMPANION_JOB_TYPE = "rank_dynamics"
 CONFIRM_ABOVE = 10  # ask before writing to more runs than this (unless --yes)
-TRIAL_RUNS = 3  # --trial: the old test_uploader.py's three runs
+TRIAL_RUNS = 3  # --trial: three runs, kept compatible with the test_uploader.py workflow
 RETRIES = 6
 # W&B states after which nobody writes the run any more
 ENDED_STATES = ("finished", "crashed", "failed", "killed", "interrupted", "preempted")

@@ -1,11 +1,11 @@
-"""Speed of the rank-decay dynamics: vectorised over (step x run) rows against the old loop.
+"""Speed of the rank-decay dynamics: vectorised over (step x run) rows against a per-row loop.
 
     python benchmarks/bench_rank_dynamics.py [--rows 1000000] [--loop-rows 5000]
 
-The old notebook and uploader walked history rows with ``DataFrame.iterrows`` and called the
-dynamics function once per step. That loop, as the notebook wrote it (look the layer keys up in
-each row, call the function on the list, add ``_step``, collect dicts into a DataFrame; with
-this suite's function in place of the old one), is timed on ``--loop-rows`` rows and scaled up
+The baseline, a loop over history rows with ``DataFrame.iterrows`` that calls the dynamics
+function once per step (the pattern of the earlier notebook and uploader: look the layer keys up
+in each row, call the function on the list, add ``_step``, collect dicts into a DataFrame; with
+this suite's dynamics function), is timed on ``--loop-rows`` rows and scaled up
 linearly.
 Target: 1,000,000 rows x 8 layers x 4 measures in <= 2 s, >= 500x faster than the loop.
 """

@@ -1,4 +1,4 @@
-"""Write a test weight matrix for the rank sweeps (the old ``generate_test_weight.py`` flags).
+"""Write a test weight matrix for the rank sweeps (its flags kept compatible with earlier use).
 
     python experiments/generate_test_weight.py --output_features 1024 --input_features 2048 \
         --output_path ./my_weight.pth --init_method xavier_uniform

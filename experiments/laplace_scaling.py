@@ -1,4 +1,4 @@
-"""The batch-size x learning-rate scaling sweep (the old "Laplace scaling" phase 2).
+"""The batch-size x learning-rate scaling sweep ("Laplace scaling" phase 2; docs/scaling_fit.md).
 
     python experiments/laplace_scaling.py batch_size=64 lr=1e-3          # one cell
     python experiments/laplace_scaling.py -m experiment=scaling_grid     # one job per cell
@@ -144,11 +144,11 @@ def validate(cfg: DictConfig) -> None:
 
 
 class CellLogger:
-    """The old study's W&B names for the cells of one (batch size, seed, noise) group.
+    """The phase-2 dashboards' W&B names for the cells of one (batch size, seed, noise) group.
 
     Per cell ``B{b}_LR{lr:.6f}/{train_loss,val_loss,learning_rate,step}``; flat ``train_loss``,
     ``val_loss``, ``batch_size``, ``lr``, ``step``; ``summary/...`` when a cell ends;
-    ``config/...`` when it starts. The first seed and noise family keep the old names exactly;
+    ``config/...`` when it starts. The first seed and noise family keep those names exactly;
     other seeds and families get ``_seed{s}`` / ``_{noise}`` appended so nothing collides.
     """
 

@@ -282,7 +282,7 @@ def step_metrics(
     model: MultimodalModel,
     grad_norm: float,
 ) -> dict[str, float]:
-    """Everything the old trainer logged for one batch (called every log_frequency batches)."""
+    """Per-batch metrics, named as existing dashboards expect (every log_frequency batches)."""
     recon = out["recon"].detach()
     return {
         **{k: float(v.detach()) for k, v in losses.items()},
@@ -379,7 +379,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def old_config_names(cfg: DictConfig, train_samples: int, val_samples: int, model) -> dict:
-    """The old trainer's flat config dictionary (its W&B dashboards filter on these names)."""
+    """Flat config names kept compatible with existing W&B dashboards, which filter on them."""
     mc, tc, lc = cfg.model, cfg.train, cfg.loss
     return {
         "latent_dim": mc.latent_dim,

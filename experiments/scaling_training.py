@@ -35,7 +35,7 @@ def generator(seed: int, stream: int) -> torch.Generator:
 
 
 def cell_name(batch_size: int, lr: float) -> str:
-    """The old study's per-cell W&B namespace, e.g. ``B8_LR0.000030``."""
+    """The per-cell W&B namespace, e.g. ``B8_LR0.000030`` (kept as the phase-2 dashboards use)."""
     return f"B{batch_size}_LR{lr:.6f}"
 
 

@@ -68,7 +68,7 @@ class ChainModelConfig:
 @dataclass
 class ChainDataConfig:
     # fresh: new x ~ N(0, s^2 I) every step, val = the exact expected loss;
-    # fixed: num_samples drawn once, split train/val as the old scripts did;
+    # fixed: num_samples drawn once, split train/val (to compare with fixed-sample results);
     # exact: train on the exact expected loss s^2 ||W - W_hat||^2 / M (no sampling noise).
     mode: str = "fresh"
     input_std: float = 1.0
@@ -79,7 +79,7 @@ class ChainDataConfig:
 @dataclass
 class ChainTrainConfig:
     num_epochs: int = 50
-    # None: num_samples * (1 - val_fraction) / batch_size, the old scripts' epoch.
+    # None: num_samples * (1 - val_fraction) / batch_size, one pass over a fixed training set.
     steps_per_epoch: int | None = None
     batch_size: int = 32
     lr: float = 1e-2
@@ -143,7 +143,7 @@ class ScalingOptimConfig:
 
 @dataclass
 class ScalingTrainConfig:
-    protocol: str = "fixed_epochs"  # fixed_epochs (the old study) | fixed_steps
+    protocol: str = "fixed_epochs"  # fixed_epochs | fixed_steps (docs/scaling_fit.md)
     epochs: int = 8
     steps: int = 2000  # fixed_steps only
     evals: int = 8  # evaluations per cell (fixed_steps); fixed_epochs evaluates every epoch

@@ -81,7 +81,7 @@ def test_wandb_receives_what_the_local_record_holds(name, tmp_path):
 
 @pytest.mark.slow
 def test_the_scaling_studys_four_dashboard_views_can_be_built(tmp_path):
-    """The old study's views, from what W&B holds: (1) a cell's curves against its own step,
+    """The phase-2 dashboard views, from what W&B holds: (1) a cell's curves against its own step,
     (2) final loss by batch size coloured by lr, (3) the loss table, (4) all curves by group."""
     records = transaction_log(run_offline("laplace_scaling", tmp_path))
     rows = history(records)
