@@ -140,6 +140,7 @@ class ExperimentLogger:
     # The run this process has open, for a host that stops it on a signal of its own (the
     # SLURM launcher on the time-limit warning, hydra_plugins/ks_slurm_launcher).
     active: ClassVar[ExperimentLogger | None] = None
+    closed_in_process: ClassVar[bool] = False  # a run of this process has ended
 
     def __init__(
         self,
@@ -196,6 +197,7 @@ class ExperimentLogger:
             steps = [r["_step"] for r in runstore.iter_metrics(self.run_dir) if "_step" in r]
             self.step = max(steps, default=-1)
 
+        earlier = self._earlier_record() if resuming else {}
         self._write_config()
         self._record: dict[str, Any] = {
             "run_id": self.run_id,
@@ -206,7 +208,7 @@ class ExperimentLogger:
             "wandb_dir": None,
             "state": "running",
             "reason": None,
-            "started_at": _now(),
+            "started_at": earlier.get("started_at") or _now(),
             "ended_at": None,
             "git_commit": git_commit(),
             "pid": os.getpid(),
@@ -214,6 +216,8 @@ class ExperimentLogger:
             "slurm": slurm_ids(),
             "defined_metrics": {},
         }
+        if resuming:  # the first launch's start stays; each launch that went on is listed
+            self._record["resumed_at"] = [*earlier.get("resumed_at", []), _now()]
         if mode != "disabled":
             self._start_wandb(resuming=resuming, init_timeout=init_timeout, **identity)
         self._write_record()
@@ -223,6 +227,12 @@ class ExperimentLogger:
         self._previous_handlers: dict[int, Any] = {}
         self._install_signal_handlers()
         ExperimentLogger.active = self
+
+    def _earlier_record(self) -> dict[str, Any]:
+        try:
+            return runstore.read_json(self.run_dir / runstore.RUN_FILE)
+        except (OSError, ValueError):
+            return {}
 
     # -- W&B plumbing -------------------------------------------------------------------------
 
@@ -460,6 +470,7 @@ class ExperimentLogger:
         self._finished = True
         if ExperimentLogger.active is self:
             ExperimentLogger.active = None
+        ExperimentLogger.closed_in_process = True
         self._record.update(state=state, reason=reason, ended_at=_now())
         try:
             self._write_record()

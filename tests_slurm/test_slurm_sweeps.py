@@ -217,3 +217,107 @@ def test_a_request_no_node_can_satisfy_is_one_line_before_submitting(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and "no node can run a task asking for" in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr and not out.exists()
+
+
+# -- requeue: SLURM's warning (SIGUSR2) with a requeue left; the job goes on from its checkpoint -
+
+
+def start_sweep(script: Path, args: list[str], sweep_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    return subprocess.Popen(
+        [sys.executable, str(script), "-m", SLURM, *args, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=sweep_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def warn_when(master: subprocess.Popen, job: Path, task: int, past_step: int) -> str:
+    """Send task ``task`` of the sweep's array SLURM's SIGUSR2 (as ``--signal`` does before the
+    time limit) once its run has logged past ``past_step``; returns the array's id."""
+    deadline = time.time() + 240
+    while True:
+        assert master.poll() is None, master.communicate()
+        assert time.time() < deadline, f"{job} never got past step {past_step}"
+        steps = [json.loads(line).get("_step", 0) for line in _lines(job / "metrics.jsonl")]
+        if steps and max(steps) > past_step:
+            break
+        time.sleep(0.05)
+    (array,) = {p.name.split("_")[0] for p in (job.parent / ".submitit").iterdir() if p.is_dir()}
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_{task}"], check=True, timeout=30)
+    return array
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.endswith("}")]
+    except FileNotFoundError:
+        return []
+
+
+def job_log(sweep_dir: Path, task: str) -> str:
+    """A task's batch log, both streams (each launch of a requeued task appends to it)."""
+    return "".join((sweep_dir / ".submitit" / task / f"{task}_0_log.{ext}").read_text()
+                   for ext in ("out", "err"))  # fmt: skip
+
+
+def restarts(job_id: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                         timeout=30).stdout  # fmt: skip
+    return int(out.split("Restarts=")[1].split()[0])
+
+
+def test_a_requeued_multimodal_job_ends_with_the_numbers_of_an_uninterrupted_one(tmp_path):
+    """Two jobs, the same config; job 0 gets SIGUSR2 after its checkpoint at step 5, is requeued
+    (max_num_timeout=1) and goes on from last.pt in the same folder and W&B run. Its final
+    numbers equal job 1's, which ran through; each step is recorded once."""
+    out = tmp_path / "sweep"
+    args = ["seed=0,0", *TINY, "train.epochs=40", "train.checkpoint_frequency=5",
+            "train.log_frequency=1", "logger=wandb", ONE_CPU,
+            "hydra.launcher.max_num_timeout=1"]  # fmt: skip
+    master = start_sweep(MULTIMODAL, args, out)
+    try:
+        array = warn_when(master, out / "0", task=0, past_step=6)
+        stdout, stderr = master.communicate(timeout=420)
+    finally:
+        if master.poll() is None:
+            master.send_signal(signal.SIGINT)
+            master.wait(30)
+    assert master.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stderr and "did not finish" not in stdout
+    assert restarts(f"{array}_0") == 1 and restarts(f"{array}_1") == 0
+    assert job_states(out) == {"0": "finished", "1": "finished"}
+    summaries = [json.loads((out / j / "summary.json").read_text()) for j in ("0", "1")]
+    final = {k: v for k, v in summaries[1].items() if k.startswith("final_")}
+    assert final and {k: summaries[0][k] for k in final} == final
+    steps = [json.loads(line)["_step"] for line in _lines(out / "0" / "metrics.jsonl")]
+    assert sorted(steps) == sorted(json.loads(line)["_step"]
+                                   for line in _lines(out / "1" / "metrics.jsonl"))  # fmt: skip
+    log = job_log(out, f"{array}_0")
+    assert "SLURM's SIGUSR2" in log and "resuming" in log
+    # one W&B run: the requeued launch continues the first one's id
+    runs = {p.name.rsplit("-", 1)[-1] for p in (out / "0" / "wandb").glob("offline-run-*")}
+    assert len(runs) == 1, runs
+
+
+def test_a_rank_sweep_job_warned_before_its_time_limit_goes_on_after_a_requeue(tmp_path):
+    """The real time-limit path: timeout_min=3 and signal_delay_s=150, so SLURM itself sends
+    SIGUSR2 within the job's first 30 s. With one requeue allowed the job stops, is requeued and
+    goes on from its last epoch; warned again with none left, it trains on and finishes inside
+    the limit. Its loss curves equal an uninterrupted run's."""
+    args = ["rank=2", *RANK_SMALL[:2], "train.num_epochs=300", "train.steps_per_epoch=40",
+            "logger=disabled", ONE_CPU]  # fmt: skip
+    whole = tmp_path / "whole"
+    alone = run_script(RANK_SWEEP, [*args[:-1], f"hydra.run.dir={whole}"], tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    out = tmp_path / "sweep"
+    limits = ["hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=150",
+              "hydra.launcher.max_num_timeout=1"]  # fmt: skip
+    proc = sweep(RANK_SWEEP, [*args, *limits], out, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert job_states(out) == {"0_rank_2": "finished"}
+    (task,) = slurm_states(out)
+    assert restarts(task) == 1
+    log = job_log(out, task)
+    assert "its time limit is near; requeued" in log
+    assert "no requeue is left (hydra.launcher.max_num_timeout): the job trains on" in log
+    curves = (out / "0_rank_2" / "loss_curves.csv").read_text()
+    assert curves == (whole / "loss_curves.csv").read_text()

@@ -11,12 +11,15 @@ sweep outcome, and the sweep goes on to its report (experiments/callbacks.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -24,6 +27,7 @@ from omegaconf import open_dict
 
 from experiments import runstore
 from experiments.callbacks import SweepOutcome
+from experiments.logger import ExperimentLogger
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,48 @@ SLURM_END_STATES = {"TIMEOUT": "timeout", "CANCELLED": "interrupted", "PREEMPTED
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: dict) -> JobReturn:  # fmt: skip
+        """The job, inside SLURM. A requeued job goes on in its folder (``resume=true``). On
+        SLURM's warning (SIGUSR2 before the time limit, or a preemption) with a requeue left,
+        the run stops, closes its record and the job is requeued to go on from its checkpoint."""
+        overrides = list(sweep_overrides)
+        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+            overrides = self._resumed(overrides, job_num)
+        warning = TimeLimitWarning()
+        with warning.handled():
+            try:
+                return super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
+            except BaseException:
+                if warning.requeues_left is None:
+                    raise
+        self._requeue(warning, self._job_folder(overrides, job_num))
+
+    def _resumed(self, overrides: list[str], job_num: int) -> list[str]:
+        """A requeued job's overrides: ``resume=true`` when its folder holds its run (it may
+        have been stopped before the run began: then it starts afresh)."""
+        kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume"]
+        if (self._job_folder(kept, job_num) / runstore.RUN_FILE).is_file():
+            kept.append("resume=true")
+        log.info("requeued (restart %s): %s", os.environ["SLURM_RESTART_COUNT"], " ".join(kept))
+        return kept
+
+    def _requeue(self, warning: TimeLimitWarning, folder: Path) -> NoReturn:
+        """Requeue this job (submitit's checkpoint: the same call, the budget one less) and
+        exit; its run record says why it stopped and that it goes on."""
+        import submitit
+        from submitit.core.job_environment import _checkpoint
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # scontrol requeue ends this process
+        record_requeue(folder, warning.reason, warning.requeues_left)
+        env = submitit.JobEnvironment()
+        problem = _checkpoint(warning.delayed, env.paths.submitted_pickle, warning.requeues_left)
+        if problem:
+            log.error("not requeued: %s", problem)
+            sys.exit(1)
+        env._requeue(warning.requeues_left)
+        sys.exit(130)
+
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         import submitit
 
@@ -78,6 +124,74 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         # "completed" for Hydra (a failed JobReturn re-raises in the sweeper, before the sweep's
         # report): the run record and the sweep outcome say how it ended
         return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, working_dir=str(folder))
+
+
+class TimeLimitWarning:
+    """SLURM's SIGUSR2 in the job: ``signal_delay_s`` before the time limit (submitit asks for
+    it) or on a preemption. With a requeue left (``max_num_timeout`` for time limits; always for
+    a preemption, as submitit counts) the run is stopped at once; without one it trains on and
+    the limit decides. ``requeues_left`` is set once the run was stopped for a requeue."""
+
+    def __init__(self) -> None:
+        import submitit
+        from submitit.core.job_environment import SignalHandler
+        from submitit.core.utils import DelayedSubmission
+
+        env = submitit.JobEnvironment()
+        self.delayed = DelayedSubmission.load(env.paths.submitted_pickle)
+        self._submitit = SignalHandler(env, env.paths, self.delayed)  # knows the time limit
+        self.requeues_left: int | None = None
+        self.reason = ""
+
+    @contextlib.contextmanager
+    def handled(self):
+        previous = signal.signal(signal.SIGUSR2, self._on_warning)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGUSR2, previous)
+
+    def _on_warning(self, signum: int, frame: Any) -> None:
+        timed_out = self._submitit.has_timed_out()
+        left = self.delayed._timeout_countdown - int(timed_out)
+        what = "its time limit is near" if timed_out else "it is preempted"
+        if left < 0:
+            log.warning("SIGUSR2: %s and no requeue is left (hydra.launcher.max_num_timeout): "
+                        "the job trains on until SLURM ends it", what)  # fmt: skip
+            return
+        run = ExperimentLogger.active
+        if run is None and ExperimentLogger.closed_in_process:
+            return  # the run has ended: nothing to go on with
+        self.requeues_left = left
+        self.reason = (f"SLURM's SIGUSR2: {what}; requeued to go on from its checkpoint "
+                       f"({left} more time-limit requeues allowed)")  # fmt: skip
+        log.warning(self.reason)
+        if run is not None:
+            run.request_stop(self.reason)  # raises, unless the record is being closed
+            self.requeues_left = None  # it was: the run ends as it is
+            return
+        raise KeyboardInterrupt(self.reason)  # before the run began: nothing is kept
+
+
+def record_requeue(folder: Path, reason: str, left: int) -> None:
+    """The stopped run's record says it was requeued (its state stays ``interrupted``; the
+    requeued job marks it running again)."""
+    path = folder / runstore.RUN_FILE
+    if not path.is_file():
+        return
+    try:
+        lock = runstore.RunLock(folder).acquire(retries=40)
+    except (runstore.RunFolderInUse, OSError) as exc:
+        log.warning("could not note the requeue in %s: %s", path, exc)
+        return
+    try:
+        record = runstore.read_json(path)
+        record.update(reason=reason, requeues_left=left)
+        runstore.write_json_atomic(path, record)
+    except (OSError, ValueError) as exc:
+        log.warning("could not note the requeue in %s: %s", path, exc)
+    finally:
+        lock.release()
 
 
 class _Collected:
