@@ -413,195 +413,253 @@ def encoder_rank_probe(
     )
 
 
-def multimodal_job(
-    cfg: DictConfig, logger: ExperimentLogger, pairs: tuple[PairSet, PairSet]
-) -> None:
-    out = job_dir()
-    device = resolve_device(cfg.runtime.device)
-    tc, dc = cfg.train, cfg.data
-    train, val = pairs
-    last = out / "last.pt"
-    resume = torch.load(last, weights_only=False) if cfg.resume and last.is_file() else None
+class Training:
+    """The multimodal run's state and its named steps: a train step, the per-batch log, the
+    media, the end-of-epoch evaluation, the checkpoint. ``multimodal_job`` strings them."""
 
-    if resume is not None:
-        tokenizer = Tokenizer.from_state_dict(resume["tokenizer"])
-        max_len = resume["max_len"]
-    else:
-        tokenizer = Tokenizer.build(train.captions, dc.vocab_size)
-        longest = max(len(words(c)) for c in train.captions) + 2  # bos, eos
-        max_len = dc.max_caption_len or longest
-    train_tokens = tokenizer.encode_batch(train.captions, max_len)
-    val_tokens = tokenizer.encode_batch(val.captions, max_len)
-    channels = train.images.shape[1]
-    model = build_model(cfg, tokenizer, max_len, channels).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = math.ceil(len(train.images) / tc.batch_size)
-    total_steps = tc.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, floor=tc.min_lr / tc.lr)
-    )
-    step, best_val = 0, math.inf
-    epoch_loss, epoch_batches = 0.0, 0  # the running epoch's train loss, for its average
-    if resume is not None:
-        try:
-            model.load_state_dict(resume["model"])
-        except RuntimeError:
-            raise UserError(
-                f"{out / 'last.pt'} was trained with another model config: resume with the "
-                "same model.* and data.* settings"
-            ) from None
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        step, best_val = resume["step"], resume["best_val_loss"]
-        epoch_loss, epoch_batches = resume.get("epoch_loss", 0.0), resume.get("epoch_batches", 0)
-        if "torch_rng" in resume:  # dropout draws from it
-            torch.set_rng_state(resume["torch_rng"])
-    if cfg.resume:
-        dropped = logger.rewind(step)  # the steps after the checkpoint are trained again
-        log.info("resuming %s at step %d (epoch %d; %d records after it dropped)", out, step,
-                 step // steps_per_epoch, dropped)  # fmt: skip
-    mean_image = train.images.mean(0, keepdim=True).to(device)
-    if cfg.rank_probe.enabled:
-        logger.attach_rank_probe(encoder_rank_probe(cfg, model, val.images, device))
+    def __init__(self, cfg: DictConfig, pairs: tuple[PairSet, PairSet], device: torch.device,
+                 resume: dict[str, Any] | None):  # fmt: skip
+        tc, dc = cfg.train, cfg.data
+        self.cfg, self.device = cfg, device
+        self.train, self.val = pairs
+        if resume is not None:  # the vocabulary and caption length the run started with
+            self.tokenizer = Tokenizer.from_state_dict(resume["tokenizer"])
+            self.max_len = resume["max_len"]
+        else:
+            self.tokenizer = Tokenizer.build(self.train.captions, dc.vocab_size)
+            longest = max(len(words(c)) for c in self.train.captions) + 2  # bos, eos
+            self.max_len = dc.max_caption_len or longest
+        self.train_tokens = self.tokenizer.encode_batch(self.train.captions, self.max_len)
+        self.val_tokens = self.tokenizer.encode_batch(self.val.captions, self.max_len)
+        channels = self.train.images.shape[1]
+        self.model = build_model(cfg, self.tokenizer, self.max_len, channels).to(device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
+        )
+        self.steps_per_epoch = math.ceil(len(self.train.images) / tc.batch_size)
+        self.total_steps = tc.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, self.total_steps, tc.warmup_steps, floor=tc.min_lr / tc.lr),
+        )
+        self.stop = min(self.total_steps, tc.max_steps) if tc.max_steps else self.total_steps
+        self.mean_image = self.train.images.mean(0, keepdim=True).to(device)
+        self.step, self.best_val = 0, math.inf
+        self.epoch_loss, self.epoch_batches = 0.0, 0  # the running epoch, for its average
+        self.eval_time = 0.0
+        if resume is not None:
+            self.load(resume)
 
-    logger.update_config(old_config_names(cfg, len(train.images), len(val.images), model))
-    logger.log_summary(
-        train_samples=len(train.images),
-        val_samples=len(val.images),
-        total_parameters=model.num_parameters,
-        vocab_size_used=len(tokenizer),
-        max_caption_len=max_len,
-        steps_per_epoch=steps_per_epoch,
-        device=str(device),
-    )
-    for name in ("epoch_train_loss_avg", "epoch_val_loss_avg", "val_train_loss_ratio"):
-        logger.define_metric(name, step_metric="epoch")
-    stop = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
-    log.info(
-        "%d train / %d val pairs, vocabulary %d, %d parameters, training to step %d%s",
-        len(train.images),
-        len(val.images),
-        len(tokenizer),
-        model.num_parameters,
-        stop,
-        f" (train.max_steps; the schedule has {total_steps})" if stop < total_steps else "",
-    )
+    # -- checkpoints ---------------------------------------------------------------------------
 
-    def checkpoint(path: Path) -> None:
+    def save(self, path: Path) -> None:
         save_checkpoint(
             path,
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "best_val_loss": best_val,
-                "epoch_loss": epoch_loss,
-                "epoch_batches": epoch_batches,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "best_val_loss": self.best_val,
+                "epoch_loss": self.epoch_loss,
+                "epoch_batches": self.epoch_batches,
                 "torch_rng": torch.get_rng_state(),
-                "tokenizer": tokenizer.state_dict(),
-                "max_len": max_len,
-                "config": OmegaConf.to_container(cfg, resolve=True),
+                "tokenizer": self.tokenizer.state_dict(),
+                "max_len": self.max_len,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
             },
         )
 
-    model.train()
-    psutil.cpu_percent(interval=None)  # starts the cpu_percent interval
-    started, first_step, eval_time = time.perf_counter(), step, 0.0
-    bar = progress(total=stop, initial=step, desc="multimodal", unit="batch", leave=False)
-    while step < stop:
-        epoch, batch_idx = divmod(step, steps_per_epoch)
-        # the order depends on the seed and the epoch only, so a resumed run sees the same batches
-        order = torch.randperm(
-            len(train.images), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        )
-        idx = order[batch_idx * tc.batch_size : (batch_idx + 1) * tc.batch_size]
-        images, tokens = train.images[idx].to(device), train_tokens[idx].to(device)
+    def load(self, saved: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError:
+            raise UserError(
+                f"{job_dir() / 'last.pt'} was trained with another model config: resume with "
+                "the same model.* and data.* settings"
+            ) from None
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.step, self.best_val = saved["step"], saved["best_val_loss"]
+        self.epoch_loss = saved.get("epoch_loss", 0.0)
+        self.epoch_batches = saved.get("epoch_batches", 0)
+        if "torch_rng" in saved:  # dropout draws from it
+            torch.set_rng_state(saved["torch_rng"])
 
-        losses, outputs = compute_losses(model, images, tokens, cfg)
+    # -- one batch -----------------------------------------------------------------------------
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's batch: the order depends on the seed and the epoch only, so a resumed run
+        sees the same batches."""
+        epoch, batch_idx = divmod(self.step, self.steps_per_epoch)
+        seed = self.cfg.seed * 100_003 + epoch
+        order = torch.randperm(
+            len(self.train.images), generator=torch.Generator().manual_seed(seed)
+        )
+        bs = self.cfg.train.batch_size
+        idx = order[batch_idx * bs : (batch_idx + 1) * bs]
+        return self.train.images[idx].to(self.device), self.train_tokens[idx].to(self.device)
+
+    def train_step(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, float] | None:
+        """One optimizer step; the batch's metrics when this step is logged, else None."""
+        tc = self.cfg.train
+        losses, outputs = compute_losses(self.model, images, tokens, self.cfg)
         if not torch.isfinite(losses["total_loss"]):
-            raise TrainingFailed(f"diverged at step {step}: total_loss is not finite")
-        optimizer.zero_grad(set_to_none=True)
+            raise TrainingFailed(f"diverged at step {self.step}: total_loss is not finite")
+        self.optimizer.zero_grad(set_to_none=True)
         losses["total_loss"].backward()
         # clip_grad_norm_ returns the global norm before clipping: the value worth logging
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-        # the last step logs too, so a run shorter than log_frequency still shows its scalars
-        logging_now = tc.log_frequency and ((step + 1) % tc.log_frequency == 0 or step + 1 == stop)
-        metrics = (
-            step_metrics(losses, outputs, images, tokens, model, float(grad_norm))
-            if logging_now
-            else None
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), tc.grad_clip or math.inf
         )
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        epoch_loss += float(losses["total_loss"].detach())
-        epoch_batches += 1
-        bar.update(1)
+        # the last step logs too, so a run shorter than log_frequency still shows its scalars
+        next_step = self.step + 1
+        logged = tc.log_frequency and (next_step % tc.log_frequency == 0 or next_step == self.stop)
+        metrics = None
+        if logged:  # before the update: the metrics of the weights that saw this batch
+            metrics = step_metrics(losses, outputs, images, tokens, self.model, float(grad_norm))
+            metrics.update(learning_rate=self.scheduler.get_last_lr()[0], batch_size=len(images))
+            metrics["epoch"] = next_step / self.steps_per_epoch
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step = next_step
+        self.epoch_loss += float(losses["total_loss"].detach())
+        self.epoch_batches += 1
+        self.last_recon = outputs["recon"].detach()
+        return metrics
 
-        if metrics is not None:
-            metrics.update(hardware_stats(device), learning_rate=lr, batch_size=len(idx))
-            metrics["epoch"] = epoch + (batch_idx + 1) / steps_per_epoch
-            logger.log(metrics, step=step)
-            bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", refresh=False)
-        if tc.image_log_frequency and (step % tc.image_log_frequency == 0 or step == stop):
-            recon = outputs["recon"].detach()
-            logger.log_image("reconstruction", side_by_side(images, recon), step, "top: original")
-            logger.log_image("image_diff", side_by_side(images, (images - recon).abs()), step)
-        if tc.checkpoint_frequency and step % tc.checkpoint_frequency == 0:
-            checkpoint(out / "last.pt")
+    def log_media(self, logger: ExperimentLogger, images: torch.Tensor) -> None:
+        """The batch and its reconstruction, every image_log_frequency steps and at the end."""
+        every = self.cfg.train.image_log_frequency
+        if not every or (self.step % every and self.step != self.stop):
+            return
+        recon = self.last_recon
+        logger.log_image("reconstruction", side_by_side(images, recon), self.step, "top: original")
+        logger.log_image("image_diff", side_by_side(images, (images - recon).abs()), self.step)
 
-        if step % steps_per_epoch == 0 or step == stop:
-            eval_started = time.perf_counter()
-            ev = evaluate(model, val, val_tokens, mean_image, cfg, device)
-            train_avg = epoch_loss / max(1, epoch_batches)
-            epoch_metrics = {f"val_{k}": v for k, v in ev.items()}
-            epoch_metrics.update(
-                epoch=step / steps_per_epoch,
-                epoch_train_loss_avg=train_avg,
-                epoch_val_loss_avg=ev["total_loss"],
-                val_train_loss_ratio=ev["total_loss"] / train_avg if train_avg else math.nan,
-                image_caption_loss_ratio=ev["loss_image"] / max(ev["loss_caption"], 1e-12),
-            )
-            # the last evaluation always probes ranks, so a short run has them too
-            logger.log(epoch_metrics, step=step, probe=step == stop)
-            rows = sample_table(model, val, tokenizer, tc.num_samples, device)
-            logger.log_table(
-                "sample_captions", ["index", "reference", "generated", "exact"], rows, step
-            )
-            epoch_loss, epoch_batches = 0.0, 0
-            if ev["total_loss"] < best_val:
-                best_val = ev["total_loss"]
-                checkpoint(out / "best.pt")
-            checkpoint(out / "last.pt")
-            logger.log_summary(
-                {f"final_{k}": v for k, v in epoch_metrics.items()}, best_val_loss=best_val
-            )
-            log.info(
-                "epoch %.2f: train %.4f val %.4f | caption acc %.3f | image mse %.4f "
-                "(mean image %.4f) | retrieval top-1 %.3f (chance %.3f)",
-                step / steps_per_epoch,
-                train_avg,
-                ev["total_loss"],
-                ev["caption_accuracy"],
-                ev["image_mse"],
-                ev["mean_image_mse"],
-                ev["retrieval_top1"],
-                ev["retrieval_chance"],
-            )
-            eval_time += time.perf_counter() - eval_started
-    bar.close()
-    elapsed = time.perf_counter() - started
-    train_time = elapsed - eval_time  # training steps with their logging, no evaluation
-    done = step - first_step
+    # -- end of an epoch -----------------------------------------------------------------------
+
+    def epoch_ends(self) -> bool:
+        return self.step % self.steps_per_epoch == 0 or self.step == self.stop
+
+    def evaluate_epoch(self, logger: ExperimentLogger) -> None:
+        """Validation metrics, sample captions, checkpoints and the summary at an epoch's end."""
+        started = time.perf_counter()
+        ev = evaluate(self.model, self.val, self.val_tokens, self.mean_image, self.cfg, self.device)
+        train_avg = self.epoch_loss / max(1, self.epoch_batches)
+        epoch_metrics = {f"val_{k}": v for k, v in ev.items()}
+        epoch_metrics.update(
+            epoch=self.step / self.steps_per_epoch,
+            epoch_train_loss_avg=train_avg,
+            epoch_val_loss_avg=ev["total_loss"],
+            val_train_loss_ratio=ev["total_loss"] / train_avg if train_avg else math.nan,
+            image_caption_loss_ratio=ev["loss_image"] / max(ev["loss_caption"], 1e-12),
+        )
+        # the last evaluation always probes ranks, so a short run has them too
+        logger.log(epoch_metrics, step=self.step, probe=self.step == self.stop)
+        rows = sample_table(self.model, self.val, self.tokenizer, self.cfg.train.num_samples,
+                            self.device)  # fmt: skip
+        logger.log_table(
+            "sample_captions", ["index", "reference", "generated", "exact"], rows, self.step
+        )
+        self.epoch_loss, self.epoch_batches = 0.0, 0
+        out = job_dir()
+        if ev["total_loss"] < self.best_val:
+            self.best_val = ev["total_loss"]
+            self.save(out / "best.pt")
+        self.save(out / "last.pt")
+        logger.log_summary(
+            {f"final_{k}": v for k, v in epoch_metrics.items()}, best_val_loss=self.best_val
+        )
+        log.info(
+            "epoch %.2f: train %.4f val %.4f | caption acc %.3f | image mse %.4f "
+            "(mean image %.4f) | retrieval top-1 %.3f (chance %.3f)",
+            self.step / self.steps_per_epoch, train_avg, ev["total_loss"],
+            ev["caption_accuracy"], ev["image_mse"], ev["mean_image_mse"],
+            ev["retrieval_top1"], ev["retrieval_chance"],
+        )  # fmt: skip
+        self.eval_time += time.perf_counter() - started
+
+
+def load_resume_point(cfg: DictConfig) -> dict[str, Any] | None:
+    """The run's last.pt when it resumes (None: a fresh run, or stopped before one was saved)."""
+    last = job_dir() / "last.pt"
+    return torch.load(last, weights_only=False) if cfg.resume and last.is_file() else None
+
+
+def report_setup(cfg: DictConfig, run: Training, logger: ExperimentLogger) -> None:
+    if cfg.rank_probe.enabled:
+        logger.attach_rank_probe(encoder_rank_probe(cfg, run.model, run.val.images, run.device))
+    n_train, n_val = len(run.train.images), len(run.val.images)
+    logger.update_config(old_config_names(cfg, n_train, n_val, run.model))
     logger.log_summary(
-        steps=step,
+        train_samples=n_train,
+        val_samples=n_val,
+        total_parameters=run.model.num_parameters,
+        vocab_size_used=len(run.tokenizer),
+        max_caption_len=run.max_len,
+        steps_per_epoch=run.steps_per_epoch,
+        device=str(run.device),
+    )
+    for name in ("epoch_train_loss_avg", "epoch_val_loss_avg", "val_train_loss_ratio"):
+        logger.define_metric(name, step_metric="epoch")
+    log.info(
+        "%d train / %d val pairs, vocabulary %d, %d parameters, training to step %d%s",
+        n_train, n_val, len(run.tokenizer), run.model.num_parameters, run.stop,
+        f" (train.max_steps; the schedule has {run.total_steps})"
+        if run.stop < run.total_steps else "",
+    )  # fmt: skip
+
+
+def train(run: Training, logger: ExperimentLogger) -> None:
+    """Steps until run.stop: the per-batch log, media, checkpoints and epoch evaluations."""
+    tc = run.cfg.train
+    run.model.train()
+    psutil.cpu_percent(interval=None)  # starts the cpu_percent interval
+    bar = progress(total=run.stop, initial=run.step, desc="multimodal", unit="batch", leave=False)
+    while run.step < run.stop:
+        images, tokens = run.batch()
+        metrics = run.train_step(images, tokens)
+        bar.update(1)
+        if metrics is not None:
+            metrics.update(hardware_stats(run.device))
+            logger.log(metrics, step=run.step)
+            bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", refresh=False)
+        run.log_media(logger, images)
+        if tc.checkpoint_frequency and run.step % tc.checkpoint_frequency == 0:
+            run.save(job_dir() / "last.pt")
+        if run.epoch_ends():
+            run.evaluate_epoch(logger)
+    bar.close()
+
+
+def multimodal_job(
+    cfg: DictConfig, logger: ExperimentLogger, pairs: tuple[PairSet, PairSet]
+) -> None:
+    # data and model (a resumed run: as its last checkpoint left them)
+    resume = load_resume_point(cfg)
+    run = Training(cfg, pairs, resolve_device(cfg.runtime.device), resume)
+    if cfg.resume:
+        dropped = logger.rewind(run.step)  # the steps after the checkpoint are trained again
+        log.info("resuming %s at step %d (epoch %d; %d records after it dropped)", job_dir(),
+                 run.step, run.step // run.steps_per_epoch, dropped)  # fmt: skip
+    report_setup(cfg, run, logger)
+
+    # train
+    first_step, started = run.step, time.perf_counter()
+    train(run, logger)
+
+    # report
+    elapsed = time.perf_counter() - started
+    train_time = elapsed - run.eval_time  # training steps with their logging, no evaluation
+    done = run.step - first_step
+    logger.log_summary(
+        steps=run.step,
         wall_time_s=elapsed,
         train_time_s=train_time,
         step_time_s=train_time / max(1, done),
-        samples_per_second=done * tc.batch_size / train_time if train_time > 0 else math.nan,
-        status="finished" if step >= total_steps else "stopped (max_steps)",
+        samples_per_second=done * cfg.train.batch_size / train_time if train_time > 0 else math.nan,
+        status="finished" if run.step >= run.total_steps else "stopped (max_steps)",
     )
 
 
