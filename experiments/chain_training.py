@@ -369,6 +369,57 @@ def resume_training(state: TrainingState, last: Path, logger: ExperimentLogger) 
     log.info("resuming %s %s; %d records after it dropped", last.parent, where, dropped)
 
 
+def new_training_state(cfg: DictConfig, chain: KSLinearChain, data: ChainData,
+                       curves: LossCurves) -> TrainingState:  # fmt: skip
+    """The optimizer, schedule and loss scaler of a fresh run."""
+    tc = cfg.train
+    device = next(chain.parameters()).device
+    scaler = torch.amp.GradScaler(device.type, enabled=PRECISIONS[tc.precision] == torch.float16)
+    # No weight decay on the structured factors: it biases them away from the floor.
+    optimizer = torch.optim.AdamW(chain.parameters(), lr=tc.lr, weight_decay=0.0)
+    total_steps = tc.num_epochs * data.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.schedule)
+    )
+    return TrainingState(chain, optimizer, scheduler, scaler, data, curves,
+                         best={"train": math.inf, "val": math.inf})  # fmt: skip
+
+
+def train_epoch(
+    cfg: DictConfig, state: TrainingState, targets: Targets, epoch: int
+) -> tuple[float, float]:
+    """One epoch of steps; its mean train loss and the last step's gradient norm."""
+    chain, optimizer, scaler = state.chain, state.optimizer, state.scaler
+    device, dtype = targets.weight.device, PRECISIONS[cfg.train.precision]
+    autocast = (
+        torch.autocast(device.type, dtype=dtype)
+        if dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    chain.train()
+    loss_sum, grad_norm = 0.0, 0.0
+    for x, y in state.data.batches():
+        with autocast:
+            if x is None:  # exact mode
+                loss = expected_mse(targets.weight, chain.to_dense(), targets.input_std)
+            else:
+                loss = torch.nn.functional.mse_loss(chain(x).float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingFailed(f"diverged at epoch {epoch}: train loss is {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        # clip_grad_norm_ returns the norm before clipping: the value worth logging.
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(chain.parameters(), cfg.train.grad_clip or math.inf)
+        )
+        scaler.step(optimizer)
+        scaler.update()
+        state.scheduler.step()
+        loss_sum += loss.item()
+    return loss_sum / state.data.steps_per_epoch, grad_norm
+
+
 def train_chain(
     cfg: DictConfig,
     chain: KSLinearChain,
@@ -382,53 +433,15 @@ def train_chain(
 
     With ``last`` the state after each epoch is saved there, and ``cfg.resume`` goes on from it.
     """
-    device = targets.weight.device
-    tc = cfg.train
-    dtype = PRECISIONS[tc.precision]
-    autocast = (
-        torch.autocast(device.type, dtype=dtype)
-        if dtype != torch.float32
-        else contextlib.nullcontext()
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # No weight decay on the structured factors: it biases them away from the floor.
-    optimizer = torch.optim.AdamW(chain.parameters(), lr=tc.lr, weight_decay=0.0)
-    total_steps = tc.num_epochs * data.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.schedule)
-    )
-    state = TrainingState(chain, optimizer, scheduler, scaler, data, curves,
-                          best={"train": math.inf, "val": math.inf})  # fmt: skip
+    state = new_training_state(cfg, chain, data, curves)
     if last is not None and cfg.get("resume"):
         resume_training(state, last, logger)
     best = state.best
-    row: dict[str, Any] = curves.rows[-1] if curves.rows else {}
     started = time.perf_counter()
-    epochs = range(state.epoch + 1, tc.num_epochs + 1)
+    epochs = range(state.epoch + 1, cfg.train.num_epochs + 1)
     bar = progress(epochs, desc=f"rank {cfg.rank}", unit="epoch", leave=False)
     for epoch in bar:
-        chain.train()
-        loss_sum, grad_norm = 0.0, 0.0
-        for x, y in data.batches():
-            with autocast:
-                if x is None:  # exact mode
-                    loss = expected_mse(targets.weight, chain.to_dense(), targets.input_std)
-                else:
-                    loss = torch.nn.functional.mse_loss(chain(x).float(), y)
-            if not torch.isfinite(loss):
-                raise TrainingFailed(f"diverged at epoch {epoch}: train loss is {loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            # clip_grad_norm_ returns the norm before clipping: the value worth logging.
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(chain.parameters(), tc.grad_clip or math.inf)
-            )
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.item()
-        train_loss = loss_sum / data.steps_per_epoch
+        train_loss, grad_norm = train_epoch(cfg, state, targets, epoch)
         val_loss = evaluate(chain, targets, data)
         if not math.isfinite(val_loss):
             raise TrainingFailed(f"diverged at epoch {epoch}: val loss is {val_loss}")
@@ -446,7 +459,7 @@ def train_chain(
             {
                 **{k: row[k] for k in ("epoch", "train_loss", "val_loss", "floor")},
                 "loss_over_floor": row["loss_over_floor"],
-                "lr": scheduler.get_last_lr()[0],
+                "lr": state.scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
             },
             step=epoch,
@@ -457,6 +470,7 @@ def train_chain(
         if last is not None:
             state.epoch = epoch
             state.save(last)
+    row = curves.rows[-1]
     return {
         "final_train_loss": row["train_loss"],
         "final_val_loss": row["val_loss"],
