@@ -914,6 +914,52 @@ _SUMMARY_KEYS = (
 )
 
 
+def _differences(
+    df: pd.DataFrame,
+    names: list[str],
+    n_boot: int,
+    seed: int,
+    loss: str,
+    include_flagged: bool,
+    window: int,
+) -> dict[str, Any]:
+    """``paired_family_difference`` of each pair of families, keyed ``"a - b"``, its estimate
+    and interval as JSON numbers (None for NaN)."""
+    differences: dict[str, Any] = {}
+    for first, second in combinations(names, 2):
+        # The primary family (first in ``names``) is always the reference b.
+        a, b = second, first
+        diff = paired_family_difference(
+            df,
+            a,
+            b,
+            n_boot=n_boot,
+            seed=seed,
+            loss=loss,
+            include_flagged=include_flagged,
+            window=window,
+        )
+        diff["estimate"] = _num(diff["estimate"])
+        diff["ci"] = [_num(v) for v in diff["ci"]]
+        differences[f"{a} - {b}"] = diff
+    return differences
+
+
+def _notes(window: int, include_flagged: bool, primary: str) -> list[str]:
+    """The report's ``notes``: the choices behind its numbers, in words."""
+    return [
+        "lr_opt: grid argmin of the seed-mean log loss, refined by a parabola in log10(lr) "
+        f"over the {window} contiguous stable points around it; non_convex/few_points cells "
+        "fall back to the grid argmin",
+        "a (batch size, lr) cell with any diverged seed is left out of the seed-mean curve",
+        "beta_se and r2 come from scipy.stats.linregress and ignore the uncertainty of each "
+        "lr_opt; beta_ci (bootstrap over seeds within each batch size) is the one to trust",
+        "edge-flagged batch sizes are excluded from the fit"
+        + (" (not: include_flagged)" if include_flagged else ""),
+        f"top-level keys describe the {primary!r} family; families are not pooled",
+    ]
+
+
 def analyze(
     df: pd.DataFrame,
     n_boot: int = 2000,
@@ -947,37 +993,10 @@ def analyze(
     }
     result.update({key: per_family[primary][key] for key in _SUMMARY_KEYS})
     result["families"] = per_family
-    differences: dict[str, Any] = {}
-    for first, second in combinations(names, 2):
-        # The primary family (first in ``names``) is always the reference b.
-        a, b = second, first
-        diff = paired_family_difference(
-            df,
-            a,
-            b,
-            n_boot=n_boot,
-            seed=seed,
-            loss=loss,
-            include_flagged=include_flagged,
-            window=window,
-        )
-        diff["estimate"] = _num(diff["estimate"])
-        diff["ci"] = [_num(v) for v in diff["ci"]]
-        differences[f"{a} - {b}"] = diff
-    result["differences"] = differences
+    result["differences"] = _differences(df, names, n_boot, seed, loss, include_flagged, window)
     result["unfinished_rows"] = _unfinished_rows(df)
     result["reference_slopes"] = {str(k): v for k, v in REFERENCE_SLOPES.items()}
-    result["notes"] = [
-        "lr_opt: grid argmin of the seed-mean log loss, refined by a parabola in log10(lr) "
-        f"over the {window} contiguous stable points around it; non_convex/few_points cells "
-        "fall back to the grid argmin",
-        "a (batch size, lr) cell with any diverged seed is left out of the seed-mean curve",
-        "beta_se and r2 come from scipy.stats.linregress and ignore the uncertainty of each "
-        "lr_opt; beta_ci (bootstrap over seeds within each batch size) is the one to trust",
-        "edge-flagged batch sizes are excluded from the fit"
-        + (" (not: include_flagged)" if include_flagged else ""),
-        f"top-level keys describe the {primary!r} family; families are not pooled",
-    ]
+    result["notes"] = _notes(window, include_flagged, primary)
     return result
 
 
