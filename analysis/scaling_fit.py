@@ -388,47 +388,33 @@ def _seed_mean(log_loss: np.ndarray, diverged: np.ndarray) -> tuple[np.ndarray, 
 # The refinement, vectorised over any leading axes
 
 
-def refine_minimum(
-    y: np.ndarray,
-    x: np.ndarray,
-    cell_diverged: np.ndarray | None = None,
-    window: int = DEFAULT_WINDOW,
-) -> dict[str, np.ndarray]:
-    """Refine the argmin of curves ``y`` (..., nL) sampled at ``x`` (nL,) (log10 lr).
+def _point_at(valid: np.ndarray, i: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """(whether the point ``offset`` grid steps from the argmin ``i`` lies on the grid and is
+    finite, its index clipped to the grid)."""
+    n_l = valid.shape[-1]
+    j = i + offset
+    inside = (j >= 0) & (j < n_l)
+    jc = np.clip(j, 0, n_l - 1)
+    return inside & np.take_along_axis(valid, jc[..., None], -1)[..., 0], jc
 
-    NaN entries of ``y`` are excluded; the window is the contiguous run of finite points within
-    ``window // 2`` grid steps of the argmin (``window`` is 3 or 5), extended on the other side
-    to ``window`` points when one side is cut short by the grid edge or a diverged cell. Returns a dict of arrays shaped like ``y[..., 0]``: ``x_opt``
-    (refined, or the grid argmin on fallback), ``x_grid`` (grid argmin), ``y_opt`` (fitted or
-    grid minimum), ``n_points``, the boolean flags and ``has_min`` (any finite point).
-    """
-    if window not in (3, 5):
-        raise ValueError(f"window must be 3 or 5 points, not {window}")
-    half = window // 2
-    y = np.asarray(y, dtype=float)
-    x = np.asarray(x, dtype=float)
-    n_l = y.shape[-1]
-    valid = np.isfinite(y)
-    has_min = valid.any(axis=-1)
-    i = np.where(valid, y, np.inf).argmin(axis=-1)
-    lead = y.shape[:-1]
 
-    def at(offset: int) -> tuple[np.ndarray, np.ndarray]:
-        j = i + offset
-        inside = (j >= 0) & (j < n_l)
-        jc = np.clip(j, 0, n_l - 1)
-        return inside & np.take_along_axis(valid, jc[..., None], -1)[..., 0], jc
-
+def _refinement_window(
+    valid: np.ndarray, has_min: np.ndarray, i: np.ndarray, window: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The points the parabola is fitted to, over offsets ``-span..span`` (``span = window - 1``)
+    from the argmin ``i``: (weights (..., 2 * window - 1), 1.0 inside the window, 0.0 outside;
+    the grid index of each offset, clipped to the grid)."""
     # The window: ``window`` contiguous finite points, centred on the argmin when both sides
     # allow it, else extended on the open side (L points left, R right, L + R + 1 <= window).
+    half = window // 2
     span = window - 1
     reach: dict[int, np.ndarray] = {}  # contiguous finite points on each side, up to span
     index = {0: i}
     for side in (-1, 1):
         run = has_min.copy()
-        count = np.zeros(lead, dtype=int)
+        count = np.zeros(np.shape(has_min), dtype=int)
         for step in range(1, span + 1):
-            ok, jc = at(side * step)
+            ok, jc = _point_at(valid, i, side * step)
             run = run & ok
             count = count + run
             index[side * step] = jc
@@ -438,14 +424,18 @@ def refine_minimum(
     n_left = np.minimum(reach[-1], span - n_right)
     offsets = list(range(-span, span + 1))
     in_window = {o: has_min & (o >= -n_left) & (o <= n_right) for o in offsets}
-    w = np.stack([in_window[o] for o in offsets], axis=-1).astype(float)  # (..., window)
+    w = np.stack([in_window[o] for o in offsets], axis=-1).astype(float)
     jj = np.stack([index[o] for o in offsets], axis=-1)
-    xi = x[i]
-    dx = np.where(w > 0, x[jj] - xi[..., None], 0.0)
-    yy = np.where(w > 0, np.take_along_axis(np.where(valid, y, 0.0), jj, -1), 0.0)
-    n_points = w.sum(axis=-1).astype(int)
+    return w, jj
 
-    # Least squares for y = a dx^2 + b dx + c: the normal equations, batched.
+
+def _parabola(
+    w: np.ndarray, dx: np.ndarray, yy: np.ndarray, enough: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Least squares for y = a dx^2 + b dx + c over the points weighted ``w`` (last axis):
+    (a, b, c, solvable). Not ``solvable`` (too few points, or a singular system): a, b, c
+    come from an identity system and mean nothing."""
+    # The normal equations, batched.
     s = [(w * dx**k).sum(axis=-1) for k in range(5)]
     t = [(w * yy * dx**k).sum(axis=-1) for k in range(3)]
     A = np.stack(
@@ -457,39 +447,83 @@ def refine_minimum(
         -2,
     )
     rhs = np.stack([t[2], t[1], t[0]], -1)
-    enough = n_points >= 3
     det = np.linalg.det(A)
     solvable = enough & (np.abs(det) > 1e-12)
     A = np.where(solvable[..., None, None], A, np.eye(3))
     coef = np.linalg.solve(A, rhs[..., None])[..., 0]
-    a, b, c = coef[..., 0], coef[..., 1], coef[..., 2]
+    return coef[..., 0], coef[..., 1], coef[..., 2], solvable
+
+
+def _vertex_in_window(
+    a: np.ndarray, b: np.ndarray, solvable: np.ndarray, w: np.ndarray, dx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the parabola's vertex, NaN unless convex; accepted: solvable, convex and the vertex
+    between the window's first and last point)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         vertex = np.where(a > 0, -b / (2 * a), np.nan)
     lo = np.where(w > 0, dx, np.inf).min(axis=-1)
     hi = np.where(w > 0, dx, -np.inf).max(axis=-1)
-    accepted = solvable & (a > 0) & (vertex >= lo) & (vertex <= hi)
+    return vertex, solvable & (a > 0) & (vertex >= lo) & (vertex <= hi)
+
+
+def _diverged_neighbour(
+    cell_diverged: np.ndarray | None, i: np.ndarray, has_min: np.ndarray, n_l: int
+) -> np.ndarray:
+    """Whether a cell next to the argmin ``i`` diverged (never, without ``cell_diverged``)."""
+    if cell_diverged is None:
+        return np.zeros(np.shape(has_min), dtype=bool)
+    cd = np.asarray(cell_diverged, dtype=bool)
+    left = np.take_along_axis(cd, np.clip(i - 1, 0, n_l - 1)[..., None], -1)[..., 0] & (i > 0)
+    right = np.take_along_axis(cd, np.clip(i + 1, 0, n_l - 1)[..., None], -1)[..., 0] & (
+        i < n_l - 1
+    )
+    return has_min & (left | right)
+
+
+def refine_minimum(
+    y: np.ndarray,
+    x: np.ndarray,
+    cell_diverged: np.ndarray | None = None,
+    window: int = DEFAULT_WINDOW,
+) -> dict[str, np.ndarray]:
+    """Refine the argmin of curves ``y`` (..., nL) sampled at ``x`` (nL,) (log10 lr).
+
+    NaN entries of ``y`` are excluded; the window is the contiguous run of finite points within
+    ``window // 2`` grid steps of the argmin (``window`` is 3 or 5), extended on the other side
+    to ``window`` points when one side is cut short by the grid edge or a diverged cell.
+    Returns a dict of arrays shaped like ``y[..., 0]``: ``x_opt`` (refined, or the grid argmin
+    on fallback), ``x_grid`` (grid argmin), ``y_opt`` (fitted or grid minimum), ``n_points``,
+    the boolean flags and ``has_min`` (any finite point).
+    """
+    if window not in (3, 5):
+        raise ValueError(f"window must be 3 or 5 points, not {window}")
+    y = np.asarray(y, dtype=float)
+    x = np.asarray(x, dtype=float)
+    n_l = y.shape[-1]
+    valid = np.isfinite(y)
+    has_min = valid.any(axis=-1)
+    i = np.where(valid, y, np.inf).argmin(axis=-1)
+
+    w, jj = _refinement_window(valid, has_min, i, window)
+    xi = x[i]
+    dx = np.where(w > 0, x[jj] - xi[..., None], 0.0)
+    yy = np.where(w > 0, np.take_along_axis(np.where(valid, y, 0.0), jj, -1), 0.0)
+    n_points = w.sum(axis=-1).astype(int)
+    enough = n_points >= 3
+    a, b, c, solvable = _parabola(w, dx, yy, enough)
+    vertex, accepted = _vertex_in_window(a, b, solvable, w, dx)
+
     y_at_i = np.take_along_axis(np.where(valid, y, 0.0), i[..., None], -1)[..., 0]
     y_grid = np.where(has_min, y_at_i, np.nan)
     x_opt = np.where(accepted, xi + np.where(accepted, vertex, 0.0), xi)
     y_opt = np.where(accepted, c - b**2 / (4 * np.where(accepted, a, 1.0)), y_grid)
-
-    edge = has_min & ((i == 0) | (i == n_l - 1))
-    if cell_diverged is None:
-        diverged_neighbour = np.zeros(lead, dtype=bool)
-    else:
-        cd = np.asarray(cell_diverged, dtype=bool)
-        left = np.take_along_axis(cd, np.clip(i - 1, 0, n_l - 1)[..., None], -1)[..., 0] & (i > 0)
-        right = np.take_along_axis(cd, np.clip(i + 1, 0, n_l - 1)[..., None], -1)[..., 0] & (
-            i < n_l - 1
-        )
-        diverged_neighbour = has_min & (left | right)
     return {
         "x_opt": np.where(has_min, x_opt, np.nan),
         "x_grid": np.where(has_min, xi, np.nan),
         "y_opt": y_opt,
         "n_points": np.where(has_min, n_points, 0),
-        "edge": edge,
-        "diverged_neighbour": diverged_neighbour,
+        "edge": has_min & ((i == 0) | (i == n_l - 1)),
+        "diverged_neighbour": _diverged_neighbour(cell_diverged, i, has_min, n_l),
         "non_convex": has_min & enough & ~accepted,
         "few_points": has_min & ~enough,
         "has_min": has_min,
@@ -880,6 +914,52 @@ _SUMMARY_KEYS = (
 )
 
 
+def _differences(
+    df: pd.DataFrame,
+    names: list[str],
+    n_boot: int,
+    seed: int,
+    loss: str,
+    include_flagged: bool,
+    window: int,
+) -> dict[str, Any]:
+    """``paired_family_difference`` of each pair of families, keyed ``"a - b"``, its estimate
+    and interval as JSON numbers (None for NaN)."""
+    differences: dict[str, Any] = {}
+    for first, second in combinations(names, 2):
+        # The primary family (first in ``names``) is always the reference b.
+        a, b = second, first
+        diff = paired_family_difference(
+            df,
+            a,
+            b,
+            n_boot=n_boot,
+            seed=seed,
+            loss=loss,
+            include_flagged=include_flagged,
+            window=window,
+        )
+        diff["estimate"] = _num(diff["estimate"])
+        diff["ci"] = [_num(v) for v in diff["ci"]]
+        differences[f"{a} - {b}"] = diff
+    return differences
+
+
+def _notes(window: int, include_flagged: bool, primary: str) -> list[str]:
+    """The report's ``notes``: the choices behind its numbers, in words."""
+    return [
+        "lr_opt: grid argmin of the seed-mean log loss, refined by a parabola in log10(lr) "
+        f"over the {window} contiguous stable points around it; non_convex/few_points cells "
+        "fall back to the grid argmin",
+        "a (batch size, lr) cell with any diverged seed is left out of the seed-mean curve",
+        "beta_se and r2 come from scipy.stats.linregress and ignore the uncertainty of each "
+        "lr_opt; beta_ci (bootstrap over seeds within each batch size) is the one to trust",
+        "edge-flagged batch sizes are excluded from the fit"
+        + (" (not: include_flagged)" if include_flagged else ""),
+        f"top-level keys describe the {primary!r} family; families are not pooled",
+    ]
+
+
 def analyze(
     df: pd.DataFrame,
     n_boot: int = 2000,
@@ -913,37 +993,10 @@ def analyze(
     }
     result.update({key: per_family[primary][key] for key in _SUMMARY_KEYS})
     result["families"] = per_family
-    differences: dict[str, Any] = {}
-    for first, second in combinations(names, 2):
-        # The primary family (first in ``names``) is always the reference b.
-        a, b = second, first
-        diff = paired_family_difference(
-            df,
-            a,
-            b,
-            n_boot=n_boot,
-            seed=seed,
-            loss=loss,
-            include_flagged=include_flagged,
-            window=window,
-        )
-        diff["estimate"] = _num(diff["estimate"])
-        diff["ci"] = [_num(v) for v in diff["ci"]]
-        differences[f"{a} - {b}"] = diff
-    result["differences"] = differences
+    result["differences"] = _differences(df, names, n_boot, seed, loss, include_flagged, window)
     result["unfinished_rows"] = _unfinished_rows(df)
     result["reference_slopes"] = {str(k): v for k, v in REFERENCE_SLOPES.items()}
-    result["notes"] = [
-        "lr_opt: grid argmin of the seed-mean log loss, refined by a parabola in log10(lr) "
-        f"over the {window} contiguous stable points around it; non_convex/few_points cells "
-        "fall back to the grid argmin",
-        "a (batch size, lr) cell with any diverged seed is left out of the seed-mean curve",
-        "beta_se and r2 come from scipy.stats.linregress and ignore the uncertainty of each "
-        "lr_opt; beta_ci (bootstrap over seeds within each batch size) is the one to trust",
-        "edge-flagged batch sizes are excluded from the fit"
-        + (" (not: include_flagged)" if include_flagged else ""),
-        f"top-level keys describe the {primary!r} family; families are not pooled",
-    ]
+    result["notes"] = _notes(window, include_flagged, primary)
     return result
 
 

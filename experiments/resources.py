@@ -327,6 +327,68 @@ def chain_parameters(shape: tuple[int, int], rank: int, structure: str, nblocks)
         return m * n
 
 
+def _floor_parts(shape: tuple[int, int], model_init: str, hint: str) -> list[Part]:
+    """The loss floor's float64 SVD; with ``model.init=svd``, the SVD with singular vectors."""
+    m, n = shape
+    label = f"the {m}x{n} weight"
+    if model_init == "svd":
+        return _svd_parts(m, n, f"{label} and its SVD (model.init=svd)", hint, vectors=True)
+    return _svd_parts(m, n, f"{label} and its SVD (the loss floor)", hint)
+
+
+def _fixed_data_parts(
+    dc: DictConfig, shape: tuple[int, int], widths: list[int]
+) -> tuple[list[Part], Part]:
+    """``data.mode=fixed``: (the data set, held through training; the validation pass, which
+    takes the place of the dense evaluation)."""
+    m, n = shape
+    s = dc.num_samples
+    data = [Part(F32 * s * (2 * n + m), f"data.num_samples={s} samples of {n} inputs",
+                 "use a smaller data.num_samples")]  # fmt: skip
+    n_val = s - int(s * (1 - dc.val_fraction))
+    eval_part = Part(2 * F32 * n_val * (max(widths) + m), f"{n_val} validation samples",
+                     "use a smaller data.num_samples")  # fmt: skip
+    return data, eval_part
+
+
+def _probe_part(pc: DictConfig, n: int, widths: list[int]) -> Part:
+    """The rank probe: its factor outputs and their float64 SVD copies (nothing when off)."""
+    probe = Part(0, "the rank probe", "use a smaller rank_probe.probe_size")
+    if pc.enabled:
+        b = pc.probe_size
+        probe = Part(F32 * b * (n + sum(widths)) + 2 * F64 * b * max(widths),
+                     f"the rank probe on {b} inputs", "use a smaller rank_probe.probe_size")  # fmt: skip
+    return probe
+
+
+def _chain_training_parts(
+    cfg: DictConfig, shape: tuple[int, int], size_hint: str
+) -> tuple[Part, list[Part], Part]:
+    """(the chain with gradients and Adam's moments; the fixed data set, if any; the largest of
+    a step, the evaluation and the rank probe)."""
+    m, n = shape
+    mn = m * n
+    dc, tc, mc = cfg.data, cfg.train, cfg.model
+    widths = chain_widths(shape, cfg.rank, mc.structure, mc.nblocks)
+    params = chain_parameters(shape, cfg.rank, mc.structure, mc.nblocks)
+    model = Part(4 * F32 * params, f"the chain's {params:,} parameters", size_hint)
+    batch = tc.batch_size
+    step = Part(3 * F32 * batch * (sum(widths) + m + n), f"a batch of {batch} through the chain",
+                "use a smaller train.batch_size")  # fmt: skip
+    exact_hint = f"{size_hint}, or data.mode=fixed (no dense evaluation)"
+    dense_eval = F32 * (n * n + 2 * n * max(widths) + 3 * mn)
+    eval_part = Part(dense_eval, f"the chain's dense {m}x{n} product (data.mode={dc.mode})",
+                     exact_hint)  # fmt: skip
+    data: list[Part] = []
+    if dc.mode == "fixed":
+        data, eval_part = _fixed_data_parts(dc, shape, widths)
+    if dc.mode == "exact":  # the dense product with autograd, every step
+        step = Part(dense_eval + F32 * n * sum(widths) * 2 + 3 * F32 * mn,
+                    f"the chain's dense {m}x{n} product (data.mode=exact)", exact_hint)  # fmt: skip
+    probe = _probe_part(cfg.rank_probe, n, widths)
+    return model, data, max(step, eval_part, probe, key=lambda p: p.nbytes)
+
+
 def rank_sweep_memory(
     cfg: DictConfig,
     shape: tuple[int, int],
@@ -352,51 +414,17 @@ def rank_sweep_memory(
       square), the rank probe (its factor outputs and their float64 SVD copies).
     """
     m, n = shape
-    mn = m * n
-    dc, tc, mc, pc = cfg.data, cfg.train, cfg.model, cfg.rank_probe
-    label = f"the {m}x{n} weight"
-    weight = Part(F32 * mn, label, size_hint)
+    weight = Part(F32 * m * n, f"the {m}x{n} weight", size_hint)
     build = weight_build_parts(shape, init, dtype_bytes, source_bytes, size_hint)
-
-    floor = [weight, *_svd_parts(m, n, f"{label} and its SVD (the loss floor)", size_hint)]
-    if mc.init == "svd":
-        floor = [weight, *_svd_parts(m, n, f"{label} and its SVD (model.init=svd)", size_hint,
-                                     vectors=True)]  # fmt: skip
+    floor = [weight, *_floor_parts(shape, cfg.model.init, size_hint)]
 
     if weight_only:  # what the weight alone needs: checked before the rank and structure
         if device.type != "cuda":
             return {"cpu": Need({"build": build, "floor": floor})}
         return {"cpu": Need({"build": build}), "cuda": Need({"floor": floor})}
 
-    widths = chain_widths(shape, cfg.rank, mc.structure, mc.nblocks)
-    params = chain_parameters(shape, cfg.rank, mc.structure, mc.nblocks)
-    model = Part(4 * F32 * params, f"the chain's {params:,} parameters", size_hint)
-    batch = tc.batch_size
-    step = Part(3 * F32 * batch * (sum(widths) + m + n), f"a batch of {batch} through the chain",
-                "use a smaller train.batch_size")  # fmt: skip
-    exact_hint = f"{size_hint}, or data.mode=fixed (no dense evaluation)"
-    dense_eval = F32 * (n * n + 2 * n * max(widths) + 3 * mn)
-    eval_part = Part(dense_eval, f"the chain's dense {m}x{n} product (data.mode={dc.mode})",
-                     exact_hint)  # fmt: skip
-    data: list[Part] = []
-    if dc.mode == "fixed":
-        s = dc.num_samples
-        data = [Part(F32 * s * (2 * n + m), f"data.num_samples={s} samples of {n} inputs",
-                     "use a smaller data.num_samples")]  # fmt: skip
-        n_val = s - int(s * (1 - dc.val_fraction))
-        eval_part = Part(2 * F32 * n_val * (max(widths) + m), f"{n_val} validation samples",
-                         "use a smaller data.num_samples")  # fmt: skip
-    if dc.mode == "exact":  # the dense product with autograd, every step
-        step = Part(dense_eval + F32 * n * sum(widths) * 2 + 3 * F32 * mn,
-                    f"the chain's dense {m}x{n} product (data.mode=exact)", exact_hint)  # fmt: skip
-    probe = Part(0, "the rank probe", "use a smaller rank_probe.probe_size")
-    if pc.enabled:
-        b = pc.probe_size
-        probe = Part(F32 * b * (n + sum(widths)) + 2 * F64 * b * max(widths),
-                     f"the rank probe on {b} inputs", "use a smaller rank_probe.probe_size")  # fmt: skip
-    busiest = max(step, eval_part, probe, key=lambda p: p.nbytes)
+    model, data, busiest = _chain_training_parts(cfg, shape, size_hint)
     train = [weight, model, *data, busiest]
-
     if device.type != "cuda":
         return {"cpu": Need({"build": build, "floor": floor, "train": train})}
     # CUDA: the weight is made on the host and kept there; the fixed data set is drawn there

@@ -223,6 +223,98 @@ def test_the_estimate_bounds_the_real_peak(tmp_path, config):
     assert used <= estimate <= 4 * used, (used / MiB, estimate / MiB)
 
 
+WEIGHT = "the 64x128 weight"
+PARAMS = "the chain's 3,328 parameters"
+SAMPLES = "data.num_samples=1000 samples of 128 inputs"
+FLOOR = [WEIGHT, f"{WEIGHT} and its SVD (the loss floor)"]
+BUILD = {"build": (32768, [WEIGHT])}
+# (device, overrides, keywords) -> {kind: {phase: (bytes, what each part is)}}, and the hint of
+# the train phase's busiest part: the rank sweep's estimate on a 64x128 weight, pinned, so that
+# a change to any phase (on purpose or not) shows here.
+RANK_SWEEP_NEEDS = {
+    "cpu, fresh, probe": (
+        "cpu", [], {"init": "normal"},
+        {"cpu": {**BUILD, "floor": (307200, FLOOR),
+                 "train": (1732608, [WEIGHT, PARAMS, "the rank probe on 256 inputs"])}},
+        "use a smaller rank_probe.probe_size",
+    ),
+    "cpu, fresh, dense evaluation": (
+        "cpu", ["train.batch_size=1", "rank_probe.enabled=false"],
+        {"init": "hadamard", "dtype_bytes": 8},
+        {"cpu": {"build": (229376, [WEIGHT]), "floor": (307200, FLOOR),
+                 "train": (380928, [WEIGHT, PARAMS,
+                                    "the chain's dense 64x128 product (data.mode=fresh)"])}},
+        "use smaller weight.out_features/weight.in_features, or data.mode=fixed "
+        "(no dense evaluation)",
+    ),
+    "cpu, fixed, step": (
+        "cpu", ["data.mode=fixed", "rank_probe.enabled=false"],
+        {"init": "orthogonal", "dtype_bytes": 2},
+        {"cpu": {"build": (180224, [WEIGHT]), "floor": (307200, FLOOR),
+                 "train": (1811456, [WEIGHT, PARAMS, SAMPLES,
+                                     "a batch of 32 through the chain"])}},
+        "use a smaller train.batch_size",
+    ),
+    "cpu, fixed, validation": (
+        "cpu", ["data.mode=fixed", "train.batch_size=1", "rank_probe.enabled=false"],
+        {"init": "normal"},
+        {"cpu": {**BUILD, "floor": (307200, FLOOR),
+                 "train": (1673216, [WEIGHT, PARAMS, SAMPLES, "200 validation samples"])}},
+        "use a smaller data.num_samples",
+    ),
+    "cpu, exact, svd init, loaded": (
+        "cpu", ["data.mode=exact", "model.init=svd", "rank_probe.enabled=false"],
+        {"source_bytes": 1000},
+        {"cpu": {"build": (50152, [WEIGHT]),
+                 "floor": (471040, [WEIGHT, f"{WEIGHT} and its SVD (model.init=svd)"]),
+                 "train": (1470464, [WEIGHT, PARAMS,
+                                     "the chain's dense 64x128 product (data.mode=exact)"])}},
+        "use smaller weight.out_features/weight.in_features, or data.mode=fixed "
+        "(no dense evaluation)",
+    ),
+    "cuda, fixed, probe": (
+        "cuda", ["data.mode=fixed"], {"init": "normal"},
+        {"cpu": {**BUILD, "data": (1312768, [WEIGHT, SAMPLES])},
+         "cuda": {"floor": (307200, FLOOR),
+                  "train": (3012608, [WEIGHT, PARAMS, SAMPLES, "the rank probe on 256 inputs"])}},
+        "use a smaller rank_probe.probe_size",
+    ),
+    "cuda, fresh": (
+        "cuda", ["rank_probe.enabled=false"], {"init": "normal"},
+        {"cpu": BUILD,
+         "cuda": {"floor": (307200, FLOOR),
+                  "train": (531456, [WEIGHT, PARAMS, "a batch of 32 through the chain"])}},
+        "use a smaller train.batch_size",
+    ),
+    "cpu, weight only": (
+        "cpu", [], {"init": "normal", "weight_only": True},
+        {"cpu": {**BUILD, "floor": (307200, FLOOR)}}, None,
+    ),
+    "cuda, weight only": (
+        "cuda", [], {"init": "normal", "weight_only": True},
+        {"cpu": BUILD, "cuda": {"floor": (307200, FLOOR)}}, None,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(RANK_SWEEP_NEEDS))
+def test_the_rank_sweep_estimate_per_phase_and_device(case):
+    device, overrides, keywords, expected, busiest_hint = RANK_SWEEP_NEEDS[case]
+    base = ["weight.out_features=64", "weight.in_features=128", "train.batch_size=32",
+            "data.num_samples=1000"]  # fmt: skip
+    cfg = compose_cfg("rank_sweep", [*base, *overrides])
+    needs = resources.rank_sweep_memory(cfg, (64, 128), torch.device(device), **keywords)
+    got = {
+        kind: {phase: (sum(p.nbytes for p in parts), [p.what for p in parts])
+               for phase, parts in need.phases.items()}
+        for kind, need in needs.items()
+    }  # fmt: skip
+    assert got == expected
+    if busiest_hint is not None:
+        train = next(need.phases["train"] for need in needs.values() if "train" in need.phases)
+        assert train[-1].hint == busiest_hint
+
+
 # -- numbers in the config ----------------------------------------------------------------------
 
 RANK_SWEEP_BASE = ["weight.out_features=16", "weight.in_features=32", "rank=4", "logger=disabled"]

@@ -112,6 +112,46 @@ def test_refine_minimum_flags_a_concave_window_and_falls_back_to_the_grid():
     assert r["few_points"] and r["diverged_neighbour"] and r["n_points"] == 1
 
 
+def test_refine_minimum_over_leading_axes_matches_one_curve_at_a_time():
+    x = np.log10(LRS)
+    nan = np.nan
+    curves = np.array(
+        [
+            [
+                2.0 * (x - (-3.1)) ** 2 + 1.0,  # an exact parabola
+                [5.0, nan, 1.0, 2.0, 3.5, 5.0, 6.0],  # left neighbour diverged
+                [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],  # argmin on the first lr
+            ],
+            [
+                [6.0, 5.0, 4.0, 3.0, 1.0, nan, 9.0],  # right neighbour diverged
+                [3.0, 1.0, 2.0, 4.0, 8.0, 9.0, 9.5],  # one point left of the argmin
+                [nan] * 7,  # every lr diverged
+            ],
+        ]
+    )
+    for window in (3, 5):
+        for diverged in (None, np.isnan(curves)):
+            batched = refine_minimum(curves, x, diverged, window)
+            for index in np.ndindex(curves.shape[:-1]):
+                one = refine_minimum(
+                    curves[index], x, None if diverged is None else diverged[index], window
+                )
+                for key, value in one.items():
+                    assert batched[key].shape == curves.shape[:-1]
+                    np.testing.assert_array_equal(batched[key][index], value, err_msg=key)
+    r = refine_minimum(curves, x, np.isnan(curves), window=5)
+    assert r["y_opt"][0, 0] == pytest.approx(1.0) and r["x_grid"][0, 0] == x[3]
+    assert r["diverged_neighbour"].tolist() == [[False, True, False], [True, False, False]]
+    assert not refine_minimum(curves, x, None, window=5)["diverged_neighbour"].any()
+    # A side cut short by the grid edge or a diverged cell: the window grows on the other side.
+    assert r["n_points"].tolist() == [[5, 5, 5], [5, 5, 0]]
+    assert r["has_min"].tolist() == [[True, True, True], [True, True, False]]
+    assert np.isnan([r["x_opt"][1, 2], r["x_grid"][1, 2], r["y_opt"][1, 2]]).all()
+    assert not any(r[flag][1, 2] for flag in ("edge", "non_convex", "few_points"))
+    with pytest.raises(ValueError, match="^window must be 3 or 5 points, not 4$"):
+        refine_minimum(curves, x, window=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Beta recovery (the acceptance test)
 
@@ -167,6 +207,56 @@ def test_two_families_recovered_and_their_difference_excludes_zero():
     assert diff["ci"][0] > 0
     text = interpret(result)
     assert "excludes 0" in text
+
+
+def test_the_report_lays_out_every_family_pair_and_its_choices():
+    df = pd.concat(
+        [
+            surface(beta=0.5, noise="uniform", rng_seed=1),
+            surface(beta=0.7, noise="laplace", rng_seed=2, seeds=(0, 1)),
+            surface(beta=0.6, noise="student", rng_seed=3, seeds=(1, 2, 3)),
+        ],
+        ignore_index=True,
+    )
+    result = analyze(df, n_boot=50, window=5, include_flagged=True)
+    summary = ["beta", "beta_se", "beta_ci", "beta_boot_se", "r2", "intercept", "n_boot",
+               "n_boot_valid", "lr_opt", "excluded_batch_sizes", "used_batch_sizes",
+               "all_flagged_used"]  # fmt: skip
+    assert list(result) == [
+        "primary_family", "loss", "include_flagged", "window", *summary, "families",
+        "differences", "unfinished_rows", "reference_slopes", "notes",
+    ]  # fmt: skip
+    # No gaussian family: the first in sorted order is primary, and b in its pairs.
+    assert result["primary_family"] == "laplace"
+    assert result["loss"] == "final_val_loss" and result["include_flagged"]
+    assert result["window"] == 5
+    fams = result["families"]
+    assert list(fams) == ["laplace", "student", "uniform"]
+    assert all(result[key] == fams["laplace"][key] for key in summary)
+    diffs = result["differences"]
+    assert list(diffs) == ["student - laplace", "uniform - laplace", "uniform - student"]
+    for key, diff in diffs.items():
+        a, b = key.split(" - ")
+        assert (diff["a"], diff["b"]) == (a, b)
+        assert diff["estimate"] == pytest.approx(fams[a]["beta"] - fams[b]["beta"])
+        assert len(diff["ci"]) == 2 and diff["n_boot"] == 50
+    assert diffs["student - laplace"]["shared_seeds"] == [1]
+    assert not diffs["student - laplace"]["paired"] and diffs["uniform - student"]["paired"]
+    assert result["unfinished_rows"] == []
+    assert result["reference_slopes"] == {
+        "0.5": "square-root / Adam SDE",
+        "0.67": 'the old "Laplace" claim',
+        "1.0": "linear",
+    }
+    assert result["notes"][0].startswith("lr_opt: grid argmin of the seed-mean log loss, refined")
+    assert "over the 5 contiguous stable points around it;" in result["notes"][0]
+    assert result["notes"][3:] == [
+        "edge-flagged batch sizes are excluded from the fit (not: include_flagged)",
+        "top-level keys describe the 'laplace' family; families are not pooled",
+    ]
+    default = analyze(df, n_boot=20)
+    assert default["window"] == 3 and not default["include_flagged"]
+    assert default["notes"][3] == "edge-flagged batch sizes are excluded from the fit"
 
 
 def test_identical_families_difference_includes_zero():
