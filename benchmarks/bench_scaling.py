@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from experiments.scaling_training import make_task, train_group  # noqa: E402
-from experiments.schemas import LaplaceScalingConfig  # noqa: E402
+from experiments.schemas import LaplaceScalingConfig, ScalingTrainConfig  # noqa: E402
 
 SCRIPT = REPO / "experiments" / "laplace_scaling.py"
 
@@ -62,7 +62,7 @@ def main() -> None:
         for batch_size in cfg.grid.batch_sizes:
             for lr in cfg.grid.lrs:
                 started = time.perf_counter()
-                train_group(task, batch_size, [lr], seed, epochs=epochs)
+                train_group(task, batch_size, [lr], seed, train=ScalingTrainConfig(epochs=epochs))
                 single_s += time.perf_counter() - started
 
     # a job at the largest batch size trains in ~0.1 s: its time is the job's fixed cost

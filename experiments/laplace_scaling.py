@@ -243,14 +243,8 @@ def run_group(
     task = make_task(t.n_features, t.n_train, t.n_val, noise, t.noise_std, t.student_t_df, seed)
     probe_x = task.x_val[: cfg.rank_probe.probe_size]  # fixed: the same for every lr and step
     cells = CellLogger(logger, cfg, batch_size, seed, noise, lrs, probe_x)
-    results = train_group(
-        task, batch_size, list(lrs), seed,
-        model_kind=m.kind, hidden=m.hidden, depth=m.depth,
-        optimizer=o.name, momentum=o.momentum, betas=list(o.betas), eps=o.eps,
-        weight_decay=o.weight_decay,
-        protocol=tr.protocol, epochs=tr.epochs, steps=tr.steps, evals=tr.evals,
-        on_eval=cells.on_eval,
-    )  # fmt: skip
+    results = train_group(task, batch_size, list(lrs), seed, cfg.model, cfg.optim, cfg.train,
+                          on_eval=cells.on_eval)  # fmt: skip
     cells.on_done(results)
     return [
         {

@@ -21,6 +21,8 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from experiments.schemas import ScalingModelConfig, ScalingOptimConfig, ScalingTrainConfig
+
 NOISES = ("gaussian", "laplace", "student_t")
 OPTIMIZERS = ("adam", "sgd")
 MODELS = ("linear", "mlp")
@@ -188,144 +190,157 @@ def _finite_or_nan(x: float) -> float:
     return x if math.isfinite(x) else math.nan
 
 
+class Divergence:
+    """Which slices of a group still train, and when and why each one stopped."""
+
+    def __init__(self, initial: Tensor):
+        k = len(initial)
+        self.active = torch.isfinite(initial)
+        self.diverged_at = torch.full((k,), -1, dtype=torch.long)
+        self.stopped = torch.zeros(k, dtype=torch.long)
+        self.reasons: list[str | None] = [None] * k
+        for j in (~self.active).nonzero().flatten().tolist():  # never trained: diverged at 0
+            self.reasons[j] = f"initial val loss is {initial[j].item()}"
+            self.diverged_at[j] = 0
+
+    def freeze(self, bad: Tensor, step: int) -> list[int]:
+        """Freeze the active slices in ``bad`` at ``step``; returns them (the caller says why in
+        ``reasons``)."""
+        newly = (self.active & bad).nonzero().flatten().tolist()
+        self.diverged_at[newly] = step
+        self.active &= ~bad
+        return newly
+
+
+def _check_group(task: Task, batch_size: int, lrs: Sequence[float]) -> None:
+    if not len(lrs):
+        raise ValueError("train_group needs at least one learning rate")
+    if not len(task.x_val):
+        raise ValueError("train_group needs a validation set (task.n_val >= 1)")
+    if batch_size > len(task.x_train):
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the {len(task.x_train)} training samples"
+        )
+
+
+def eval_steps(train: ScalingTrainConfig, steps_per_epoch: int) -> tuple[int, set[int]]:
+    """The group's number of steps and the steps it evaluates at (the protocol's choice)."""
+    if train.protocol == "fixed_epochs":
+        return train.epochs * steps_per_epoch, {
+            e * steps_per_epoch for e in range(1, train.epochs + 1)
+        }
+    total = train.steps
+    return total, {max(1, round(total * (i + 1) / train.evals)) for i in range(train.evals)}
+
+
 def train_group(
     task: Task,
     batch_size: int,
     lrs: Sequence[float],
     seed: int,
-    *,
-    model_kind: str = "linear",
-    hidden: int = 64,
-    depth: int = 2,
-    optimizer: str = "adam",
-    momentum: float = 0.9,
-    betas: Sequence[float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    protocol: str = "fixed_epochs",
-    epochs: int = 8,
-    steps: int = 2000,
-    evals: int = 8,
+    model: ScalingModelConfig | None = None,
+    optim: ScalingOptimConfig | None = None,
+    train: ScalingTrainConfig | None = None,
     on_eval: Callable[[EvalPoint], None] | None = None,
 ) -> list[CellResult]:
-    """Train one (batch size, seed) group at every lr in ``lrs``; a result per lr.
+    """Train one (batch size, seed) group at every lr in ``lrs``; a result per lr. The model,
+    optimizer and schedule come from their config sections (defaults: the schemas').
 
     A slice diverges when its loss is NaN/Inf or its val loss rises above its initial val loss;
     it is frozen there (diverged=True) and the others go on. The group stops when all diverged.
     """
+    mc, oc = model or ScalingModelConfig(), optim or ScalingOptimConfig()
+    train = train or ScalingTrainConfig()
+    _check_group(task, batch_size, lrs)
     started = time.perf_counter()
     k, n_train = len(lrs), len(task.x_train)
-    if not k:
-        raise ValueError("train_group needs at least one learning rate")
-    if not len(task.x_val):
-        raise ValueError("train_group needs a validation set (task.n_val >= 1)")
-    if batch_size > n_train:
-        raise ValueError(f"batch_size {batch_size} is larger than the {n_train} training samples")
-    model = StackedStudent(k, task.x_train.shape[1], model_kind, hidden, depth, seed)
-    params = [*model.weights, *model.biases]
-    opt = StackedOptimizer(
-        params,
-        torch.tensor(lrs, dtype=torch.float32),
-        optimizer,
-        momentum,
-        betas,
-        eps,
-        weight_decay,
-    )
+    student = StackedStudent(k, task.x_train.shape[1], mc.kind, mc.hidden, mc.depth, seed)
+    params = [*student.weights, *student.biases]
+    lr = torch.tensor(list(lrs), dtype=torch.float32)
+    opt = StackedOptimizer(params, lr, oc.name, oc.momentum, list(oc.betas), oc.eps,
+                           oc.weight_decay)  # fmt: skip
     steps_per_epoch = n_train // batch_size
-    total = epochs * steps_per_epoch if protocol == "fixed_epochs" else steps
-    if protocol == "fixed_epochs":
-        eval_at = {e * steps_per_epoch for e in range(1, epochs + 1)}
-    else:
-        eval_at = {max(1, round(total * (i + 1) / evals)) for i in range(evals)}
+    total, eval_at = eval_steps(train, steps_per_epoch)
 
     @torch.no_grad()
     def val_losses() -> Tensor:
-        return ((model(task.x_val) - task.y_val) ** 2).mean(1)
+        return ((student(task.x_val) - task.y_val) ** 2).mean(1)
 
     initial = val_losses()
-    active = torch.isfinite(initial)
-    diverged_at = torch.full((k,), -1, dtype=torch.long)
-    stopped = torch.zeros(k, dtype=torch.long)
-    reasons: list[str | None] = [None] * k
-    for j in (~active).nonzero().flatten().tolist():  # never trained: a divergence at step 0
-        reasons[j] = f"initial val loss is {initial[j].item()}"
-        diverged_at[j] = 0
+    state = Divergence(initial)
     train_sum, train_n = torch.zeros(k), 0
     curves: list[list[float]] = [[] for _ in range(k)]
     train_curves: list[list[float]] = [[] for _ in range(k)]
-    order = generator(seed, _ORDER)
-    perm = None
-    step = 0
+    order, perm, step = generator(seed, _ORDER), None, 0
     for step in range(1, total + 1):
         pos = (step - 1) % steps_per_epoch
         if pos == 0:
             perm = torch.randperm(n_train, generator=order)
         idx = perm[pos * batch_size : (pos + 1) * batch_size]
-        per_slice = ((model(task.x_train[idx]) - task.y_train[idx]) ** 2).mean(1)
-        bad = active & ~torch.isfinite(per_slice)
-        for j in bad.nonzero().flatten().tolist():
-            reasons[j] = f"train loss became {per_slice[j].item()} at step {step}"
-            diverged_at[j] = step
-        active &= ~bad
+        per_slice = ((student(task.x_train[idx]) - task.y_train[idx]) ** 2).mean(1)
+        for j in state.freeze(~torch.isfinite(per_slice), step):
+            state.reasons[j] = f"train loss became {per_slice[j].item()} at step {step}"
         for p in params:
             p.grad = None
-        torch.where(active, per_slice, 0.0).sum().backward()
-        opt.step(active)
-        stopped[active] = step
-        train_sum += torch.where(active, per_slice.detach(), 0.0)
+        torch.where(state.active, per_slice, 0.0).sum().backward()
+        opt.step(state.active)
+        state.stopped[state.active] = step
+        train_sum += torch.where(state.active, per_slice.detach(), 0.0)
         train_n += 1
-        if step in eval_at:
-            val = val_losses()
-            rising = active & (~torch.isfinite(val) | (val > initial))
-            for j in rising.nonzero().flatten().tolist():
-                reasons[j] = f"val loss {val[j].item():.4g} above its initial {initial[j]:.4g}"
-                diverged_at[j] = step
-            active &= ~rising
-            train_mean = train_sum / train_n
-            for j in range(k):
-                curves[j].append(float(val[j]))
-                train_curves[j].append(float(train_mean[j]))
-            if on_eval is not None:
-                point = EvalPoint(
-                    step, step / steps_per_epoch, train_mean, val, active.clone(), model
-                )
-                on_eval(point)
-            train_sum, train_n = torch.zeros(k), 0
-            if not active.any():
-                break
+        if step not in eval_at:
+            continue
+        val = val_losses()
+        for j in state.freeze(~torch.isfinite(val) | (val > initial), step):
+            state.reasons[j] = f"val loss {val[j].item():.4g} above its initial {initial[j]:.4g}"
+        train_mean = train_sum / train_n
+        for j in range(k):
+            curves[j].append(float(val[j]))
+            train_curves[j].append(float(train_mean[j]))
+        if on_eval is not None:
+            on_eval(EvalPoint(step, step / steps_per_epoch, train_mean, val,
+                              state.active.clone(), student))  # fmt: skip
+        train_sum, train_n = torch.zeros(k), 0
+        if not state.active.any():
+            break
     wall = (time.perf_counter() - started) / k  # the group's time, shared by its cells
-    results = []
-    for j, lr in enumerate(lrs):
-        val_curve = curves[j]
-        finite = [v for v in val_curve if math.isfinite(v)]
-        diverged = bool(diverged_at[j] >= 0)
-        final_val = _finite_or_nan(val_curve[-1]) if val_curve else math.nan
-        # converged: the val loss improved by less than 1% over the last quarter of training
-        quarter = val_curve[-max(1, len(val_curve) // 4) - 1] if len(val_curve) > 1 else math.nan
-        converged = (
-            not diverged
-            and math.isfinite(final_val)
-            and math.isfinite(quarter)
-            and (quarter - final_val) <= 0.01 * final_val
-        )
-        results.append(
-            CellResult(
-                lr=float(lr),
-                # a diverged slice's last window holds zeros where it was frozen, not a loss
-                final_train_loss=_finite_or_nan(train_curves[j][-1])
-                if train_curves[j] and not diverged
-                else math.nan,
-                final_val_loss=math.nan if diverged else final_val,
-                min_val_loss=min(finite) if finite else math.nan,
-                initial_val_loss=float(initial[j]),
-                converged=converged,
-                diverged=diverged,
-                steps=int(stopped[j]) if not diverged else int(diverged_at[j]),
-                epochs=float(np.round((int(stopped[j]) or step) / steps_per_epoch, 6)),
-                wall_time_s=wall,
-                reason=reasons[j],
-                val_curve=val_curve,
-            )
-        )
-    return results
+    return [
+        _cell_result(
+            j, float(lr_j), curves[j], train_curves[j], initial, state, step, steps_per_epoch, wall
+        )  # fmt: skip
+        for j, lr_j in enumerate(lrs)
+    ]
+
+
+def _cell_result(j: int, lr: float, val_curve: list[float], train_curve: list[float],
+                 initial: Tensor, state: Divergence, last_step: int, steps_per_epoch: int,
+                 wall: float) -> CellResult:  # fmt: skip
+    """Slice ``j``'s result from its curves and where it stopped."""
+    finite = [v for v in val_curve if math.isfinite(v)]
+    diverged = bool(state.diverged_at[j] >= 0)
+    final_val = _finite_or_nan(val_curve[-1]) if val_curve else math.nan
+    # converged: the val loss improved by less than 1% over the last quarter of training
+    quarter = val_curve[-max(1, len(val_curve) // 4) - 1] if len(val_curve) > 1 else math.nan
+    converged = (
+        not diverged
+        and math.isfinite(final_val)
+        and math.isfinite(quarter)
+        and (quarter - final_val) <= 0.01 * final_val
+    )
+    stopped = int(state.stopped[j])
+    return CellResult(
+        lr=lr,
+        # a diverged slice's last window holds zeros where it was frozen, not a loss
+        final_train_loss=_finite_or_nan(train_curve[-1])
+        if train_curve and not diverged
+        else math.nan,
+        final_val_loss=math.nan if diverged else final_val,
+        min_val_loss=min(finite) if finite else math.nan,
+        initial_val_loss=float(initial[j]),
+        converged=converged,
+        diverged=diverged,
+        steps=stopped if not diverged else int(state.diverged_at[j]),
+        epochs=float(np.round((stopped or last_step) / steps_per_epoch, 6)),
+        wall_time_s=wall,
+        reason=state.reasons[j],
+        val_curve=val_curve,
+    )

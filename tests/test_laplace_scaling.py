@@ -16,6 +16,9 @@ import torch
 from entrypoint import run_script
 
 from experiments.scaling_training import make_task, noise_from_uniform, train_group
+from experiments.schemas import ScalingModelConfig, ScalingOptimConfig, ScalingTrainConfig
+
+MLP = ScalingModelConfig(kind="mlp", hidden=8)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "laplace_scaling.py"
@@ -59,16 +62,23 @@ def test_noise_draws_are_paired():
 def test_stacked_learning_rates_equal_single_cells():
     task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
     lrs = [1e-3, 3e-3, 1e-2]
-    stacked = train_group(task, 16, lrs, seed=0, epochs=2, model_kind="mlp", hidden=8)
+    stacked = train_group(task, 16, lrs, 0, MLP, train=ScalingTrainConfig(epochs=2))
     for lr, cell in zip(lrs, stacked, strict=True):
-        (single,) = train_group(task, 16, [lr], seed=0, epochs=2, model_kind="mlp", hidden=8)
+        (single,) = train_group(task, 16, [lr], 0, MLP, train=ScalingTrainConfig(epochs=2))
         assert single.final_val_loss == pytest.approx(cell.final_val_loss, rel=1e-5)
         assert single.steps == cell.steps == 32
 
 
 def test_divergence_freezes_one_slice_and_the_rest_go_on():
     task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
-    slow, wild = train_group(task, 16, [1e-2, 50.0], seed=0, epochs=3, optimizer="sgd")
+    slow, wild = train_group(
+        task,
+        16,
+        [1e-2, 50.0],
+        0,
+        optim=ScalingOptimConfig(name="sgd"),
+        train=ScalingTrainConfig(epochs=3),
+    )
     assert wild.diverged and not slow.diverged
     assert wild.reason and wild.steps < slow.steps == 48
     assert slow.final_val_loss < slow.initial_val_loss
@@ -144,11 +154,11 @@ def test_a_cell_that_cannot_start_is_diverged_not_finished():
     a divergence at step 0 with its reason, never 'finished' with a train loss of 0."""
     task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
     task.y_val[3] = float("inf")
-    (cell,) = train_group(task, 16, [1e-2], seed=0, epochs=2)
+    (cell,) = train_group(task, 16, [1e-2], 0, train=ScalingTrainConfig(epochs=2))
     assert cell.diverged and cell.steps == 0 and "initial val loss is inf" in cell.reason
     assert math.isnan(cell.final_train_loss) and math.isnan(cell.final_val_loss)
     with pytest.raises(ValueError, match="at least one learning rate"):
-        train_group(task, 16, [], seed=0)
+        train_group(task, 16, [], 0)
 
 
 def test_assembly_by_hand_lists_failed_jobs(tmp_path):
@@ -201,9 +211,8 @@ def test_a_sweep_of_grid_jobs_gathers_their_rows(tmp_path):
 
 def test_fixed_steps_protocol_and_mlp_student():
     task = make_task(8, 256, 64, "laplace", 1.0, 5.0, 0)
-    (cell,) = train_group(
-        task, 32, [3e-3], seed=0, protocol="fixed_steps", steps=50, evals=5, model_kind="mlp"
-    )
+    steps = ScalingTrainConfig(protocol="fixed_steps", steps=50, evals=5)
+    (cell,) = train_group(task, 32, [3e-3], 0, ScalingModelConfig(kind="mlp"), train=steps)
     assert cell.steps == 50 and len(cell.val_curve) == 5 and not cell.diverged
     assert cell.final_val_loss < cell.initial_val_loss
 
