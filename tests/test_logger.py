@@ -329,3 +329,34 @@ def test_the_slurm_job_is_in_the_record_and_the_wandb_config(tmp_path, monkeypat
     ids = {"job_id": "4242", "array_job_id": "4240", "array_task_id": "2", "node": "node7"}
     assert json.loads((tmp_path / "run.json").read_text())["slurm"] == ids
     assert config(transaction_log(tmp_path))["slurm"] == ids
+
+
+def test_a_stop_request_closes_the_record_with_its_reason_even_when_swallowed(tmp_path):
+    """request_stop (the SLURM launcher's time-limit warning) raises Interrupted; a library call
+    that swallows it (wandb.init catches broadly) cannot lose it: the next log raises again."""
+    reason = "SLURM's SIGUSR2: its time limit is near; requeued"
+    with pytest.raises(KeyboardInterrupt), ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
+        assert ExperimentLogger.active is lg
+        lg.log({"x": 1}, step=1)
+        try:
+            lg.request_stop(reason)
+        except KeyboardInterrupt:
+            pass  # swallowed on its way up
+        lg.log({"x": 2}, step=2)
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["state"] == "interrupted" and record["reason"] == reason
+    assert [r["_step"] for r in read_lines(tmp_path)] == [1]  # step 2 was never recorded
+    assert ExperimentLogger.active is None and ExperimentLogger.closed_in_process
+    lg.request_stop(reason)  # a closed run: nothing to stop, no exception
+
+
+def test_a_resumed_run_keeps_its_first_start_and_lists_each_resume(tmp_path):
+    with ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
+        lg.log({"x": 1}, step=1)
+        run_id = lg.run_id
+    first = json.loads((tmp_path / "run.json").read_text())["started_at"]
+    for _ in range(2):
+        with ExperimentLogger(tmp_path, {}, mode="disabled", run_id=run_id) as lg:
+            lg.log({"x": 2}, step=2)
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["started_at"] == first and len(record["resumed_at"]) == 2
