@@ -183,19 +183,45 @@ def run_job(
 ) -> None:
     """Run ``body(cfg, logger, inputs)``; ``inputs`` is what ``validate(cfg)`` returned (the
     weight, the data set, ... it had to load to check them), so nothing is loaded twice."""
-    multirun = is_multirun()
-    out = job_dir()
     # A full disk under Hydra's job log must not print a traceback per log line: the run
     # record and one error line say what failed.
     logging.raiseExceptions = False
     one_line_warnings()
+    started = _start_job(cfg, validate)
+    if started is None:
+        return  # a job of a sweep that could not start: recorded as failed
+    logger, inputs, threads = started
+    out = job_dir()
+    try:
+        with logger:
+            logger.log_summary(torch_threads=threads)
+            body(cfg, logger, inputs)
+    except KeyboardInterrupt:
+        print(f"interrupted: the run record in {out} says so", file=sys.stderr)
+        _exit_interrupted()
+    except (UserError, OSError) as exc:
+        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        log.error("job failed: %s", message)
+        if not is_multirun():
+            print(f"error: {message} (run record: {out})", file=sys.stderr)
+            sys.exit(1)
+    except Exception as exc:
+        if not is_multirun():
+            raise
+        log.exception("job failed: %s", describe_error(exc))
+
+
+def _start_job(cfg: DictConfig, validate) -> tuple[ExperimentLogger, Any, int] | None:
+    """Validate, set threads and seed, start the logger. Bad input alone is one line and exit 2
+    with nothing left; in a sweep the job is recorded as failed and None returned."""
+    multirun, out = is_multirun(), job_dir()
     try:
         with sigterm_interrupts():
             # validation first: it checks the thread count and the seed used next
             inputs = validate(cfg) if validate is not None else None
         threads = configure_threads(cfg.runtime.num_threads)
         seed_everything(cfg.seed)
-        logger = start_logger(cfg, out)
+        return start_logger(cfg, out), inputs, threads
     except KeyboardInterrupt:
         print("interrupted before the run started: nothing was kept", file=sys.stderr)
         remove_job_folder(out)
@@ -213,30 +239,12 @@ def run_job(
             log.error("job failed: %s", message)
         else:  # a bug in one job of a sweep: its traceback in the job's log
             message = describe_error(exc)
-            log.exception("job failed: %s", message)
+            log.exception("job failed: %s", describe_error(exc))
         # Record the failure (locally and in the sweep's W&B group, like any failed job) so
         # the sweep's report lists it, then let the sweep go on.
         with contextlib.suppress(UserError, OSError):  # a folder that is not ours stays so
             start_logger(cfg, out).finish("failed", reason=message)
-        return
-
-    try:
-        with logger:
-            logger.log_summary(torch_threads=threads)
-            body(cfg, logger, inputs)
-    except KeyboardInterrupt:
-        print(f"interrupted: the run record in {out} says so", file=sys.stderr)
-        _exit_interrupted()
-    except (UserError, OSError) as exc:
-        message = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
-        log.error("job failed: %s", message)
-        if not multirun:
-            print(f"error: {message} (run record: {out})", file=sys.stderr)
-            sys.exit(1)
-    except Exception as exc:
-        if not multirun:
-            raise
-        log.exception("job failed: %s", describe_error(exc))
+        return None
 
 
 @contextlib.contextmanager
