@@ -206,6 +206,31 @@ def test_scancel_of_one_array_task_is_reported_by_the_sweep(tmp_path):
     assert summary["status"].tolist()[0] == "finished"
 
 
+def test_a_killed_job_is_reported_killed_by_the_sweep(tmp_path):
+    """kill -9 of the job's Python (as the OOM killer or a crash would): SLURM sees the step
+    fail; the record the process could not close is settled as killed."""
+    out = tmp_path / "sweep"
+    master = start_sweep(RANK_SWEEP, LONG, out)
+    try:
+        record = out / "0_rank_2" / "run.json"
+        deadline = time.time() + 180
+        while not record.exists():
+            assert time.time() < deadline and master.poll() is None, "the job never started"
+            time.sleep(0.5)
+        os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)  # one node: this host
+        stdout, stderr = master.communicate(timeout=300)
+    finally:
+        if master.poll() is None:
+            master.send_signal(signal.SIGINT)
+            master.wait(30)
+    assert master.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert job_states(out) == {"0_rank_2": "killed"}
+    settled = json.loads(record.read_text())
+    assert settled["slurm_state"] == "FAILED" and "FAILED" in settled["reason"]
+    assert "1 of 1 jobs did not finish: 0_rank_2 (killed; log " in stdout
+    assert (out / "rank_sweep_summary.csv").exists()
+
+
 def test_a_request_no_node_can_satisfy_is_one_line_before_submitting(tmp_path):
     """Too much memory, too many CPUs or a GPU on this CPU node: one line and exit 2, nothing
     submitted, no sweep folder (SLURM would keep such an array PENDING without a word)."""
@@ -242,7 +267,9 @@ def warn_when(master: subprocess.Popen, job: Path, task: int, past_step: int) ->
             break
         time.sleep(0.05)
     (array,) = {p.name.split("_")[0] for p in (job.parent / ".submitit").iterdir() if p.is_dir()}
-    subprocess.run(["scancel", "--signal=USR2", f"{array}_{task}"], check=True, timeout=30)
+    # a sweep of one job is a plain job (no array task ids)
+    target = f"{array}_{task}" if (job.parent / ".submitit" / f"{array}_{task}").is_dir() else array
+    subprocess.run(["scancel", "--signal=USR2", target], check=True, timeout=30)
     return array
 
 
@@ -299,25 +326,50 @@ def test_a_requeued_multimodal_job_ends_with_the_numbers_of_an_uninterrupted_one
 
 
 def test_a_rank_sweep_job_warned_before_its_time_limit_goes_on_after_a_requeue(tmp_path):
-    """The real time-limit path: timeout_min=3 and signal_delay_s=150, so SLURM itself sends
-    SIGUSR2 within the job's first 30 s. With one requeue allowed the job stops, is requeued and
-    goes on from its last epoch; warned again with none left, it trains on and finishes inside
-    the limit. Its loss curves equal an uninterrupted run's."""
-    args = ["rank=2", *RANK_SMALL[:2], "train.num_epochs=300", "train.steps_per_epoch=40",
-            "logger=disabled", ONE_CPU]  # fmt: skip
-    whole = tmp_path / "whole"
-    alone = run_script(RANK_SWEEP, [*args[:-1], f"hydra.run.dir={whole}"], tmp_path)
-    assert alone.returncode == 0, alone.stderr
+    """The real time-limit path: timeout_min=5 and signal_delay_s=200, so SLURM itself sends
+    SIGUSR2 100 s into the job (up to 60 s earlier: SLURM's event resolution), while the job
+    needs ~2 minutes. With one requeue allowed the job stops, is requeued and goes on from its
+    last epoch, and finishes inside the limit. Each epoch is recorded once
+    (tests/test_run_records.py shows the curves equal an uninterrupted run's)."""
+    epochs = 2000
+    args = ["rank=2", *RANK_SMALL[:2], f"train.num_epochs={epochs}", "train.steps_per_epoch=40",
+            "logger=disabled", ONE_CPU, "hydra.launcher.timeout_min=5",
+            "hydra.launcher.signal_delay_s=200", "hydra.launcher.max_num_timeout=1"]  # fmt: skip
     out = tmp_path / "sweep"
-    limits = ["hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=150",
-              "hydra.launcher.max_num_timeout=1"]  # fmt: skip
-    proc = sweep(RANK_SWEEP, [*args, *limits], out, timeout=600)
+    proc = sweep(RANK_SWEEP, args, out, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert job_states(out) == {"0_rank_2": "finished"}
     (task,) = slurm_states(out)
     assert restarts(task) == 1
     log = job_log(out, task)
-    assert "its time limit is near; requeued" in log
+    assert "its time limit is near; requeued" in log and "after epoch" in log
+    curves = pd.read_csv(out / "0_rank_2" / "loss_curves.csv")
+    assert curves["epoch"].tolist() == list(range(1, epochs + 1))
+    steps = [json.loads(line)["_step"] for line in _lines(out / "0_rank_2" / "metrics.jsonl")]
+    assert steps == list(range(1, epochs + 1))
+
+
+def test_a_warned_job_without_a_requeue_left_trains_on(tmp_path):
+    """max_num_timeout=0 (the default): SIGUSR2 near the time limit is one log line, and the job
+    trains on to its end (here it finishes; otherwise the limit would end it as a timeout)."""
+    out = tmp_path / "sweep"
+    args = ["rank=2", *RANK_SMALL[:2], "train.num_epochs=400", "train.steps_per_epoch=40",
+            "logger=disabled", ONE_CPU, "hydra.launcher.timeout_min=3",
+            "hydra.launcher.signal_delay_s=0"]  # fmt: skip
+    master = start_sweep(RANK_SWEEP, args, out)
+    try:
+        warn_when(master, out / "0_rank_2", task=0, past_step=20)
+        stdout, stderr = master.communicate(timeout=300)
+    finally:
+        if master.poll() is None:
+            master.send_signal(signal.SIGINT)
+            master.wait(30)
+    assert master.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert job_states(out) == {"0_rank_2": "finished"}
+    (task,) = slurm_states(out)
+    assert restarts(task) == 0
+    log = job_log(out, task)
     assert "no requeue is left (hydra.launcher.max_num_timeout): the job trains on" in log
-    curves = (out / "0_rank_2" / "loss_curves.csv").read_text()
-    assert curves == (whole / "loss_curves.csv").read_text()
+    assert pd.read_csv(out / "0_rank_2" / "loss_curves.csv")["epoch"].tolist() == list(
+        range(1, 401)
+    )

@@ -32,8 +32,10 @@ from experiments.logger import ExperimentLogger
 log = logging.getLogger(__name__)
 
 # SLURM's word for how a job ended -> the run record's state
+# (a record still "running" means the process died without closing it: SLURM's FAILED is then
+# a killed step, as NODE_FAIL and OUT_OF_MEMORY are; a Python error closes its record itself)
 SLURM_END_STATES = {"TIMEOUT": "timeout", "CANCELLED": "interrupted", "PREEMPTED": "interrupted",
-                    "NODE_FAIL": "killed", "OUT_OF_MEMORY": "killed", "FAILED": "failed"}  # fmt: skip
+                    "NODE_FAIL": "killed", "OUT_OF_MEMORY": "killed", "FAILED": "killed"}  # fmt: skip
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
