@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -338,10 +339,8 @@ def test_a_stop_request_closes_the_record_with_its_reason_even_when_swallowed(tm
     with pytest.raises(KeyboardInterrupt), ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
         assert ExperimentLogger.active is lg
         lg.log({"x": 1}, step=1)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # swallowed on its way up
             lg.request_stop(reason)
-        except KeyboardInterrupt:
-            pass  # swallowed on its way up
         lg.log({"x": 2}, step=2)
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["state"] == "interrupted" and record["reason"] == reason
