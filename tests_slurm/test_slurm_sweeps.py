@@ -8,6 +8,7 @@ sweep's outcome (hydra_plugins/ks_slurm_launcher/slurm_launcher.py settles the j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -172,18 +173,9 @@ def test_hard_time_limit_is_reported_by_the_sweep(tmp_path):
 
 def test_scancel_of_one_array_task_is_reported_by_the_sweep(tmp_path):
     out = tmp_path / "sweep"
-    args = ["-m", SLURM, "rank=2,4", *RANK_SMALL[:2], "train.num_epochs=300",
-            "train.steps_per_epoch=20", "logger=disabled", ONE_CPU, f"hydra.sweep.dir={out}"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
-    master = subprocess.Popen(
-        [sys.executable, str(RANK_SWEEP), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    args = ["rank=2,4", *RANK_SMALL[:2], "train.num_epochs=300", "train.steps_per_epoch=20",
+            "logger=disabled", ONE_CPU]  # fmt: skip
+    with running_sweep(RANK_SWEEP, args, out) as master:
         # wait until task 1 trains (its run record exists), then cancel it alone
         deadline = time.time() + 180
         while not (out / "1_rank_4" / "run.json").exists():
@@ -192,10 +184,6 @@ def test_scancel_of_one_array_task_is_reported_by_the_sweep(tmp_path):
         (array,) = {p.name.split("_")[0] for p in (out / ".submitit").iterdir() if p.is_dir()}
         subprocess.run(["scancel", f"{array}_1"], check=True, timeout=30)
         stdout, stderr = master.communicate(timeout=300)
-    finally:
-        if master.poll() is None:
-            master.send_signal(signal.SIGINT)
-            master.wait(30)
     states = slurm_states(out)
     assert states[f"{array}_0"] == "COMPLETED" and states[f"{array}_1"].startswith("CANCELLED")
     assert job_states(out) == {"0_rank_2": "finished", "1_rank_4": "interrupted"}
@@ -210,8 +198,7 @@ def test_a_killed_job_is_reported_killed_by_the_sweep(tmp_path):
     """kill -9 of the job's Python (as the OOM killer or a crash would): SLURM sees the step
     fail; the record the process could not close is settled as killed."""
     out = tmp_path / "sweep"
-    master = start_sweep(RANK_SWEEP, LONG, out)
-    try:
+    with running_sweep(RANK_SWEEP, LONG, out) as master:
         record = out / "0_rank_2" / "run.json"
         deadline = time.time() + 180
         while not record.exists():
@@ -219,10 +206,6 @@ def test_a_killed_job_is_reported_killed_by_the_sweep(tmp_path):
             time.sleep(0.5)
         os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)  # one node: this host
         stdout, stderr = master.communicate(timeout=300)
-    finally:
-        if master.poll() is None:
-            master.send_signal(signal.SIGINT)
-            master.wait(30)
     assert master.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert job_states(out) == {"0_rank_2": "killed"}
     settled = json.loads(record.read_text())
@@ -245,6 +228,18 @@ def test_a_request_no_node_can_satisfy_is_one_line_before_submitting(tmp_path):
 
 
 # -- requeue: SLURM's warning (SIGUSR2) with a requeue left; the job goes on from its checkpoint -
+
+
+@contextlib.contextmanager
+def running_sweep(script: Path, args: list[str], sweep_dir: Path):
+    """The sweep's master, running; interrupted on the way out if a check failed first."""
+    master = start_sweep(script, args, sweep_dir)
+    try:
+        yield master
+    finally:
+        if master.poll() is None:
+            master.send_signal(signal.SIGINT)
+            master.wait(30)
 
 
 def start_sweep(script: Path, args: list[str], sweep_dir: Path) -> subprocess.Popen:
@@ -300,14 +295,9 @@ def test_a_requeued_multimodal_job_ends_with_the_numbers_of_an_uninterrupted_one
     args = ["seed=0,0", *TINY, "train.epochs=40", "train.checkpoint_frequency=5",
             "train.log_frequency=1", "logger=wandb", ONE_CPU,
             "hydra.launcher.max_num_timeout=1"]  # fmt: skip
-    master = start_sweep(MULTIMODAL, args, out)
-    try:
+    with running_sweep(MULTIMODAL, args, out) as master:
         array = warn_when(master, out / "0", task=0, past_step=6)
         stdout, stderr = master.communicate(timeout=420)
-    finally:
-        if master.poll() is None:
-            master.send_signal(signal.SIGINT)
-            master.wait(30)
     assert master.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "Traceback" not in stderr and "did not finish" not in stdout
     assert restarts(f"{array}_0") == 1 and restarts(f"{array}_1") == 0
@@ -356,14 +346,9 @@ def test_a_warned_job_without_a_requeue_left_trains_on(tmp_path):
     args = ["rank=2", *RANK_SMALL[:2], "train.num_epochs=400", "train.steps_per_epoch=40",
             "logger=disabled", ONE_CPU, "hydra.launcher.timeout_min=3",
             "hydra.launcher.signal_delay_s=0"]  # fmt: skip
-    master = start_sweep(RANK_SWEEP, args, out)
-    try:
+    with running_sweep(RANK_SWEEP, args, out) as master:
         warn_when(master, out / "0_rank_2", task=0, past_step=20)
         stdout, stderr = master.communicate(timeout=300)
-    finally:
-        if master.poll() is None:
-            master.send_signal(signal.SIGINT)
-            master.wait(30)
     assert master.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert job_states(out) == {"0_rank_2": "finished"}
     (task,) = slurm_states(out)

@@ -54,7 +54,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             except BaseException:
                 if warning.requeues_left is None:
                     raise
-        self._requeue(warning, self._job_folder(overrides, job_num))
+        self._requeue(warning)
 
     def _resumed(self, overrides: list[str], job_num: int) -> list[str]:
         """A requeued job's overrides: ``resume=true`` when its folder holds its run (it may
@@ -65,14 +65,14 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         log.info("requeued (restart %s): %s", os.environ["SLURM_RESTART_COUNT"], " ".join(kept))
         return kept
 
-    def _requeue(self, warning: TimeLimitWarning, folder: Path) -> NoReturn:
+    def _requeue(self, warning: TimeLimitWarning) -> NoReturn:
         """Requeue this job (submitit's checkpoint: the same call, the budget one less) and
-        exit; its run record says why it stopped and that it goes on."""
+        exit; the run record already says why it stopped and that it goes on (the stop
+        request's reason)."""
         import submitit
         from submitit.core.job_environment import _checkpoint
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # scontrol requeue ends this process
-        record_requeue(folder, warning.reason, warning.requeues_left)
         env = submitit.JobEnvironment()
         problem = _checkpoint(warning.delayed, env.paths.submitted_pickle, warning.requeues_left)
         if problem:
@@ -173,27 +173,6 @@ class TimeLimitWarning:
             self.requeues_left = None  # it was: the run ends as it is
             return
         raise KeyboardInterrupt(self.reason)  # before the run began: nothing is kept
-
-
-def record_requeue(folder: Path, reason: str, left: int) -> None:
-    """The stopped run's record says it was requeued (its state stays ``interrupted``; the
-    requeued job marks it running again)."""
-    path = folder / runstore.RUN_FILE
-    if not path.is_file():
-        return
-    try:
-        lock = runstore.RunLock(folder).acquire(retries=40)
-    except (runstore.RunFolderInUse, OSError) as exc:
-        log.warning("could not note the requeue in %s: %s", path, exc)
-        return
-    try:
-        record = runstore.read_json(path)
-        record.update(reason=reason, requeues_left=left)
-        runstore.write_json_atomic(path, record)
-    except (OSError, ValueError) as exc:
-        log.warning("could not note the requeue in %s: %s", path, exc)
-    finally:
-        lock.release()
 
 
 class _Collected:
