@@ -65,23 +65,30 @@ LIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUE
 
 
 def slurm_states(sweep_dir: Path, wait: float = 60) -> dict[str, str]:
-    """Array task (e.g. '12_0') -> its state in SLURM's accounting, for the jobs this sweep's
-    submitit folder names. A task's end reaches the accounting database a moment after its
-    result file is written, so a task still RUNNING there is asked again, up to ``wait`` s."""
-    arrays = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}
-    assert arrays, f"no SLURM job in {sweep_dir / '.submitit'}"
+    """Array task (e.g. '12_0', or '12' for a sweep of one job) -> its state in SLURM's
+    accounting, for the tasks this sweep's submitit folder names. Accounting lags: a task's end
+    reaches the database a moment after its result file is written, and for a moment after an
+    array ends sacct can list it as one line ('12|COMPLETED') before its tasks' lines. So sacct
+    is asked again, up to ``wait`` s, until every task has its own line and none is still live."""
+    jobs = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
+    # an array's tasks ('12_0', '12_1'; '12' is the array's own folder); a sweep of one job is a
+    # plain job ('12')
+    tasks = sorted(j for j in jobs if "_" in j) or sorted(j for j in jobs if j.isdigit())
+    assert tasks, f"no SLURM job in {sweep_dir / '.submitit'}"
     deadline = time.time() + wait
     while True:
         proc = subprocess.run(
-            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(sorted(arrays))],
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(tasks)],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
-        states = dict(line.split("|", 1) for line in proc.stdout.splitlines() if line)
-        if not LIVE & set(states.values()) or time.time() > deadline:
-            return states
+        listed = dict(line.split("|", 1) for line in proc.stdout.splitlines() if line)
+        states = {task: listed[task] for task in tasks if task in listed}
+        settled = len(states) == len(tasks) and not LIVE & set(states.values())
+        if settled or time.time() > deadline:
+            return states if settled else listed
         time.sleep(1)
 
 
