@@ -11,6 +11,7 @@ sweep outcome, and the sweep goes on to its report (experiments/callbacks.py).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -48,12 +49,17 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
             overrides = self._resumed(overrides, job_num)
         warning = TimeLimitWarning()
+        exit_code = FailedRunExitCode()  # before the run registers its own exit handlers
         with warning.handled():
             try:
-                return super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
+                result = super().__call__(overrides, job_dir_key, job_num, job_id,
+                                          singleton_state)  # fmt: skip
             except BaseException:
                 if warning.requeues_left is None:
                     raise
+            else:
+                exit_code.note(result)
+                return result
         self._requeue(warning)
 
     def _resumed(self, overrides: list[str], job_num: int) -> list[str]:
@@ -173,6 +179,33 @@ class TimeLimitWarning:
             self.requeues_left = None  # it was: the run ends as it is
             return
         raise KeyboardInterrupt(self.reason)  # before the run began: nothing is kept
+
+
+class FailedRunExitCode:
+    """A job whose run failed (bad input, a Python error) hands its result to the master like
+    any other, which lists it as failed; but its process would exit 0 and SLURM call it
+    COMPLETED 0:0. This exits 1 once submitit has written the result, so sacct says FAILED 1:0.
+    Registered before the run starts, so it runs after the run's own exit handlers (W&B's):
+    exit handlers run last in, first out, and ``os._exit`` skips the ones registered before."""
+
+    def __init__(self) -> None:
+        self.failed = False
+        atexit.register(self._exit)
+
+    def note(self, result: JobReturn) -> None:
+        try:  # the job's output folder (working_dir is the launch folder unless Hydra chdirs)
+            folder = Path(str(result.hydra_cfg.hydra.runtime.output_dir))
+            record = runstore.read_json(folder / runstore.RUN_FILE)
+        except (AttributeError, OSError, ValueError):
+            record = {}  # no record: Hydra's own status says
+        self.failed = record.get("state", "") == "failed" or result.status == JobStatus.FAILED
+
+    def _exit(self) -> None:
+        if self.failed:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 class _Collected:
