@@ -224,6 +224,36 @@ def test_a_killed_job_is_reported_killed_by_the_sweep(tmp_path):
     assert (out / "rank_sweep_summary.csv").exists()
 
 
+def test_a_killed_job_is_reported_without_slurm_accounting(tmp_path):
+    """On a cluster without accounting sacct fails, so submitit never learns that a job ended
+    without a result, and the master waited forever. The master here reads a copy of the
+    cluster's slurm.conf with accounting off (sacct: "Slurm accounting storage is disabled";
+    sbatch, squeue and scontrol work as before): scontrol's word ends the wait."""
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    lines = [line for line in conf.read_text().splitlines()
+             if not line.startswith("AccountingStorage")]  # fmt: skip
+    no_accounting = tmp_path / "slurm.conf"
+    no_accounting.write_text("\n".join([*lines, "AccountingStorageType=accounting_storage/none"]))
+    check = subprocess.run(["sacct", "-n"], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "SLURM_CONF": str(no_accounting)})  # fmt: skip
+    assert check.returncode != 0 and "accounting storage is disabled" in check.stderr
+    out = tmp_path / "sweep"
+    started = time.time()
+    with running_sweep(RANK_SWEEP, LONG, out, SLURM_CONF=str(no_accounting)) as master:
+        record = out / "0_rank_2" / "run.json"
+        while not record.exists():
+            assert time.time() < started + 180 and master.poll() is None, "the job never started"
+            time.sleep(0.5)
+        os.kill(json.loads(record.read_text())["pid"], signal.SIGKILL)
+        killed = time.time()
+        stdout, stderr = master.communicate(timeout=300)
+    assert master.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert time.time() - killed < 120  # scontrol polled every 10 s, 30 s of grace
+    assert job_states(out) == {"0_rank_2": "killed"}
+    assert json.loads(record.read_text())["slurm_state"] == "FAILED"
+    assert "1 of 1 jobs did not finish: 0_rank_2 (killed; log " in stdout
+
+
 def test_a_request_no_node_can_satisfy_is_one_line_before_submitting(tmp_path):
     """Too much memory, too many CPUs or a GPU on this CPU node: one line and exit 2, nothing
     submitted, no sweep folder (SLURM would keep such an array PENDING without a word)."""
@@ -241,9 +271,9 @@ def test_a_request_no_node_can_satisfy_is_one_line_before_submitting(tmp_path):
 
 
 @contextlib.contextmanager
-def running_sweep(script: Path, args: list[str], sweep_dir: Path):
+def running_sweep(script: Path, args: list[str], sweep_dir: Path, **env: str):
     """The sweep's master, running; interrupted on the way out if a check failed first."""
-    master = start_sweep(script, args, sweep_dir)
+    master = start_sweep(script, args, sweep_dir, **env)
     try:
         yield master
     finally:
@@ -252,8 +282,8 @@ def running_sweep(script: Path, args: list[str], sweep_dir: Path):
             master.wait(30)
 
 
-def start_sweep(script: Path, args: list[str], sweep_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+def start_sweep(script: Path, args: list[str], sweep_dir: Path, **env: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **env}
     return subprocess.Popen(
         [sys.executable, str(script), "-m", SLURM, *args, f"hydra.sweep.dir={sweep_dir}"],
         cwd=sweep_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

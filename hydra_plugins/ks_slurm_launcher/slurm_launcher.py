@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -109,10 +110,14 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             submitit.AutoExecutor.map_array = executor_map_array
         returns = []
         for idx, (job, overrides) in enumerate(zip(submitted, job_overrides, strict=True)):
+            folder = self._job_folder(list(overrides), initial_job_idx + idx)
+            ended_as = wait_for(job)
+            if ended_as is not None:  # gone without a result, and sacct cannot say so
+                returns.append(self._ended_by_slurm(job, folder, list(overrides), ended_as))
+                continue
             try:
                 returns.append(job.results()[0])
             except submitit.core.utils.UncompletedJobError:
-                folder = self._job_folder(list(overrides), initial_job_idx + idx)
                 returns.append(self._ended_by_slurm(job, folder, list(overrides)))
         return returns
 
@@ -123,8 +128,9 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             cfg.hydra.job.num = num
         return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
 
-    def _ended_by_slurm(self, job: Any, folder: Path, overrides: list[str]) -> JobReturn:
-        state = str(job.state).split()[0]  # "CANCELLED by 0" -> CANCELLED
+    def _ended_by_slurm(self, job: Any, folder: Path, overrides: list[str],
+                        state: str | None = None) -> JobReturn:  # fmt: skip
+        state = (state or str(job.state)).split()[0]  # "CANCELLED by 0" -> CANCELLED
         SweepOutcome.ended_by_cluster[folder] = (state, Path(job.paths.stderr))
         settle_record(folder, state, job.job_id)
         log.error("job %s (%s) ended by SLURM: %s; log %s", job.job_id, folder.name, state,
@@ -132,6 +138,49 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         # "completed" for Hydra (a failed JobReturn re-raises in the sweeper, before the sweep's
         # report): the run record and the sweep outcome say how it ended
         return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, working_dir=str(folder))
+
+
+# SLURM job states (scontrol's JobState) of a job that has ended
+ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+         "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"}  # fmt: skip
+
+
+def wait_for(job: Any, poll_s: float = 10, grace_s: float = 30) -> str | None:
+    """Wait until ``job`` is done; None when submitit can tell (its result file, or sacct), or
+    the state of a job that ended without a result when only scontrol can. submitit learns that
+    a job ended from sacct, which fails on a cluster without accounting: a job that died without
+    a result was then waited for forever. scontrol keeps an ended job for MinJobAge (300 s by
+    default): a job it shows ended for ``grace_s`` with no result (which a shared filesystem
+    may show late) ended as it says; one it no longer knows, with no result, is gone."""
+    ended_since = asked = None
+    while not job.done():
+        if asked is None or time.monotonic() - asked >= poll_s:
+            asked = time.monotonic()
+            state = scontrol_state(job.job_id)
+            if state in ENDED or state == "GONE":
+                ended_since = ended_since or asked
+                if asked - ended_since >= grace_s and not job.done():
+                    return "UNKNOWN" if state == "GONE" else state
+            else:  # live (or requeued), or scontrol could not be asked: wait as submitit does
+                ended_since = None
+        time.sleep(1)
+    return None
+
+
+def scontrol_state(job_id: str) -> str | None:
+    """The job's state as slurmctld has it (no accounting needed); "GONE" when it no longer
+    knows the job, None when scontrol cannot be asked."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                              text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return "GONE" if "Invalid job id" in proc.stderr else None
+    for field in proc.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None
 
 
 class TimeLimitWarning:
