@@ -54,9 +54,10 @@ slurm-status: ## which of its daemons run, and sinfo
 test-slurm: install ## the SLURM suite on a running cluster (skips without one)
 	SLURM_CONF=$${SLURM_CONF:-$(KS_SLURM_DIR)/slurm.conf} $(PY) -m pytest tests_slurm
 
-lint: install ## ruff check and format check
+lint: install ## ruff check and format check, then the import contracts (pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -28,16 +28,16 @@ import yaml
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from analysis.cli import ArgumentParser, UserError, run_cli
 from analysis.rank_history import (
     layer_order_problem,
     rank_columns,
     rank_table,
     resolve_layer_order,
 )
-from analysis.ranks import MODES, RANK_MEASURES, compute_rank_decay_dynamics
+from common.cli import ArgumentParser, UserError, run_cli
+from common.ranks import MODES, RANK_MEASURES, compute_rank_decay_dynamics
+from common.runstore import CONFIG_FILE, METRICS_FILE, read_metrics, save_figure
 from experiments.rank_probe import probed_layer_order
-from experiments.runstore import CONFIG_FILE, METRICS_FILE, read_metrics, save_figure
 
 
 def scope_tables(

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.ranks import DYNAMICS_METRICS, compute_rank_decay_dynamics
+from common.ranks import DYNAMICS_METRICS, compute_rank_decay_dynamics
 
 STEP = "_step"
 # one tidy row per (step, scope, rank type): what rank_dynamics.csv holds

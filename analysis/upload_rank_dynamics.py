@@ -69,7 +69,6 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from analysis.cli import ArgumentParser, UserError, run_cli
 from analysis.rank_history import (
     STEP,
     dynamics_key,
@@ -78,8 +77,9 @@ from analysis.rank_history import (
     rank_columns,
     resolve_layer_order,
 )
-from analysis.ranks import DYNAMICS_METRICS, MODES, RANK_MEASURES
-from experiments import runstore
+from common import runstore
+from common.cli import ArgumentParser, UserError, run_cli
+from common.ranks import DYNAMICS_METRICS, MODES, RANK_MEASURES
 from experiments.rank_probe import probed_layer_order
 
 VERSION = 1

@@ -2,7 +2,7 @@
 
 Every experiment logs through :class:`ExperimentLogger` and only through it. Whatever the W&B
 mode, the run folder gets ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``run.json``
-(see :mod:`experiments.runstore`), so nothing depends on W&B's internal offline format. A W&B
+(see :mod:`common.runstore`), so nothing depends on W&B's internal offline format. A W&B
 failure never stops training: one warning, then the run goes on local-only.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from experiments import runstore
+from common import runstore
 
 WANDB_MODES = ("offline", "online", "disabled")
 # Config keys whose values must never reach a log, a file or W&B: whole words of the key

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.cli import UserError
-from experiments import runstore
+from common import runstore
+from common.cli import UserError
 from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
 from experiments.multimodal_data import (

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.ranks import (
+from common.ranks import (
     DYNAMICS_METRICS,
     RANK_MEASURES,
     compute_rank_decay_dynamics,

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from analysis import upload_rank_dynamics as up
-from analysis.cli import UserError
 from analysis.plot_rank_dynamics import cell_steps, main, scope_tables
+from common.cli import UserError
 from tests.wandb_server import serving
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from analysis import upload_rank_dynamics as up
-from analysis.cli import UserError
 from analysis.rank_history import indexed_order, parse_rank_column, resolve_layer_order
-from analysis.ranks import RANK_MEASURES, compute_rank_decay_dynamics
-from experiments import runstore
+from common import runstore
+from common.cli import UserError
+from common.ranks import RANK_MEASURES, compute_rank_decay_dynamics
 from tests.entrypoint import run_script
 from tests.wandb_server import FILE_STREAM, ServedRun, WandbServer, serving
 
@@ -769,7 +769,7 @@ def test_a_run_whose_process_died_is_ended_killed(tmp_path, capsys):
 def test_a_run_still_running_is_written_beside_it(tmp_path, capsys):
     run = write_local_run(tmp_path / "live", history(30),
                           record={"state": "running", "host": socket.gethostname()})  # fmt: skip
-    code = ("import sys, time\nfrom experiments import runstore\n"
+    code = ("import sys, time\nfrom common import runstore\n"
             "runstore.RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)")  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip

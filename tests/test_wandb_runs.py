@@ -11,7 +11,7 @@ import yaml
 from entrypoint import run_script
 from wandb_records import config, final_summary, history, of_type, transaction_log
 
-from experiments import runstore
+from common import runstore
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {
