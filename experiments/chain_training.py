@@ -118,9 +118,8 @@ def build_rank_probe(cfg: DictConfig, chain: KSLinearChain, device: torch.device
         outputs = chain.factor_outputs(x)
         return dict(zip(chain_probe_layers(len(outputs)), outputs, strict=True))
 
-    return RankProbe(
-        features, pc.every, input_rank(x), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
-    )
+    return RankProbe(features, pc.every, input_rank(x), pc.mode, pc.prepend_input_rank, pc.prop,
+                     pc.eps, layers=chain_probe_layers(len(chain.factors)))  # fmt: skip
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -407,10 +407,10 @@ def encoder_rank_probe(
     """Ranks of each encoder block's output (after its activation) and of the latent."""
     pc, encoder = cfg.rank_probe, model.encoder
     batch = images[: pc.probe_size].to(device)
-    features = hooked_features(encoder, encoder_probe_layers(encoder), batch)
-    return RankProbe(
-        features, pc.every, input_rank(batch), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
-    )
+    layers = encoder_probe_layers(encoder)  # in forward order: the blocks, then the projection
+    features = hooked_features(encoder, layers, batch)
+    return RankProbe(features, pc.every, input_rank(batch), pc.mode, pc.prepend_input_rank,
+                     pc.prop, pc.eps, layers=layers)  # fmt: skip
 
 
 class Training:

@@ -427,21 +427,39 @@ def test_local_dry_run_writes_nothing(tmp_path, capsys):
     assert not (run / up.CSV_FILE).exists() and not (run / up.MARKER_FILE).exists()
 
 
-def test_layer_order_from_the_saved_config(tmp_path, capsys):
-    # the multimodal encoder's probed layers: names that carry no order on their own
+def test_layer_order_from_the_run_record(tmp_path):
+    # a run of this suite: run.json holds the probe's forward order. Its metrics list the layers
+    # backwards and the names carry no order, so only the record can give it
     layers = ["net.2", "net.5", "net.8", "proj"]
-    config = {"model": {"image_encoder_layers": 3, "conv_width": 8, "latent_dim": 16},
-              "data": {"image_size": 16}}  # fmt: skip
-    run = write_local_run(tmp_path / "mm", history(30, layers=layers), config=config)
+    backwards = [dict(reversed(row.items())) for row in history(30, layers=layers)]
+    record = {"rank_probe": {"every": 10, "mode": "difference", "layers": layers}}
+    run = write_local_run(tmp_path / "mm", backwards, record=record)
     assert local(tmp_path, "--rank-types", "effective_rank") == 0
     marker = json.loads((run / up.MARKER_FILE).read_text())
-    assert (
-        marker["layers"] == [{"scope": "", "layers": layers}] and marker["order_source"] == "config"
-    )
+    assert marker["layers"] == [{"scope": "", "layers": layers}]
+    assert marker["order_source"] == "run record"
     table = pd.read_csv(run / up.CSV_FILE)
     want = compute_rank_decay_dynamics(np.array(ranks_at(10, layers)))
     got = table[table["step"] == 10].iloc[0]
     assert got["rank_decay_centroid"] == pytest.approx(want["rank_decay_centroid"])
+
+
+def test_an_older_record_of_the_suite_probe_takes_the_logged_order(tmp_path, capsys):
+    # recorded before run.json kept the layers: the suite's probe (its rank_probe config group)
+    # logged them in forward order, which needs no model; without that group it stays unknown
+    layers = ["net.2", "net.5", "net.8", "proj"]
+    probe = {"rank_probe": {"every": 10, "mode": "difference", "prepend_input_rank": False}}
+    run = write_local_run(tmp_path / "old" / "mm", history(30, layers=layers), config=probe)
+    assert local(tmp_path / "old", "--rank-types", "effective_rank") == 0
+    marker = json.loads((run / up.MARKER_FILE).read_text())
+    assert marker["layers"] == [{"scope": "", "layers": layers}]
+    assert marker["order_source"] == "logged order"
+    write_local_run(tmp_path / "foreign" / "mm", history(30, layers=layers))
+    capsys.readouterr()
+    local(tmp_path / "foreign", "--rank-types", "effective_rank")
+    assert "layer order unknown for net.2, net.5, net.8, proj: pass --layer-order" in (
+        capsys.readouterr().out
+    )
 
 
 def test_scoped_cells_get_their_own_dynamics(tmp_path):
