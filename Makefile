@@ -75,7 +75,7 @@ analyze: install ## every report on the newest local outputs, rank dynamics, out
 	$(PY) analysis/analyze_newest.py
 
 clean: ## remove outputs, caches and W&B offline files (keeps .venv)
-	rm -rf outputs multirun wandb .pytest_cache .ruff_cache bench_results
+	rm -rf outputs multirun wandb .pytest_cache .ruff_cache .import_linter_cache bench_results
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 distclean: clean ## also remove .venv
