@@ -54,9 +54,10 @@ slurm-status: ## which of its daemons run, and sinfo
 test-slurm: install ## the SLURM suite on a running cluster (skips without one)
 	SLURM_CONF=$${SLURM_CONF:-$(KS_SLURM_DIR)/slurm.conf} $(PY) -m pytest tests_slurm
 
-lint: install ## ruff check and format check
+lint: install ## ruff check and format check, then the import contracts (pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -74,7 +75,7 @@ analyze: install ## every report on the newest local outputs, rank dynamics, out
 	$(PY) analysis/analyze_newest.py
 
 clean: ## remove outputs, caches and W&B offline files (keeps .venv)
-	rm -rf outputs multirun wandb .pytest_cache .ruff_cache bench_results
+	rm -rf outputs multirun wandb .pytest_cache .ruff_cache .import_linter_cache bench_results
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 distclean: clean ## also remove .venv

@@ -31,8 +31,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a plain script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.cli import ArgumentParser, UserError, run_cli
-from experiments.runstore import (
+from common.cli import ArgumentParser, UserError, run_cli
+from common.runstore import (
     KILLED,
     RUN_FILE,
     find_runs,

@@ -6,8 +6,9 @@
 
 Reads per-layer ranks logged as ``ranks/{layer}/{measure}`` (this suite's probe) or
 ``{layer}_{measure}`` (runs from before the suite). Layers are put in forward order the way the
-uploader does it (``--layer-order``, the model rebuilt from the run's config, indexed names);
-a run whose order cannot be known is an error, never a guess. A run with several scopes (the
+uploader does it (``--layer-order``, the order the run recorded, for an older run of the suite's
+probe the order it logged them in, indexed names); a run whose order cannot be known is an
+error, never a guess. A run with several scopes (the
 scaling sweep's cells) gets one line per scope in the panels; ``--scope`` picks one, and the
 heat map needs one. ``--layer-order`` must name exactly the run's layers (an unknown or a
 missing name is an error naming them). Writes ``rank_dynamics_{measure}_{mode}.png`` and
@@ -28,16 +29,24 @@ import yaml
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from analysis.cli import ArgumentParser, UserError, run_cli
 from analysis.rank_history import (
     layer_order_problem,
+    logged_in_forward_order,
     rank_columns,
     rank_table,
+    recorded_layer_order,
     resolve_layer_order,
 )
-from analysis.ranks import MODES, RANK_MEASURES, compute_rank_decay_dynamics
-from experiments.rank_probe import probed_layer_order
-from experiments.runstore import CONFIG_FILE, METRICS_FILE, read_metrics, save_figure
+from common.cli import ArgumentParser, UserError, run_cli
+from common.ranks import MODES, RANK_MEASURES, compute_rank_decay_dynamics
+from common.runstore import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    read_json,
+    read_metrics,
+    save_figure,
+)
 
 
 def scope_tables(
@@ -45,8 +54,10 @@ def scope_tables(
     measure: str,
     config: dict | None = None,
     layer_order: list[str] | None = None,
+    record: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """{scope: (steps x layers) ranks in forward order}, one row per step holding every layer."""
+    """{scope: (steps x layers) ranks in forward order}, one row per step holding every layer
+    (``record``: the run's run.json, ``config``: its config, for the order it recorded)."""
     groups = {
         scope: by_measure[measure]
         for scope, by_measure in rank_columns(history.columns, [measure]).items()
@@ -58,10 +69,11 @@ def scope_tables(
             problem = layer_order_problem(layer_order, by_layer)
             if problem:
                 raise UserError(problem)
-    config_order = probed_layer_order(config) if config else None
+    config, record = config or {}, record or {}
+    recorded, logged = recorded_layer_order(record, config), logged_in_forward_order(config)
     tables = {}
     for scope, columns in sorted(groups.items()):
-        order, reason = resolve_layer_order(columns, config_order, layer_order)
+        order, reason = resolve_layer_order(columns, recorded, layer_order, logged)
         if order is None:
             raise UserError(reason)
         table = rank_table(history, [columns[layer] for layer in order])
@@ -80,8 +92,11 @@ def cell_steps(history: pd.DataFrame, scope: str, table: pd.DataFrame) -> np.nda
     return table.index.to_numpy()
 
 
-def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFrame, dict, str]:
-    """(history, config, name) of a local run folder or a W&B run."""
+def load_history(
+    run_dir: Path | None, run_path: str | None
+) -> tuple[pd.DataFrame, dict, dict, str]:
+    """(history, config, run record, name) of a local run folder or a W&B run (whose record,
+    having no run.json, is empty)."""
     if run_dir is not None:
         if not (run_dir / METRICS_FILE).is_file():
             raise UserError(f"{run_dir} holds no {METRICS_FILE} (not a run folder?)")
@@ -90,7 +105,12 @@ def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFra
             config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
         except (OSError, yaml.YAMLError) as exc:
             raise UserError(f"unreadable {config_path}: {exc}") from None
-        return read_metrics(run_dir), config or {}, run_dir.name
+        try:
+            record = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else {}
+        except (OSError, ValueError) as exc:
+            raise UserError(f"unreadable {run_dir / RUN_FILE}: {exc}") from None
+        record = record if isinstance(record, dict) else {}
+        return read_metrics(run_dir), config or {}, record, run_dir.name
     # the uploader's W&B client: its retries and timeouts, scan_history for every row
     # (history() is sampled), the lazy config load retried too
     from analysis.upload_rank_dynamics import describe, public_api, run_config, scan, with_retries
@@ -106,7 +126,7 @@ def load_history(run_dir: Path | None, run_path: str | None) -> tuple[pd.DataFra
         raise UserError(f"cannot read W&B run {run_path}: {describe(exc)}") from None
     if "_step" not in frame.columns:
         raise UserError(f"run {run_path} has no history")
-    return frame, config, run.name
+    return frame, config, {}, run.name
 
 
 def plot(dynamics: dict[str, dict[str, np.ndarray]], steps: dict[str, np.ndarray], title: str,
@@ -159,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-order", metavar="A,B,C", help="forward order of the layers")
     parser.add_argument("--out", type=Path, help="output folder (default: the run folder or .)")
     args = parser.parse_args(argv)
-    history, config, name = load_history(args.run_dir, args.run)
+    history, config, record, name = load_history(args.run_dir, args.run)
     given = args.layer_order
     order = [x.strip() for x in given.split(",")] if given is not None else None  # "" is an error
-    tables = scope_tables(history, args.rank_type, config, order)
+    tables = scope_tables(history, args.rank_type, config, order, record)
     if args.scope is not None:
         if args.scope not in tables:
             raise UserError(f"no scope {args.scope!r}; the run has {', '.join(tables) or 'none'}")

@@ -9,7 +9,6 @@ job did not finish (failed, killed, interrupted, still running), as the sweep it
 
 from __future__ import annotations
 
-from analysis.cli import ArgumentParser, run_cli
 from analysis.rank_sweep_report import (
     OK_STATUSES,
     best_ranks,
@@ -17,6 +16,7 @@ from analysis.rank_sweep_report import (
     format_summary_table,
     write_report,
 )
+from common.cli import ArgumentParser, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

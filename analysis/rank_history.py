@@ -17,12 +17,13 @@ dynamics, written as ``{scope}/{measure}_{metric}`` (no scope: ``{measure}_{metr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from analysis.ranks import DYNAMICS_METRICS, compute_rank_decay_dynamics
+from common.ranks import DYNAMICS_METRICS, compute_rank_decay_dynamics
 
 STEP = "_step"
 # one tidy row per (step, scope, rank type): what rank_dynamics.csv holds
@@ -73,20 +74,49 @@ def indexed_order(layers: Iterable[str]) -> list[str] | None:
     return [layer for _, layer in sorted(zip(numbers, layers, strict=True))]
 
 
+def recorded_layer_order(record: Mapping[str, Any], config: Mapping[str, Any]) -> list[str] | None:
+    """The probed layers in forward order as the logger recorded them: ``rank_probe.layers`` in
+    a local run's run.json, ``rank_probe_layers`` in a W&B run's config. None for a run
+    recorded before the logger kept them (or without a live probe)."""
+    probe = record.get("rank_probe")
+    layers = probe.get("layers") if isinstance(probe, Mapping) else None
+    if layers is None:
+        layers = config.get("rank_probe_layers")
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) for x in layers):
+        return list(layers)
+    return None
+
+
+def logged_in_forward_order(config: Mapping[str, Any]) -> bool:
+    """Whether the run's layers were logged in forward order: this suite's live probe (a
+    ``rank_probe`` group in the run's config) logs each probed step's layers in forward order
+    (``RankProbe.measure``), so a run of it recorded before run.json kept the order has it in
+    the order its layers first appear in the history (metrics.jsonl's keys as written; a W&B
+    history row's keys as W&B returns them, which is the order they were logged). No model is
+    rebuilt. Runs from before the suite have no such group: their order is never guessed."""
+    return isinstance(config.get("rank_probe"), Mapping)
+
+
 def resolve_layer_order(
     layers: Iterable[str],
-    config_order: Sequence[str] | None = None,
+    recorded_order: Sequence[str] | None = None,
     given_order: Sequence[str] | None = None,
+    logged_order: bool = False,
 ) -> tuple[list[str] | None, str]:
-    """(order, source) for a run's logged layer names, never a guess.
+    """(order, source) for a run's logged layer names (``layers`` in the order they first
+    appear in its history), never a guess.
 
     Sources, first that covers exactly these layers: ``--layer-order`` (the user said so), the
-    model rebuilt from the run's config, indexed names. None and an explanation otherwise.
+    order the run recorded (``recorded_layer_order``), the order the layers were logged in when
+    that is the forward order (``logged_in_forward_order``), indexed names. None and an
+    explanation otherwise.
     """
-    names = set(layers)
-    for order, source in ((given_order, "--layer-order"), (config_order, "config")):
-        if order and set(order) >= names:
+    names = list(dict.fromkeys(layers))
+    for order, source in ((given_order, "--layer-order"), (recorded_order, "run record")):
+        if order and set(order) >= set(names):
             return [layer for layer in order if layer in names], source
+    if logged_order and names:
+        return names, "logged order"
     indexed = indexed_order(names)
     if indexed is not None:
         return indexed, "indexed names"

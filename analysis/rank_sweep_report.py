@@ -28,9 +28,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from analysis.cli import UserError
 from analysis.scaling_results import FIELDS, LINE, read_csv_text
-from experiments.runstore import (
+from common.cli import UserError
+from common.runstore import (
     CONFIG_FILE,
     KILLED,
     RUN_FILE,
@@ -39,12 +39,8 @@ from experiments.runstore import (
     killed_reason,
     run_state,
 )
+from experiments.rank_sweep_records import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 
-# The files a rank-sweep job writes beside its run record (experiments/chain_training.py).
-CURVES_CSV = "loss_curves.csv"
-CURVES_JSON = "loss_curves.json"
-
-CURVE_COLUMNS = ["epoch", "train_loss", "val_loss", "rank", "floor", "loss_over_floor"]
 SUMMARY_COLUMNS = [
     "rank",
     "structure",

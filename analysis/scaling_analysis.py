@@ -30,7 +30,6 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from analysis.cli import ArgumentParser, UserError, run_cli  # noqa: E402
 from analysis.rank_sweep_report import save_png, write_all  # noqa: E402
 from analysis.scaling_fit import (  # noqa: E402
     DEFAULT_WINDOW,
@@ -42,7 +41,8 @@ from analysis.scaling_fit import (  # noqa: E402
     interpret,
     load_results,
 )
-from experiments.runstore import to_jsonable  # noqa: E402
+from common.cli import ArgumentParser, UserError, run_cli  # noqa: E402
+from common.runstore import to_jsonable  # noqa: E402
 
 _DPI = 120
 FIT_JSON = "scaling_fit.json"

@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.cli import UserError
 from analysis.scaling_results import FIELDS, LINE, read_csv_text
+from common.cli import UserError
 
 REQUIRED_COLUMNS = ("batch_size", "lr", "seed", "final_val_loss")
 LOSS_COLUMNS = ("final_val_loss", "min_val_loss")

@@ -1,4 +1,5 @@
-"""``results.csv`` of a scaling sweep: its columns, and its assembly from a multirun folder.
+"""The assembly of a scaling sweep's ``results.csv`` from a multirun folder (its file names,
+columns and writer belong to the jobs that write them: ``experiments/scaling_records.py``).
 
     python analysis/scaling_results.py multirun/laplace_scaling/<time>
 
@@ -26,41 +27,16 @@ if __package__ in (None, ""):  # run as a plain script: make the repo importable
 import pandas as pd
 import yaml
 
-from analysis.cli import ArgumentParser, UserError, run_cli
-from experiments.runstore import (
+from common.cli import ArgumentParser, UserError, run_cli
+from common.runstore import (
     CONFIG_FILE,
     KILLED,
     RUN_FILE,
-    atomic_path,
     killed_reason,
     run_state,
 )
+from experiments.scaling_records import CELL_FILE, RESULTS_FILE, write_results
 
-CELL_FILE = "cell.json"
-RESULTS_FILE = "results.csv"
-RESULT_COLUMNS = [
-    "cell",
-    "experiment_num",
-    "batch_size",
-    "lr",
-    "seed",
-    "noise",
-    "optimizer",
-    "model",
-    "protocol",
-    "final_train_loss",
-    "final_val_loss",
-    "min_val_loss",
-    "initial_val_loss",
-    "converged",
-    "diverged",
-    "steps",
-    "epochs",
-    "wall_time_s",
-    "status",
-    "reason",
-]
-SORT_KEYS = ["noise", "seed", "batch_size", "lr"]
 LINE = "_line"  # a row's line in the file it was read from, for messages
 FIELDS = "_fields"  # how many fields the row had (a short one: a file cut mid-row)
 
@@ -100,25 +76,6 @@ def read_csv_text(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 # A diverged cell is a result; any other status (failed, killed, ...) did not finish.
 DONE_STATUSES = ("finished", "diverged")
-
-
-def _sort_key(column: pd.Series) -> pd.Series:
-    # numbers as numbers (a stray text value must not make sorting raise), noise as text
-    return column.astype(str) if column.name == "noise" else pd.to_numeric(column, errors="coerce")
-
-
-def sort_results(frame: pd.DataFrame) -> pd.DataFrame:
-    frame = frame.reindex(columns=RESULT_COLUMNS)
-    return frame.sort_values(SORT_KEYS, kind="stable", key=_sort_key).reset_index(drop=True)
-
-
-def write_results(frame: pd.DataFrame, path: Path) -> Path:
-    try:
-        with atomic_path(path) as tmp:
-            sort_results(frame).to_csv(tmp, index=False)
-    except OSError as exc:  # a failed write() names no file: say which
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-    return path
 
 
 def _read_config(job: Path) -> tuple[dict, str | None]:

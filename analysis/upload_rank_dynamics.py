@@ -6,8 +6,9 @@
     python analysis/upload_rank_dynamics.py --entity ENTITY --project PROJECT --max-runs 3
 
 For each run: read its per-layer ranks (both key styles, see ``analysis/rank_history.py``), put
-the layers in forward order (``--layer-order``, else the model rebuilt from the run's config,
-else indexed names; a run whose order cannot be known is skipped with its layer names), compute
+the layers in forward order (``--layer-order``, else the order the run recorded, else for an
+older run of the suite's probe the order it logged them in, else indexed names; a run whose
+order cannot be known is skipped with its layer names), compute
 per rank measure T ``T_rank_drop_gini``, ``T_rank_decay_centroid``, ``T_normalized_aurc`` at every
 step that holds all layers, and write the steps not written before:
 
@@ -69,18 +70,19 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from analysis.cli import ArgumentParser, UserError, run_cli
 from analysis.rank_history import (
     STEP,
     dynamics_key,
     dynamics_rows,
     input_rank_column,
+    logged_in_forward_order,
     rank_columns,
+    recorded_layer_order,
     resolve_layer_order,
 )
-from analysis.ranks import DYNAMICS_METRICS, MODES, RANK_MEASURES
-from experiments import runstore
-from experiments.rank_probe import probed_layer_order
+from common import runstore
+from common.cli import ArgumentParser, UserError, run_cli
+from common.ranks import DYNAMICS_METRICS, MODES, RANK_MEASURES
 
 VERSION = 1
 CSV_FILE = "rank_dynamics.csv"
@@ -123,6 +125,7 @@ class RunData:
     config: dict[str, Any]
     probe_mode: tuple[str, bool] | None  # the live probe's (mode, prepend_input_rank)
     extra: dict[str, Any] = field(default_factory=dict)  # the source's facts at read time
+    record: dict[str, Any] = field(default_factory=dict)  # run.json (a W&B run has none)
 
 
 @dataclass
@@ -156,11 +159,13 @@ def plan_run(run: Any, label: str, read: Callable[[], RunData], settings: Settin
     groups = rank_columns(data.history.columns, settings.measures)
     if not groups:
         return Plan(run, label, "skip", "no rank metrics")
-    config_order = probed_layer_order(data.config) if data.config else None
+    recorded = recorded_layer_order(data.record, data.config)
+    logged = logged_in_forward_order(data.config)
     frames, orders, sources = [], {}, set()
     for scope, by_measure in sorted(groups.items()):
-        layers = {layer for cols in by_measure.values() for layer in cols}
-        order, source = resolve_layer_order(layers, config_order, settings.layer_order)
+        # in the order they first appear in the history (the logged order)
+        layers = list(dict.fromkeys(layer for cols in by_measure.values() for layer in cols))
+        order, source = resolve_layer_order(layers, recorded, settings.layer_order, logged)
         if order is None:
             where = f" in {scope}" if scope else ""
             return Plan(run, label, "skip", source.replace("unknown", f"unknown{where}", 1))
@@ -346,7 +351,7 @@ class LocalStore:
             except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
                 raise RunError(f"unreadable {csv}: {exc} (remove it to recompute)") from None
         probe_mode = live_probe_mode(config, record, history, self.settings.measures)
-        return RunData(history, written, config, probe_mode, extra)
+        return RunData(history, written, config, probe_mode, extra, record)
 
     def write(self, plan: Plan) -> int:
         run: Path = plan.run

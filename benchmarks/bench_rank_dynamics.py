@@ -22,7 +22,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.ranks import RANK_MEASURES, compute_rank_decay_dynamics  # noqa: E402
+from common.ranks import RANK_MEASURES, compute_rank_decay_dynamics  # noqa: E402
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.ranks import RANK_MEASURES  # noqa: E402
+from common.ranks import RANK_MEASURES  # noqa: E402
 
 
 def build_store(root: Path, runs: int, steps: int, layers: int, seed: int = 0) -> int:

@@ -7,7 +7,6 @@ contents, and so tests and benchmarks can call the loop directly.
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
 import time
@@ -18,12 +17,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.cli import UserError
-from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
-from experiments import runstore
+from common import runstore
+from common.cli import UserError
 from experiments.logger import ExperimentLogger, describe_error
 from experiments.progress import progress
 from experiments.rank_probe import RankProbe, chain_probe_layers, input_rank
+from experiments.rank_sweep_records import LossCurves
 from experiments.resources import (
     FRACTION,
     NON_NEGATIVE,
@@ -119,9 +118,8 @@ def build_rank_probe(cfg: DictConfig, chain: KSLinearChain, device: torch.device
         outputs = chain.factor_outputs(x)
         return dict(zip(chain_probe_layers(len(outputs)), outputs, strict=True))
 
-    return RankProbe(
-        features, pc.every, input_rank(x), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
-    )
+    return RankProbe(features, pc.every, input_rank(x), pc.mode, pc.prepend_input_rank, pc.prop,
+                     pc.eps, layers=chain_probe_layers(len(chain.factors)))  # fmt: skip
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -279,36 +277,6 @@ class ChainData:
                 )
                 x = x.to(self.device)
                 yield x, x @ self.weight.T
-
-
-class LossCurves:
-    """``loss_curves.csv`` (appended and flushed per epoch) and ``loss_curves.json``."""
-
-    def __init__(self, run_dir: Path, rank: int, floor: float):
-        self.csv_path = run_dir / CURVES_CSV
-        self.json_path = run_dir / CURVES_JSON
-        self.rank, self.floor = rank, floor
-        self.restore([])
-
-    def restore(self, rows: list[dict[str, Any]]) -> None:
-        """Start the files over holding ``rows`` (a resumed run's epochs up to its checkpoint)."""
-        self.rows = list(rows)
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(CURVE_COLUMNS)
-            writer.writerows([row[c] for c in CURVE_COLUMNS] for row in self.rows)
-        if self.rows:
-            runstore.write_json_atomic(
-                self.json_path, {"rank": self.rank, "floor": self.floor, "curves": self.rows}
-            )
-
-    def append(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        with open(self.csv_path, "a", newline="") as f:
-            csv.writer(f).writerow([row[c] for c in CURVE_COLUMNS])
-        runstore.write_json_atomic(
-            self.json_path, {"rank": self.rank, "floor": self.floor, "curves": self.rows}
-        )
 
 
 @dataclass

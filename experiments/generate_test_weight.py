@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from analysis.cli import ArgumentParser, UserError, run_cli
+from common.cli import ArgumentParser, UserError, run_cli
 from experiments.resources import F32, F64, check_memory
 from experiments.weights import DTYPES, INIT_METHODS, make_weight, save_weight
 

@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.cli import UserError
-from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
+from common.cli import UserError
+from common.runstore import read_json, write_json_atomic
 from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
 from experiments.progress import progress
@@ -41,8 +41,8 @@ from experiments.resources import (
     check_rules,
     scaling_memory,
 )
-from experiments.runstore import read_json, write_json_atomic
 from experiments.runtime import check_override_keys, is_multirun, job_dir, run_job
+from experiments.scaling_records import CELL_FILE, RESULTS_FILE, write_results
 from experiments.scaling_training import (
     MODELS,
     NOISES,

@@ -2,7 +2,7 @@
 
 Every experiment logs through :class:`ExperimentLogger` and only through it. Whatever the W&B
 mode, the run folder gets ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``run.json``
-(see :mod:`experiments.runstore`), so nothing depends on W&B's internal offline format. A W&B
+(see :mod:`common.runstore`), so nothing depends on W&B's internal offline format. A W&B
 failure never stops training: one warning, then the run goes on local-only.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from experiments import runstore
+from common import runstore
 
 WANDB_MODES = ("offline", "online", "disabled")
 # Config keys whose values must never reach a log, a file or W&B: whole words of the key
@@ -345,13 +345,20 @@ class ExperimentLogger:
         """Run ``probe`` (an :class:`experiments.rank_probe.RankProbe`) whenever a log call
         lands on a step it is due; its metrics join that call."""
         self._rank_probe = probe
+        layers = list(probe.layers)  # forward order: readers order the ranks by it
         self._record["rank_probe"] = {
             "every": probe.every,
             "mode": probe.mode,
             "prepend_input_rank": probe.prepend_input_rank,
             "input_rank": probe.input_rank,
+            "layers": layers,
         }
         self._write_record()
+        # a W&B run has no run.json: the order goes into its config, for readers of W&B runs
+        self._to_wandb(
+            "config",
+            lambda run: run.config.update({"rank_probe_layers": layers}, allow_val_change=True),
+        )
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None, probe: bool = False) -> int:
         """Log scalars at ``step`` (default: the next step); the rank probe joins when it is

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.cli import UserError
-from experiments import runstore
+from common import runstore
+from common.cli import UserError
 from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
 from experiments.multimodal_data import (
@@ -407,10 +407,10 @@ def encoder_rank_probe(
     """Ranks of each encoder block's output (after its activation) and of the latent."""
     pc, encoder = cfg.rank_probe, model.encoder
     batch = images[: pc.probe_size].to(device)
-    features = hooked_features(encoder, encoder_probe_layers(encoder), batch)
-    return RankProbe(
-        features, pc.every, input_rank(batch), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
-    )
+    layers = encoder_probe_layers(encoder)  # in forward order: the blocks, then the projection
+    features = hooked_features(encoder, layers, batch)
+    return RankProbe(features, pc.every, input_rank(batch), pc.mode, pc.prepend_input_rank,
+                     pc.prop, pc.eps, layers=layers)  # fmt: skip
 
 
 class Training:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from analysis.cli import UserError
+from common.cli import UserError
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 # degrees of the lines' normal from the vertical, in image coordinates (y down): at 135 the lines

@@ -11,14 +11,13 @@ logs at a step the probe is due, the probe's metrics join that log call:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from analysis.ranks import (
+from common.ranks import (
     DYNAMICS_METRICS,
     RANK_MEASURES,
     compute_rank_decay_dynamics,
@@ -37,6 +36,9 @@ class RankProbe:
     prepend_input_rank: bool = False  # R_0 = input_rank in the dynamics: recorded, explicit
     prop: float = 0.99
     eps: float = 0.01
+    # the probed layers in forward order, as ``features`` returns them: the logger records them
+    # in run.json, so that readers order a run's ranks without rebuilding its model
+    layers: Sequence[str] = ()
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -44,6 +46,9 @@ class RankProbe:
     def measure(self) -> dict[str, float]:
         feats = self.features()
         layers = list(feats)
+        if self.layers and layers != list(self.layers):  # what run.json says must be what ran
+            raise RuntimeError(f"the probe's features came as {layers}, not as its recorded "
+                               f"layer order {list(self.layers)}")  # fmt: skip
         values = rank_measures_batched(feats, prop=self.prop, eps=self.eps)
         metrics: dict[str, float] = {"ranks/input_rank": float(self.input_rank)}
         for measure in RANK_MEASURES:
@@ -111,39 +116,3 @@ def encoder_probe_layers(encoder: nn.Module) -> list[str]:
     the latent projection."""
     blocks = [f"net.{i}" for i, m in enumerate(encoder.net) if isinstance(m, nn.GELU)]
     return [*blocks, "proj"]
-
-
-def probed_layer_order(config: Mapping[str, Any]) -> list[str] | None:
-    """A run's probed layers in forward order, rebuilt from its saved config (the model is
-    built on the meta device: no memory, no weights); None when the config is not one of this
-    suite's experiments or cannot be built. Used to order ranks read back from a run."""
-    try:
-        if "image_encoder_layers" in config.get("model", {}):  # the multimodal trainer
-            from experiments.multimodal_model import ImageEncoder
-
-            mc, size = config["model"], int(config["data"]["image_size"])
-            with torch.device("meta"):
-                encoder = ImageEncoder(1, size, mc["image_encoder_layers"], mc["conv_width"],
-                                       mc["latent_dim"])  # fmt: skip
-                batch = torch.zeros(1, 1, size, size)
-            return list(hooked_features(encoder, encoder_probe_layers(encoder), batch)())
-        if "grid" in config and "task" in config:  # the scaling sweep's student
-            model = config["model"]
-            return mlp_probe_layers(int(model["depth"]) if model["kind"] == "mlp" else 0)
-        if "rank" in config and "weight" in config:  # the rank sweep's KS chain
-            from ksmm.chain import KSLinearChain
-
-            w = config["weight"]
-            shape = (w["out_features"], w["in_features"])
-            if w.get("path"):
-                from experiments.weights import load_weight
-
-                shape = tuple(load_weight(w["path"]).shape)
-            with torch.device("meta"):
-                chain = KSLinearChain(shape[1], shape[0], int(config["rank"]),
-                                      structure=config["model"]["structure"],
-                                      nblocks=config["model"]["nblocks"])  # fmt: skip
-            return chain_probe_layers(len(chain.factors))
-    except Exception:  # an old or foreign config: the caller falls back to other sources
-        return None
-    return None

@@ -25,7 +25,6 @@ from experiments.callbacks import exit_if_incomplete
 from experiments.chain_training import (
     LAST_CHECKPOINT,
     ChainData,
-    LossCurves,
     Targets,
     build_chain,
     build_rank_probe,
@@ -38,6 +37,7 @@ from experiments.chain_training import (
     validate_config,
 )
 from experiments.logger import ExperimentLogger
+from experiments.rank_sweep_records import LossCurves
 from experiments.runtime import (
     check_override_keys,
     job_dir,

@@ -1,6 +1,6 @@
 """What a job asks of the machine and of its config, checked before anything is allocated.
 
-Two kinds of limit, both raising ``analysis.cli.UserError`` (one line, exit 2, nothing written)
+Two kinds of limit, both raising ``common.cli.UserError`` (one line, exit 2, nothing written)
 from an entry point's ``validate(cfg)``:
 
 - **Numbers in the config** (:func:`check_numbers`): every number anywhere in the config must be
@@ -40,7 +40,7 @@ import psutil
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from analysis.cli import UserError
+from common.cli import UserError
 
 T = TypeVar("T")
 F32, F64 = 4, 8  # bytes per element

@@ -3,7 +3,7 @@
 An entry point calls :func:`run_job` with its body ``body(cfg, logger, inputs)`` and an optional
 ``validate(cfg)`` that checks the input before anything is written and returns what it loaded.
 
-- Bad input (:class:`analysis.cli.UserError`) in a single run: one ``error:`` line, exit 2,
+- Bad input (:class:`common.cli.UserError`) in a single run: one ``error:`` line, exit 2,
   and the job folder Hydra made is removed, so nothing half-written stays behind.
 - Under a multirun a failing job is recorded as ``failed`` with its reason and the sweep goes
   on (Hydra 1.3's basic launcher would otherwise stop at the first failure).
@@ -38,8 +38,8 @@ from hydra.errors import OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.cli import UserError, describe_os_error, one_line_warnings
-from experiments import runstore
+from common import runstore
+from common.cli import UserError, describe_os_error, one_line_warnings
 from experiments.logger import SECRET_KEY, ExperimentLogger, describe_error
 
 log = logging.getLogger(__name__)

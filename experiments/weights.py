@@ -1,6 +1,6 @@
 """Dense weight matrices for the rank sweeps: make, load and save them (pure torch).
 
-Bad input raises ``analysis.cli.UserError`` with one sentence naming the problem, so the CLIs can
+Bad input raises ``common.cli.UserError`` with one sentence naming the problem, so the CLIs can
 print it as one line.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from analysis.cli import UserError
-from experiments.runstore import atomic_path
+from common.cli import UserError
+from common.runstore import atomic_path
 
 INIT_METHODS = (
     "xavier_uniform",

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from analysis.scaling_results import assemble_results
-from experiments.runstore import KILLED, run_state
+from common.runstore import KILLED, run_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def write_killed_record(folder: Path, **fields) -> Path:
 @contextmanager
 def lock_held(folder: Path) -> Iterator[None]:
     """A live child process holding ``folder``'s run lock, as a running job does."""
-    code = ("import sys, time; from experiments.runstore import RunLock; "
+    code = ("import sys, time; from common.runstore import RunLock; "
             "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")  # fmt: skip
     child = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=REPO,
                              stdout=subprocess.PIPE, text=True)  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from analysis.analyze_newest import main
-from analysis.cli import UserError
+from common.cli import UserError
 from tests.test_analysis_inputs import lock_held, write_killed_record
 from tests.test_rank_sweep_report import make_sweep
 from tests.test_scaling_analysis import surface

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.cli import UserError
+from common.cli import UserError
 from experiments import laplace_scaling, multimodal, rank_sweep, resources
 from experiments.weights import DTYPES
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import runstore
+from common import runstore
 from experiments.logger import ExperimentLogger
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from analysis import upload_rank_dynamics as up
-from analysis.cli import UserError
 from analysis.plot_rank_dynamics import cell_steps, main, scope_tables
+from common.cli import UserError
 from tests.wandb_server import serving
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,18 +142,30 @@ def server(monkeypatch, tmp_path):
         yield served
 
 
+# the multimodal encoder's probed layers: their names carry no order
+ENCODER_LAYERS = ["net.2", "net.5", "net.8", "proj"]
+
+
+def encoder_rows(steps: int, backwards: bool = False) -> list[dict]:
+    """Log calls of a probed multimodal run (every other step), its layers' keys in forward
+    order or backwards."""
+    rows = []
+    for s in range(steps):
+        ranks = {f"ranks/{layer}/effective_rank": 12.0 - 2 * i - s / 20
+                 for i, layer in enumerate(ENCODER_LAYERS)}  # fmt: skip
+        ranks = dict(reversed(ranks.items())) if backwards else ranks
+        rows.append({"loss": 1.0, **ranks} if s % 2 == 0 else {"loss": 0.5})
+    return rows
+
+
 def test_plots_a_wandb_run(server, tmp_path, capsys, monkeypatch):
     """Every row read page by page (a 503 on the way is retried), the layer order taken from
-    the run's config (the multimodal encoder's layers carry none in their names)."""
+    the run's config, where the logger recorded the probe's (the multimodal encoder's layers
+    carry none in their names, and these rows list them backwards)."""
     monkeypatch.setattr(up, "sleep", lambda seconds: None)
     monkeypatch.setattr(up, "HISTORY_PAGE", 7)
-    layers = ["net.2", "net.5", "net.8", "proj"]
-    config = {"model": {"image_encoder_layers": 3, "conv_width": 8, "latent_dim": 16},
-              "data": {"image_size": 16}}  # fmt: skip
-    rows = [{"loss": 1.0, **{f"ranks/{layer}/effective_rank": 12.0 - 2 * i - s / 20
-                             for i, layer in enumerate(layers)}} if s % 2 == 0 else {"loss": 0.5}
-            for s in range(60)]  # fmt: skip
-    server.add("r1", rows, name="mm-encoder", config=config)
+    server.add("r1", encoder_rows(60, backwards=True), name="mm-encoder",
+               config={"rank_probe_layers": ENCODER_LAYERS})  # fmt: skip
     server.fail("HistoryPage", 503, 503)
     out = tmp_path / "plots"
     assert main(["--run", "team/proj/r1", "--out", str(out)]) == 0
@@ -160,6 +173,25 @@ def test_plots_a_wandb_run(server, tmp_path, capsys, monkeypatch):
     assert (out / "rank_dynamics_effective_rank_difference.png").stat().st_size > 10_000
     assert (out / "rank_heatmap_effective_rank.png").stat().st_size > 10_000
     assert server.count("HistoryPage") == 2 + -(-60 // 7)
+
+
+def test_layer_order_from_run_json_and_for_an_older_record_the_logged_order(tmp_path, capsys):
+    # a new local run: run.json's rank_probe.layers, whatever order the keys were written in
+    write_run(tmp_path / "new", [{"_step": s, **r} for s, r in enumerate(encoder_rows(8, True))])
+    record = {"run_id": "new", "rank_probe": {"every": 2, "layers": ENCODER_LAYERS}}
+    (tmp_path / "new" / "run.json").write_text(json.dumps(record))
+    assert main(["--run-dir", str(tmp_path / "new")]) == 0
+    assert "4 steps x 4 layers (net.2, net.5, net.8, proj)" in capsys.readouterr().out
+    # recorded before run.json kept the layers: the suite's probe (a rank_probe group in its
+    # config) logged them in forward order; the model is not rebuilt
+    write_run(tmp_path / "old", [{"_step": s, **r} for s, r in enumerate(encoder_rows(8))])
+    (tmp_path / "old" / "run.json").write_text(json.dumps({"rank_probe": {"every": 2}}))
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump({"rank_probe": {"every": 2}}))
+    assert main(["--run-dir", str(tmp_path / "old")]) == 0
+    assert "4 steps x 4 layers (net.2, net.5, net.8, proj)" in capsys.readouterr().out
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump({"model": {}}))  # not the suite's
+    with pytest.raises(UserError, match="layer order unknown for net.2, net.5, net.8, proj"):
+        main(["--run-dir", str(tmp_path / "old")])
 
 
 def test_a_wandb_run_that_is_not_there_is_one_error_line(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,9 +38,8 @@ def test_hooks_follow_forward_order_and_restore_mode():
 
 def test_probe_metrics_through_the_logger(tmp_path):
     net, batch = Net(), torch.randn(64, 10)
-    probe = RankProbe(
-        hooked_features(net, ["a", "b", "c"], batch), every=2, input_rank=input_rank(batch)
-    )
+    probe = RankProbe(hooked_features(net, ["a", "b", "c"], batch), every=2,
+                      input_rank=input_rank(batch), layers=["a", "b", "c"])  # fmt: skip
     with ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
         lg.attach_rank_probe(probe)
         for step in range(1, 5):
@@ -62,3 +62,12 @@ def test_probe_metrics_through_the_logger(tmp_path):
     assert (
         record["rank_probe"]["every"] == 2 and record["rank_probe"]["prepend_input_rank"] is False
     )
+    assert record["rank_probe"]["layers"] == ["a", "b", "c"]  # readers order the ranks by it
+
+
+def test_a_probe_whose_features_come_in_another_order_than_it_records_is_refused():
+    net, batch = Net(), torch.randn(16, 10)
+    probe = RankProbe(hooked_features(net, ["a", "b", "c"], batch), every=1,
+                      input_rank=input_rank(batch), layers=["b", "a", "c"])  # fmt: skip
+    with pytest.raises(RuntimeError, match="not as its recorded layer order"):
+        probe.measure()

@@ -14,9 +14,7 @@ import pytest
 import yaml
 
 from analysis import plot_rank_results
-from analysis.cli import UserError, run_cli
 from analysis.rank_sweep_report import (
-    CURVE_COLUMNS,
     SUMMARY_COLUMNS,
     collect_summary,
     find_job_dirs,
@@ -24,6 +22,8 @@ from analysis.rank_sweep_report import (
     load_curves,
     write_report,
 )
+from common.cli import UserError, run_cli
+from experiments.rank_sweep_records import CURVE_COLUMNS
 from tests.test_analysis_inputs import lock_held, write_killed_record
 
 REPO = Path(__file__).resolve().parents[1]

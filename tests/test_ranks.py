@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.ranks import (
+from common.ranks import (
     compute_rank_decay_dynamics,
     dynamics_metric_names,
     rank_measures,

@@ -19,8 +19,8 @@ import yaml
 from entrypoint import run_script
 from test_multimodal import TINY
 
-from experiments import runstore
-from experiments.callbacks import unfinished_jobs
+from common import runstore
+from common.sweep_outcome import unfinished_jobs
 from experiments.logger import ExperimentLogger
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.callbacks import unfinished_jobs
+from common.sweep_outcome import unfinished_jobs
 from experiments.runtime import check_override_keys, configure_threads, seed_everything
 from experiments.schemas import RankSweepConfig
 

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.cli import UserError
 from analysis.scaling_fit import (
     analyze,
     bootstrap_beta,
@@ -25,6 +24,7 @@ from analysis.scaling_fit import (
     refine_minimum,
     validate_results,
 )
+from common.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 LRS = [3.0e-5, 7.9e-5, 2.1e-4, 5.5e-4, 1.4e-3, 3.8e-3, 1.0e-2]  # the sweep's default grid

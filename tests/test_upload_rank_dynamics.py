@@ -21,10 +21,10 @@ import pytest
 import yaml
 
 from analysis import upload_rank_dynamics as up
-from analysis.cli import UserError
 from analysis.rank_history import indexed_order, parse_rank_column, resolve_layer_order
-from analysis.ranks import RANK_MEASURES, compute_rank_decay_dynamics
-from experiments import runstore
+from common import runstore
+from common.cli import UserError
+from common.ranks import RANK_MEASURES, compute_rank_decay_dynamics
 from tests.entrypoint import run_script
 from tests.wandb_server import FILE_STREAM, ServedRun, WandbServer, serving
 
@@ -427,21 +427,39 @@ def test_local_dry_run_writes_nothing(tmp_path, capsys):
     assert not (run / up.CSV_FILE).exists() and not (run / up.MARKER_FILE).exists()
 
 
-def test_layer_order_from_the_saved_config(tmp_path, capsys):
-    # the multimodal encoder's probed layers: names that carry no order on their own
+def test_layer_order_from_the_run_record(tmp_path):
+    # a run of this suite: run.json holds the probe's forward order. Its metrics list the layers
+    # backwards and the names carry no order, so only the record can give it
     layers = ["net.2", "net.5", "net.8", "proj"]
-    config = {"model": {"image_encoder_layers": 3, "conv_width": 8, "latent_dim": 16},
-              "data": {"image_size": 16}}  # fmt: skip
-    run = write_local_run(tmp_path / "mm", history(30, layers=layers), config=config)
+    backwards = [dict(reversed(row.items())) for row in history(30, layers=layers)]
+    record = {"rank_probe": {"every": 10, "mode": "difference", "layers": layers}}
+    run = write_local_run(tmp_path / "mm", backwards, record=record)
     assert local(tmp_path, "--rank-types", "effective_rank") == 0
     marker = json.loads((run / up.MARKER_FILE).read_text())
-    assert (
-        marker["layers"] == [{"scope": "", "layers": layers}] and marker["order_source"] == "config"
-    )
+    assert marker["layers"] == [{"scope": "", "layers": layers}]
+    assert marker["order_source"] == "run record"
     table = pd.read_csv(run / up.CSV_FILE)
     want = compute_rank_decay_dynamics(np.array(ranks_at(10, layers)))
     got = table[table["step"] == 10].iloc[0]
     assert got["rank_decay_centroid"] == pytest.approx(want["rank_decay_centroid"])
+
+
+def test_an_older_record_of_the_suite_probe_takes_the_logged_order(tmp_path, capsys):
+    # recorded before run.json kept the layers: the suite's probe (its rank_probe config group)
+    # logged them in forward order, which needs no model; without that group it stays unknown
+    layers = ["net.2", "net.5", "net.8", "proj"]
+    probe = {"rank_probe": {"every": 10, "mode": "difference", "prepend_input_rank": False}}
+    run = write_local_run(tmp_path / "old" / "mm", history(30, layers=layers), config=probe)
+    assert local(tmp_path / "old", "--rank-types", "effective_rank") == 0
+    marker = json.loads((run / up.MARKER_FILE).read_text())
+    assert marker["layers"] == [{"scope": "", "layers": layers}]
+    assert marker["order_source"] == "logged order"
+    write_local_run(tmp_path / "foreign" / "mm", history(30, layers=layers))
+    capsys.readouterr()
+    local(tmp_path / "foreign", "--rank-types", "effective_rank")
+    assert "layer order unknown for net.2, net.5, net.8, proj: pass --layer-order" in (
+        capsys.readouterr().out
+    )
 
 
 def test_scoped_cells_get_their_own_dynamics(tmp_path):
@@ -769,7 +787,7 @@ def test_a_run_whose_process_died_is_ended_killed(tmp_path, capsys):
 def test_a_run_still_running_is_written_beside_it(tmp_path, capsys):
     run = write_local_run(tmp_path / "live", history(30),
                           record={"state": "running", "host": socket.gethostname()})  # fmt: skip
-    code = ("import sys, time\nfrom experiments import runstore\n"
+    code = ("import sys, time\nfrom common import runstore\n"
             "runstore.RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(120)")  # fmt: skip
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip

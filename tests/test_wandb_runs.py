@@ -11,7 +11,7 @@ import yaml
 from entrypoint import run_script
 from wandb_records import config, final_summary, history, of_type, transaction_log
 
-from experiments import runstore
+from common import runstore
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {
@@ -66,6 +66,9 @@ def test_wandb_receives_what_the_local_record_holds(name, tmp_path):
     logged_config = config(records)
     for key, value in yaml.safe_load((out / "config.yaml").read_text()).items():
         assert logged_config.get(key) == value, f"config {key}"
+    probe = runstore.read_json(out / "run.json").get("rank_probe")
+    if probe is not None:  # the probe's layer order reaches W&B too (a W&B run has no run.json)
+        assert probe["layers"] and logged_config["rank_probe_layers"] == probe["layers"]
     assert [e.get("exit_code", 0) for e in of_type(records, "exit")] == [0]
     axes = {m.get("glob_name") or m.get("name"): m.get("step_metric")
             for m in of_type(records, "metric")}  # fmt: skip

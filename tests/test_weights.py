@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.cli import UserError, run_cli
+from common.cli import UserError, run_cli
 from experiments import generate_test_weight
 from experiments.weights import (
     INIT_METHODS,

@@ -27,7 +27,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import open_dict
 
-from experiments import runstore
+from common import runstore
 from experiments.callbacks import SweepOutcome
 from experiments.logger import ExperimentLogger
 

@@ -2,7 +2,7 @@
 
 A ``UserError`` is bad input the user can fix: the CLI prints ``error: <message>`` as one line on
 stderr and exits 2, with no traceback. Anything else is a bug and keeps its traceback. This module
-imports nothing heavy, so experiments can use it too.
+imports nothing heavy: the experiments, the SLURM launcher and the analysis all raise it.
 """
 
 from __future__ import annotations
