@@ -12,8 +12,6 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from analysis.rank_sweep_report import collect_summary, format_summary_table, write_report
-from analysis.scaling_results import assemble_results
 from experiments.callbacks import SweepOutcome, check_sweep
 
 log = logging.getLogger(__name__)
@@ -24,6 +22,10 @@ class RankSweepReport(SweepOutcome):
     which jobs did not finish."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # imported when the sweep ends: every job instantiates the callbacks too, and a job
+        # needs neither pandas nor matplotlib
+        from analysis.rank_sweep_report import collect_summary, format_summary_table, write_report
+
         sweep_dir = config.hydra.sweep.dir
         prefix, log_scale = config.report.save_prefix, config.report.log_scale
         summary = collect_summary(sweep_dir)
@@ -52,6 +54,8 @@ class ScalingResults(SweepOutcome):
     say which jobs did not finish (a diverged cell is a result, not a failure)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from analysis.scaling_results import assemble_results  # as above: at the end
+
         sweep_dir = config.hydra.sweep.dir
         try:
             path = assemble_results(sweep_dir)
