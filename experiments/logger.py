@@ -27,8 +27,9 @@ from typing import Any, ClassVar
 import yaml
 
 from experiments import runstore
+from experiments.schemas import LoggerMode
 
-WANDB_MODES = ("offline", "online", "disabled")
+WANDB_MODES = tuple(m.value for m in LoggerMode)
 # Config keys whose values must never reach a log, a file or W&B: whole words of the key
 # (api_key, wandb_api_key, hf_token, client_secret, aws_secret_access_key, private_key,
 # credentials), not model.prefix_tokens

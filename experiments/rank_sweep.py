@@ -73,7 +73,7 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tens
     chain = build_chain(cfg, weight, device)
     logger.log_summary(
         rank=cfg.rank,
-        structure=cfg.model.structure,
+        structure=str(cfg.model.structure),
         out_features=weight.shape[0],
         in_features=weight.shape[1],
         parameters=chain.num_parameters,

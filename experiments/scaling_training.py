@@ -21,12 +21,14 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from experiments.schemas import ScalingModelConfig, ScalingOptimConfig, ScalingTrainConfig
+from experiments.schemas import (
+    Noise,
+    ScalingModelConfig,
+    ScalingOptimConfig,
+    ScalingTrainConfig,
+)
 
-NOISES = ("gaussian", "laplace", "student_t")
-OPTIMIZERS = ("adam", "sgd")
-MODELS = ("linear", "mlp")
-PROTOCOLS = ("fixed_epochs", "fixed_steps")
+NOISES = tuple(n.value for n in Noise)
 
 # Streams of random numbers per seed; independent of noise family and lr (the paired design).
 _DATA, _INIT, _ORDER = 0, 1, 2

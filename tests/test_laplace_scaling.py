@@ -127,7 +127,7 @@ def test_grid_runner_results_and_old_names(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("task.noise=cauchy", "noise (task.noise) must be one of"),
+        ("task.noise=cauchy", "task.noise must be one of gaussian, laplace, student_t"),
         ("batch_size=0", "batch sizes (batch_size) must be in"),
         ("lr=-1", "learning rates (lr) must be positive"),
         ("task.noise=student_t task.student_t_df=2", "student_t_df must be > 2"),
