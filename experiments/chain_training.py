@@ -23,7 +23,7 @@ from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
 from experiments.logger import ExperimentLogger, describe_error
 from experiments.progress import progress
-from experiments.rank_probe import RankProbe, chain_probe_layers, input_rank
+from experiments.rank_probe import ProbeSchedule, RankProbe, chain_probe_layers, input_rank
 from experiments.resources import (
     FRACTION,
     NON_NEGATIVE,
@@ -412,11 +412,14 @@ def train_chain(
     logger: ExperimentLogger,
     curves: LossCurves,
     last: Path | None = None,
+    probe: ProbeSchedule | None = None,
 ) -> dict[str, Any]:
     """Train; log per epoch; return the final numbers. Raises TrainingFailed on divergence.
 
-    With ``last`` the state after each epoch is saved there, and ``cfg.resume`` goes on from it.
+    With ``last`` the state after each epoch is saved there, and ``cfg.resume`` goes on from it;
+    ``probe`` runs with the epochs it is due at.
     """
+    probe = probe or ProbeSchedule(None)
     state = new_training_state(cfg, chain, data, curves)
     if last is not None and cfg.get("resume"):
         resume_training(state, last, logger)
@@ -439,7 +442,8 @@ def train_chain(
             "loss_over_floor": val_loss / targets.floor if targets.floor > 0 else math.nan,
         }
         curves.append(row)
-        logger.log(
+        probe.log(
+            logger,
             {
                 **{k: row[k] for k in ("epoch", "train_loss", "val_loss", "floor")},
                 "loss_over_floor": row["loss_over_floor"],

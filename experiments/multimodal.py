@@ -51,7 +51,13 @@ from experiments.multimodal_model import (
     retrieval_top1,
 )
 from experiments.progress import progress
-from experiments.rank_probe import RankProbe, encoder_probe_layers, hooked_features, input_rank
+from experiments.rank_probe import (
+    ProbeSchedule,
+    RankProbe,
+    encoder_probe_layers,
+    hooked_features,
+    input_rank,
+)
 from experiments.resources import (
     FRACTION,
     NON_NEGATIVE,
@@ -444,6 +450,7 @@ class Training:
         self.step, self.best_val = 0, math.inf
         self.epoch_loss, self.epoch_batches = 0.0, 0  # the running epoch, for its average
         self.eval_time = 0.0
+        self.probe = ProbeSchedule(None)  # report_setup attaches the rank probe
         if resume is not None:
             self.load(resume)
 
@@ -553,7 +560,7 @@ class Training:
             image_caption_loss_ratio=ev["loss_image"] / max(ev["loss_caption"], 1e-12),
         )
         # the last evaluation always probes ranks, so a short run has them too
-        logger.log(epoch_metrics, step=self.step, probe=self.step == self.stop)
+        self.probe.log(logger, epoch_metrics, step=self.step, force=self.step == self.stop)
         rows = sample_table(self.model, self.val, self.tokenizer, self.cfg.train.num_samples,
                             self.device)  # fmt: skip
         logger.log_table(
@@ -585,8 +592,10 @@ def load_resume_point(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def report_setup(cfg: DictConfig, run: Training, logger: ExperimentLogger) -> None:
+    run.probe.spent = logger.summary.get("rank_probe_seconds", 0.0)  # a resumed run's goes on
     if cfg.rank_probe.enabled:
-        logger.attach_rank_probe(encoder_rank_probe(cfg, run.model, run.val.images, run.device))
+        run.probe.probe = encoder_rank_probe(cfg, run.model, run.val.images, run.device)
+        logger.attach_rank_probe(run.probe.probe)
     n_train, n_val = len(run.train.images), len(run.val.images)
     logger.update_config(old_config_names(cfg, n_train, n_val, run.model))
     logger.log_summary(
@@ -620,7 +629,7 @@ def train(run: Training, logger: ExperimentLogger) -> None:
         bar.update(1)
         if metrics is not None:
             metrics.update(hardware_stats(run.device))
-            logger.log(metrics, step=run.step)
+            run.probe.log(logger, metrics, step=run.step)
             bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", refresh=False)
         run.log_media(logger, images)
         if tc.checkpoint_frequency and run.step % tc.checkpoint_frequency == 0:

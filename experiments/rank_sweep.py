@@ -38,6 +38,7 @@ from experiments.chain_training import (
     validate_config,
 )
 from experiments.logger import ExperimentLogger
+from experiments.rank_probe import ProbeSchedule
 from experiments.runtime import (
     check_override_keys,
     job_dir,
@@ -95,13 +96,15 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tens
         zero_loss,
     )
 
+    probe = ProbeSchedule(None, logger.summary.get("rank_probe_seconds", 0.0))
     if cfg.rank_probe.enabled:
-        logger.attach_rank_probe(build_rank_probe(cfg, chain, device))
+        probe.probe = build_rank_probe(cfg, chain, device)
+        logger.attach_rank_probe(probe.probe)
 
     # train
     curves = LossCurves(out, cfg.rank, floor)
     last = out / LAST_CHECKPOINT  # after each epoch; resume=true (a SLURM requeue) goes on there
-    result = train_chain(cfg, chain, targets, data, logger, curves, last)
+    result = train_chain(cfg, chain, targets, data, logger, curves, last, probe)
 
     # report
     if cfg.train.save_checkpoint:
