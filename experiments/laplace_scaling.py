@@ -227,8 +227,8 @@ def run_group(
     cfg: DictConfig, logger: ExperimentLogger, batch_size: int, seed: int, noise: str, lrs
 ) -> list[dict]:
     """Train one (batch size, seed, noise) group at ``lrs``; its results.csv rows."""
-    t, m, o, tr = cfg.task, cfg.model, cfg.optim, cfg.train
-    task = make_task(t.n_features, t.n_train, t.n_val, noise, t.noise_std, t.student_t_df, seed)
+    m, o, tr = cfg.model, cfg.optim, cfg.train
+    task = make_task(cfg.task, seed, noise)
     probe_x = task.x_val[: cfg.rank_probe.probe_size]  # fixed: the same for every lr and step
     cells = CellLogger(logger, cfg, batch_size, seed, noise, lrs, probe_x)
     results = train_group(task, batch_size, list(lrs), seed, cfg.model, cfg.optim, cfg.train,
