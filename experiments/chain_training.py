@@ -433,25 +433,8 @@ def train_chain(
         if not math.isfinite(val_loss):
             raise TrainingFailed(f"diverged at epoch {epoch}: val loss is {val_loss}")
         best["train"], best["val"] = min(best["train"], train_loss), min(best["val"], val_loss)
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "rank": cfg.rank,
-            "floor": targets.floor,
-            "loss_over_floor": val_loss / targets.floor if targets.floor > 0 else math.nan,
-        }
-        curves.append(row)
-        probe.log(
-            logger,
-            {
-                **{k: row[k] for k in ("epoch", "train_loss", "val_loss", "floor")},
-                "loss_over_floor": row["loss_over_floor"],
-                "lr": state.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-            },
-            step=epoch,
-        )
+        row = record_epoch(cfg, state, targets, (epoch, train_loss, val_loss, grad_norm),
+                           logger, probe)  # fmt: skip
         bar.set_postfix(
             val=f"{val_loss:.4g}", over_floor=f"{row['loss_over_floor']:.3f}", refresh=False
         )
@@ -468,6 +451,32 @@ def train_chain(
         "epochs_completed": row["epoch"],
         "wall_time_s": time.perf_counter() - started,
     }
+
+
+def record_epoch(cfg: DictConfig, state: TrainingState, targets: Targets, losses: tuple,
+                 logger: ExperimentLogger, probe: ProbeSchedule) -> dict[str, Any]:  # fmt: skip
+    """The epoch's row in the loss curves and its metrics (with the probe's when due); the row."""
+    epoch, train_loss, val_loss, grad_norm = losses
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "rank": cfg.rank,
+        "floor": targets.floor,
+        "loss_over_floor": val_loss / targets.floor if targets.floor > 0 else math.nan,
+    }
+    state.curves.append(row)
+    probe.log(
+        logger,
+        {
+            **{k: row[k] for k in ("epoch", "train_loss", "val_loss", "floor")},
+            "loss_over_floor": row["loss_over_floor"],
+            "lr": state.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+        },
+        step=epoch,
+    )
+    return row
 
 
 @torch.no_grad()

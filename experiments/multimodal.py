@@ -80,7 +80,26 @@ log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
-    """Check the config and load the data (errors name the file); the job gets the pairs."""
+    """Check the config and load the data (errors name the file); the job gets the pairs.
+    (The choices are the schema's Enums: Hydra rejects a bad one when it composes the config.)"""
+    check_ranges(cfg)
+    check_cross_field_rules(cfg)
+    if cfg.resume:
+        check_resume_config(cfg)
+    dc = cfg.data
+    device = resolve_device(cfg.runtime.device)
+    plan = plan_pairs(cfg)  # the captions and the image files' presence; no image decoded
+    max_len = dc.max_caption_len or plan.longest_caption + 2
+    vocab = min(dc.vocab_size, 4 + plan.longest_caption * plan.num_images)
+    for kind, need in multimodal_memory(
+        cfg, plan.num_images, vocab, max_len, plan.channels, device
+    ).items():
+        need.check(device if kind == "cuda" else "cpu")
+    return load_pairs(cfg, cfg.seed, plan)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Each number on its own: finite, in its range."""
     dc, mc, tc = cfg.data, cfg.model, cfg.train
     check_finite(cfg)  # NaN passes no comparison below
     if dc.vocab_size < 5:
@@ -117,6 +136,11 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
         if value < 0:
             raise UserError(f"{key} must be >= 0, got {value}")
     check_numbers(cfg, RULES)
+
+
+def check_cross_field_rules(cfg: DictConfig) -> None:
+    """The rules between fields (and the model's shape constraints), once each number is sane."""
+    dc, mc, tc = cfg.data, cfg.model, cfg.train
     if not (cfg.loss.image_weight or cfg.loss.caption_weight or cfg.loss.alignment_weight):
         raise UserError("loss.image_weight, loss.caption_weight and loss.alignment_weight are "
                         "all 0: the total loss is 0 and nothing would train")  # fmt: skip
@@ -148,17 +172,6 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
             f"model.embedding_dim={mc.embedding_dim} must be divisible by "
             f"model.num_heads={mc.num_heads}"
         )
-    if cfg.resume:
-        check_resume_config(cfg)
-    device = resolve_device(cfg.runtime.device)
-    plan = plan_pairs(cfg)  # the captions and the image files' presence; no image decoded
-    max_len = dc.max_caption_len or plan.longest_caption + 2
-    vocab = min(dc.vocab_size, 4 + plan.longest_caption * plan.num_images)
-    for kind, need in multimodal_memory(
-        cfg, plan.num_images, vocab, max_len, plan.channels, device
-    ).items():
-        need.check(device if kind == "cuda" else "cpu")
-    return load_pairs(cfg, cfg.seed, plan)
 
 
 # Numbers beyond the checks in validate (every number must also be finite)

@@ -60,18 +60,10 @@ def validate(cfg: DictConfig) -> torch.Tensor:
     return weight
 
 
-def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tensor) -> None:
-    out = job_dir()
-    device = resolve_device(cfg.runtime.device)
-
-    # data: the target weight and its floor
-    weight = weight.to(device)
-    floor, zero_loss = floor_and_baseline(cfg, weight)
-    targets = Targets(weight, floor, zero_loss, cfg.data.input_std)
-    data = ChainData(cfg, weight, device, seed=cfg.seed)
-
-    # model
-    chain = build_chain(cfg, weight, device)
+def report_chain(cfg: DictConfig, chain, weight: torch.Tensor, losses: tuple[float, float],
+                 device: torch.device, logger: ExperimentLogger) -> None:  # fmt: skip
+    """The chain's size and the loss floor, in the summary and the job's log."""
+    floor, zero_loss = losses
     logger.log_summary(
         rank=cfg.rank,
         structure=str(cfg.model.structure),
@@ -95,6 +87,21 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tens
         floor,
         zero_loss,
     )
+
+
+def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tensor) -> None:
+    out = job_dir()
+    device = resolve_device(cfg.runtime.device)
+
+    # data: the target weight and its floor
+    weight = weight.to(device)
+    floor, zero_loss = floor_and_baseline(cfg, weight)
+    targets = Targets(weight, floor, zero_loss, cfg.data.input_std)
+    data = ChainData(cfg, weight, device, seed=cfg.seed)
+
+    # model
+    chain = build_chain(cfg, weight, device)
+    report_chain(cfg, chain, weight, (floor, zero_loss), device, logger)
 
     probe = ProbeSchedule(None, logger.summary.get("rank_probe_seconds", 0.0))
     if cfg.rank_probe.enabled:
