@@ -23,7 +23,7 @@ from analysis.rank_sweep_report import CURVE_COLUMNS, CURVES_CSV, CURVES_JSON
 from experiments import runstore
 from experiments.logger import ExperimentLogger, describe_error
 from experiments.progress import progress
-from experiments.rank_probe import ProbeSchedule, RankProbe, chain_probe_layers, input_rank
+from experiments.rank_probe import ProbeSchedule, RankProbe, chain_probe_layers
 from experiments.resources import (
     FRACTION,
     NON_NEGATIVE,
@@ -103,9 +103,7 @@ def build_rank_probe(cfg: DictConfig, chain: KSLinearChain, device: torch.device
         outputs = chain.factor_outputs(x)
         return dict(zip(chain_probe_layers(len(outputs)), outputs, strict=True))
 
-    return RankProbe(
-        features, pc.every, input_rank(x), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
-    )
+    return RankProbe.from_config(features, x, pc)
 
 
 def check_precision(precision: str, device: torch.device) -> None:

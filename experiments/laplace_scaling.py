@@ -28,7 +28,7 @@ from analysis.scaling_results import CELL_FILE, RESULTS_FILE, write_results
 from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
 from experiments.progress import progress
-from experiments.rank_probe import RankProbe, input_rank, mlp_probe_layers
+from experiments.rank_probe import RankProbe, mlp_probe_layers
 from experiments.resources import (
     NON_EMPTY,
     NON_NEGATIVE,
@@ -182,8 +182,8 @@ class CellLogger:
         probes = []
         for j in range(len(self.lrs)):
             feats = dict(zip(mlp_probe_layers(len(hidden)), (h[j] for h in hidden), strict=True))
-            probe = RankProbe(lambda f=feats: f, 1, input_rank(x), pc.mode,
-                              pc.prepend_input_rank, pc.prop, pc.eps)  # fmt: skip
+            # every=1: this callback already chose the evaluation
+            probe = RankProbe.from_config(lambda f=feats: f, x, pc, every=1)
             probes.append(probe.measure())
         return probes
 

@@ -56,7 +56,6 @@ from experiments.rank_probe import (
     RankProbe,
     encoder_probe_layers,
     hooked_features,
-    input_rank,
 )
 from experiments.resources import (
     FRACTION,
@@ -238,23 +237,9 @@ def check_resume_config(cfg: DictConfig) -> None:
 
 
 def build_model(cfg: DictConfig, tokenizer: Tokenizer, max_len: int, channels: int):
-    mc = cfg.model
-    return MultimodalModel(
-        vocab_size=len(tokenizer),
-        max_len=max_len,
-        channels=channels,
-        image_size=cfg.data.image_size,
-        image_encoder_layers=mc.image_encoder_layers,
-        conv_width=mc.conv_width,
-        latent_dim=mc.latent_dim,
-        embedding_dim=mc.embedding_dim,
-        transformer_layers=mc.transformer_layers,
-        caption_encoder_layers=mc.caption_encoder_layers,
-        num_heads=mc.num_heads,
-        prefix_tokens=mc.prefix_tokens,
-        dropout=mc.dropout,
-        pad_id=tokenizer.pad,
-    )
+    return MultimodalModel(cfg.model, vocab_size=len(tokenizer), max_len=max_len,
+                           channels=channels, image_size=cfg.data.image_size,
+                           pad_id=tokenizer.pad)  # fmt: skip
 
 
 def compute_losses(
@@ -424,9 +409,7 @@ def encoder_rank_probe(
     pc, encoder = cfg.rank_probe, model.encoder
     batch = images[: pc.probe_size].to(device)
     features = hooked_features(encoder, encoder_probe_layers(encoder), batch)
-    return RankProbe(
-        features, pc.every, input_rank(batch), pc.mode, pc.prepend_input_rank, pc.prop, pc.eps
-    )
+    return RankProbe.from_config(features, batch, pc)
 
 
 class Training:

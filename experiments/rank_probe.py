@@ -40,6 +40,14 @@ class RankProbe:
     prop: float = 0.99
     eps: float = 0.01
 
+    @classmethod
+    def from_config(cls, features: Features, batch: torch.Tensor, config, every: int | None = None):
+        """A probe of ``features`` on ``batch`` with a RankProbeConfig's settings (``every``:
+        another schedule than ``config.every``)."""
+        every = config.every if every is None else every
+        return cls(features, every, input_rank(batch), config.mode, config.prepend_input_rank,
+                   config.prop, config.eps)  # fmt: skip
+
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
