@@ -45,8 +45,8 @@ LAST_CHECKPOINT = "last.pt"  # the state after the last finished epoch, while th
 PRECISIONS = {p.value: getattr(torch, p.value) for p in Precision}
 
 
-# Numbers of the rank sweep's config beyond the existing checks below (every number must also
-# be finite: experiments.resources.check_numbers); null values are "not set" and pass.
+# Numbers of the rank sweep's config (every number must also be finite:
+# experiments.resources.check_numbers); null values are "not set" and pass.
 RULES = {
     "rank": POSITIVE_INT,
     "max_rank": POSITIVE_INT,
@@ -67,21 +67,9 @@ RULES = {
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs no training, run before anything is written. (The choices are
-    the schema's Enums: Hydra rejects a bad one when it composes the config.)"""
-    check_numbers(cfg, {})  # finite numbers first: NaN passes no comparison below
-    checks = [
-        (cfg.rank > 0, f"rank must be a positive integer, got {cfg.rank}"),
-        (cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}"),
-        (cfg.train.batch_size > 0, f"train.batch_size must be positive, got {cfg.train.batch_size}"),
-        (cfg.train.num_epochs > 0, f"train.num_epochs must be positive, got {cfg.train.num_epochs}"),
-        (cfg.data.input_std > 0, f"data.input_std must be positive, got {cfg.data.input_std}"),
-        (0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}"),
-        (cfg.rank_probe.every >= 0 and cfg.rank_probe.probe_size > 0, "rank_probe.every must be >= 0 and rank_probe.probe_size > 0"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    """Every check that needs no training, run before anything is written: each number on its
+    own (RULES), then the rules between fields. (The choices are the schema's Enums: Hydra
+    rejects a bad one when it composes the config.)"""
     check_numbers(cfg, RULES)
     if cfg.data.mode == "fixed" and cfg.data.num_samples * (1 - cfg.data.val_fraction) < 1:
         raise UserError(f"data.num_samples={cfg.data.num_samples} leaves no training samples")

@@ -60,6 +60,7 @@ from experiments.rank_probe import (
 from experiments.resources import (
     FRACTION,
     NON_NEGATIVE,
+    POSITIVE,
     SEED,
     check_finite,
     check_numbers,
@@ -98,42 +99,13 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
 
 
 def check_ranges(cfg: DictConfig) -> None:
-    """Each number on its own: finite, in its range."""
-    dc, mc, tc = cfg.data, cfg.model, cfg.train
+    """Each number on its own: finite, in its range (RULES)."""
+    dc = cfg.data
     check_finite(cfg)  # NaN passes no comparison below
     if dc.vocab_size < 5:
         raise UserError(f"data.vocab_size={dc.vocab_size} is too small: it must be at least 5")
     if dc.channels not in (1, 3):
         raise UserError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {dc.channels}")
-    positive = {
-        "data.image_size": dc.image_size,
-        "data.max_objects": dc.max_objects,
-        "model.image_encoder_layers": mc.image_encoder_layers,
-        "model.conv_width": mc.conv_width,
-        "model.latent_dim": mc.latent_dim,
-        "model.embedding_dim": mc.embedding_dim,
-        "model.num_heads": mc.num_heads,
-        "model.transformer_layers": mc.transformer_layers,
-        "model.prefix_tokens": mc.prefix_tokens,
-        "train.epochs": tc.epochs,
-        "train.batch_size": tc.batch_size,
-        "train.lr": tc.lr,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key} must be positive, got {value}")
-    non_negative = {
-        "train.grad_clip": tc.grad_clip,  # 0: no clipping; below 0 would reverse the step
-        "train.weight_decay": tc.weight_decay,
-        "train.min_lr": tc.min_lr,
-        "train.warmup_steps": tc.warmup_steps,
-        "loss.image_weight": cfg.loss.image_weight,
-        "loss.caption_weight": cfg.loss.caption_weight,
-        "loss.alignment_weight": cfg.loss.alignment_weight,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{key} must be >= 0, got {value}")
     check_numbers(cfg, RULES)
 
 
@@ -173,8 +145,37 @@ def check_cross_field_rules(cfg: DictConfig) -> None:
         )
 
 
-# Numbers beyond the checks in validate (every number must also be finite)
+# Each number on its own (every number must also be finite)
 RULES = {
+    **dict.fromkeys(
+        [
+            "data.image_size",
+            "data.max_objects",
+            "model.image_encoder_layers",
+            "model.conv_width",
+            "model.latent_dim",
+            "model.embedding_dim",
+            "model.num_heads",
+            "model.transformer_layers",
+            "model.prefix_tokens",
+            "train.epochs",
+            "train.batch_size",
+            "train.lr",
+        ],
+        POSITIVE,
+    ),
+    **dict.fromkeys(
+        [
+            "train.grad_clip",  # 0: no clipping; below 0 would reverse the step
+            "train.weight_decay",
+            "train.min_lr",
+            "train.warmup_steps",
+            "loss.image_weight",
+            "loss.caption_weight",
+            "loss.alignment_weight",
+        ],
+        NON_NEGATIVE,
+    ),
     "seed": SEED,
     "data.val_fraction": FRACTION,
     "data.max_caption_len": NON_NEGATIVE,
