@@ -318,7 +318,7 @@ def check_override_keys(schema: type, argv: list[str], where: str) -> None:
 
 def _check_override(config, arg: str, where: str, sweep_ok: bool = True) -> None:
     """One override: a UserError if Hydra cannot parse it, or it names a secret, an unknown
-    preset or key, or a value of the wrong type."""
+    preset or key, or a value of the wrong type or outside its choices."""
     if arg.startswith("-") or "=" not in arg:
         return
     try:
