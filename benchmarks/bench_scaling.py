@@ -57,8 +57,7 @@ def main() -> None:
 
     single_s = 0.0
     for seed in seeds:
-        task = make_task(t.n_features, t.n_train, t.n_val, t.noise, t.noise_std,
-                         t.student_t_df, seed)  # fmt: skip
+        task = make_task(t, seed)
         for batch_size in cfg.grid.batch_sizes:
             for lr in cfg.grid.lrs:
                 started = time.perf_counter()

@@ -21,7 +21,7 @@ from common import runstore
 from common.cli import UserError
 from experiments.logger import ExperimentLogger, describe_error
 from experiments.progress import progress
-from experiments.rank_probe import RankProbe, chain_probe_layers, input_rank
+from experiments.rank_probe import ProbeSchedule, RankProbe, chain_probe_layers
 from experiments.rank_sweep_records import LossCurves
 from experiments.resources import (
     FRACTION,
@@ -34,27 +34,18 @@ from experiments.resources import (
     rank_sweep_memory,
 )
 from experiments.runtime import TrainingFailed, lr_factor, resolve_device
-from experiments.weights import (
-    DTYPES,
-    INIT_METHODS,
-    finish_weight,
-    make_weight,
-    open_weight,
-    weight_nbytes,
-)
+from experiments.schemas import Precision
+from experiments.weights import DTYPES, finish_weight, make_weight, open_weight, weight_nbytes
 from ksmm import KSLinearChain, check_structure, expected_mse, loss_floor, zero_predictor_loss
 
 log = logging.getLogger(__name__)
 
-STRUCTURES = ("butterfly", "monarch", "lowrank")
-DATA_MODES = ("fresh", "fixed", "exact")
-SCHEDULES = ("cosine", "constant")
 LAST_CHECKPOINT = "last.pt"  # the state after the last finished epoch, while the run trains
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {p.value: getattr(torch, p.value) for p in Precision}
 
 
-# Numbers of the rank sweep's config beyond the existing checks below (every number must also
-# be finite: experiments.resources.check_numbers); null values are "not set" and pass.
+# Numbers of the rank sweep's config (every number must also be finite:
+# experiments.resources.check_numbers); null values are "not set" and pass.
 RULES = {
     "rank": POSITIVE_INT,
     "max_rank": POSITIVE_INT,
@@ -75,28 +66,9 @@ RULES = {
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs no training, run before anything is written."""
-    check_numbers(cfg, {})  # finite numbers first: NaN passes no comparison below
-    checks = [
-        (cfg.rank > 0, f"rank must be a positive integer, got {cfg.rank}"),
-        (cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}"),
-        (cfg.train.batch_size > 0, f"train.batch_size must be positive, got {cfg.train.batch_size}"),
-        (cfg.train.num_epochs > 0, f"train.num_epochs must be positive, got {cfg.train.num_epochs}"),
-        (cfg.data.input_std > 0, f"data.input_std must be positive, got {cfg.data.input_std}"),
-        (0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}"),
-        (cfg.model.structure in STRUCTURES, f"model.structure must be one of {', '.join(STRUCTURES)}, got {cfg.model.structure!r}"),
-        (cfg.model.init in ("random", "svd"), f"model.init must be random or svd, got {cfg.model.init!r}"),
-        (cfg.data.mode in DATA_MODES, f"data.mode must be one of {', '.join(DATA_MODES)}, got {cfg.data.mode!r}"),
-        (cfg.train.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.train.schedule!r}"),
-        (cfg.train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}"),
-        (cfg.rank_probe.mode in ("difference", "ratio"), f"rank_probe.mode must be difference or ratio, got {cfg.rank_probe.mode!r}"),
-        (cfg.rank_probe.every >= 0 and cfg.rank_probe.probe_size > 0, "rank_probe.every must be >= 0 and rank_probe.probe_size > 0"),
-        (cfg.weight.path is not None or cfg.weight.init in INIT_METHODS, f"weight.init must be one of {', '.join(INIT_METHODS)}, got {cfg.weight.init!r}"),
-        (cfg.weight.path is not None or cfg.weight.dtype in DTYPES, f"weight.dtype must be one of {', '.join(DTYPES)}, got {cfg.weight.dtype!r}"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    """Every check that needs no training, run before anything is written: each number on its
+    own (RULES), then the rules between fields. (The choices are the schema's Enums: Hydra
+    rejects a bad one when it composes the config.)"""
     check_numbers(cfg, RULES)
     if cfg.data.mode == "fixed" and cfg.data.num_samples * (1 - cfg.data.val_fraction) < 1:
         raise UserError(f"data.num_samples={cfg.data.num_samples} leaves no training samples")
@@ -118,8 +90,7 @@ def build_rank_probe(cfg: DictConfig, chain: KSLinearChain, device: torch.device
         outputs = chain.factor_outputs(x)
         return dict(zip(chain_probe_layers(len(outputs)), outputs, strict=True))
 
-    return RankProbe(features, pc.every, input_rank(x), pc.mode, pc.prepend_input_rank, pc.prop,
-                     pc.eps, layers=chain_probe_layers(len(chain.factors)))  # fmt: skip
+    return RankProbe.from_config(features, x, pc, layers=chain_probe_layers(len(chain.factors)))
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -396,11 +367,14 @@ def train_chain(
     logger: ExperimentLogger,
     curves: LossCurves,
     last: Path | None = None,
+    probe: ProbeSchedule | None = None,
 ) -> dict[str, Any]:
     """Train; log per epoch; return the final numbers. Raises TrainingFailed on divergence.
 
-    With ``last`` the state after each epoch is saved there, and ``cfg.resume`` goes on from it.
+    With ``last`` the state after each epoch is saved there, and ``cfg.resume`` goes on from it;
+    ``probe`` runs with the epochs it is due at.
     """
+    probe = probe or ProbeSchedule(None)
     state = new_training_state(cfg, chain, data, curves)
     if last is not None and cfg.get("resume"):
         resume_training(state, last, logger)
@@ -414,24 +388,8 @@ def train_chain(
         if not math.isfinite(val_loss):
             raise TrainingFailed(f"diverged at epoch {epoch}: val loss is {val_loss}")
         best["train"], best["val"] = min(best["train"], train_loss), min(best["val"], val_loss)
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "rank": cfg.rank,
-            "floor": targets.floor,
-            "loss_over_floor": val_loss / targets.floor if targets.floor > 0 else math.nan,
-        }
-        curves.append(row)
-        logger.log(
-            {
-                **{k: row[k] for k in ("epoch", "train_loss", "val_loss", "floor")},
-                "loss_over_floor": row["loss_over_floor"],
-                "lr": state.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-            },
-            step=epoch,
-        )
+        row = record_epoch(cfg, state, targets, (epoch, train_loss, val_loss, grad_norm),
+                           logger, probe)  # fmt: skip
         bar.set_postfix(
             val=f"{val_loss:.4g}", over_floor=f"{row['loss_over_floor']:.3f}", refresh=False
         )
@@ -448,6 +406,32 @@ def train_chain(
         "epochs_completed": row["epoch"],
         "wall_time_s": time.perf_counter() - started,
     }
+
+
+def record_epoch(cfg: DictConfig, state: TrainingState, targets: Targets, losses: tuple,
+                 logger: ExperimentLogger, probe: ProbeSchedule) -> dict[str, Any]:  # fmt: skip
+    """The epoch's row in the loss curves and its metrics (with the probe's when due); the row."""
+    epoch, train_loss, val_loss, grad_norm = losses
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "rank": cfg.rank,
+        "floor": targets.floor,
+        "loss_over_floor": val_loss / targets.floor if targets.floor > 0 else math.nan,
+    }
+    state.curves.append(row)
+    probe.log(
+        logger,
+        {
+            **{k: row[k] for k in ("epoch", "train_loss", "val_loss", "floor")},
+            "loss_over_floor": row["loss_over_floor"],
+            "lr": state.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+        },
+        step=epoch,
+    )
+    return row
 
 
 @torch.no_grad()
@@ -467,8 +451,8 @@ def save_checkpoint(path: Path, chain: KSLinearChain, cfg: DictConfig) -> None:
         "in_features": chain.in_features,
         "out_features": chain.out_features,
         "rank": chain.rank,
-        "structure": chain.structure,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "structure": str(chain.structure),  # a plain string: loads without this repo's Enums
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
     }
     with runstore.atomic_path(path) as tmp:
         torch.save(payload, tmp)

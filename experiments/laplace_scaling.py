@@ -28,7 +28,7 @@ from common.runstore import read_json, write_json_atomic
 from experiments.callbacks import exit_if_incomplete
 from experiments.logger import ExperimentLogger
 from experiments.progress import progress
-from experiments.rank_probe import RankProbe, input_rank, mlp_probe_layers
+from experiments.rank_probe import RankProbe, mlp_probe_layers
 from experiments.resources import (
     NON_EMPTY,
     NON_NEGATIVE,
@@ -44,10 +44,6 @@ from experiments.resources import (
 from experiments.runtime import check_override_keys, is_multirun, job_dir, run_job
 from experiments.scaling_records import CELL_FILE, RESULTS_FILE, write_results
 from experiments.scaling_training import (
-    MODELS,
-    NOISES,
-    OPTIMIZERS,
-    PROTOCOLS,
     CellResult,
     EvalPoint,
     cell_name,
@@ -102,19 +98,11 @@ def validate(cfg: DictConfig) -> None:
     lrs = [cfg.lr] if cell else list(g.lrs)
     batch_sizes = [cfg.batch_size] if cell else list(g.batch_sizes)
     noises = [t.noise] if cell else list(g.noises)
-    keys = (
-        ("lr", "batch_size", "task.noise")
-        if cell
-        else ("grid.lrs", "grid.batch_sizes", "grid.noises")
-    )
+    keys = ("lr", "batch_size") if cell else ("grid.lrs", "grid.batch_sizes")
+    # (runner, noise, optim.name, model.kind, train.protocol: the schema's Enums)
     checks = [
-        (cfg.runner in ("cell", "grid"), f"runner must be cell or grid, got {cfg.runner!r}"),
         (all(lr > 0 for lr in lrs), f"learning rates ({keys[0]}) must be positive, got {lrs}"),
         (all(0 < b <= t.n_train for b in batch_sizes), f"batch sizes ({keys[1]}) must be in 1..task.n_train={t.n_train}, got {batch_sizes}"),
-        (all(n in NOISES for n in noises), f"noise ({keys[2]}) must be one of {', '.join(NOISES)}, got {noises}"),
-        (cfg.optim.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim.name!r}"),
-        (cfg.model.kind in MODELS, f"model.kind must be one of {', '.join(MODELS)}, got {cfg.model.kind!r}"),
-        (cfg.train.protocol in PROTOCOLS, f"train.protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.train.protocol!r}"),
         (t.noise_std > 0, f"task.noise_std must be positive, got {t.noise_std}"),
         (t.noise_std <= MAX_NOISE_STD, f"task.noise_std={t.noise_std:g} is too large: float32 losses overflow above {MAX_NOISE_STD:g}"),
         ("student_t" not in noises or t.student_t_df > 2, f"task.student_t_df must be > 2 (finite variance), got {t.student_t_df}"),
@@ -194,8 +182,8 @@ class CellLogger:
         probes = []
         for j in range(len(self.lrs)):
             feats = dict(zip(mlp_probe_layers(len(hidden)), (h[j] for h in hidden), strict=True))
-            probe = RankProbe(lambda f=feats: f, 1, input_rank(x), pc.mode,
-                              pc.prepend_input_rank, pc.prop, pc.eps)  # fmt: skip
+            # every=1: this callback already chose the evaluation
+            probe = RankProbe.from_config(lambda f=feats: f, x, pc, every=1)
             probes.append(probe.measure())
         return probes
 
@@ -239,8 +227,8 @@ def run_group(
     cfg: DictConfig, logger: ExperimentLogger, batch_size: int, seed: int, noise: str, lrs
 ) -> list[dict]:
     """Train one (batch size, seed, noise) group at ``lrs``; its results.csv rows."""
-    t, m, o, tr = cfg.task, cfg.model, cfg.optim, cfg.train
-    task = make_task(t.n_features, t.n_train, t.n_val, noise, t.noise_std, t.student_t_df, seed)
+    m, o, tr = cfg.model, cfg.optim, cfg.train
+    task = make_task(cfg.task, seed, noise)
     probe_x = task.x_val[: cfg.rank_probe.probe_size]  # fixed: the same for every lr and step
     cells = CellLogger(logger, cfg, batch_size, seed, noise, lrs, probe_x)
     results = train_group(task, batch_size, list(lrs), seed, cfg.model, cfg.optim, cfg.train,
@@ -253,10 +241,10 @@ def run_group(
             "batch_size": batch_size,
             "lr": r.lr,
             "seed": seed,
-            "noise": noise,
-            "optimizer": o.name,
-            "model": m.kind,
-            "protocol": tr.protocol,
+            "noise": str(noise),  # plain strings from the Enums, for results.csv and cell.json
+            "optimizer": str(o.name),
+            "model": str(m.kind),
+            "protocol": str(tr.protocol),
             "final_train_loss": r.final_train_loss,
             "final_val_loss": r.final_val_loss,
             "min_val_loss": r.min_val_loss,

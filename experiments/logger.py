@@ -27,8 +27,9 @@ from typing import Any, ClassVar
 import yaml
 
 from common import runstore
+from experiments.schemas import LoggerMode
 
-WANDB_MODES = ("offline", "online", "disabled")
+WANDB_MODES = tuple(m.value for m in LoggerMode)
 # Config keys whose values must never reach a log, a file or W&B: whole words of the key
 # (api_key, wandb_api_key, hf_token, client_secret, aws_secret_access_key, private_key,
 # credentials), not model.prefix_tokens
@@ -186,8 +187,6 @@ class ExperimentLogger:
         self._finished = False
         self._wandb = None  # the wandb module while W&B is live
         self._run = None
-        self._rank_probe = None
-        self._probed_step: int | None = None
         self._wandb_from_step = 0  # steps below it are W&B's already (see rewind)
 
         summary_path = self.run_dir / runstore.SUMMARY_FILE
@@ -342,9 +341,8 @@ class ExperimentLogger:
         return dict(self._record)
 
     def attach_rank_probe(self, probe) -> None:
-        """Run ``probe`` (an :class:`experiments.rank_probe.RankProbe`) whenever a log call
-        lands on a step it is due; its metrics join that call."""
-        self._rank_probe = probe
+        """Record the settings of ``probe`` (an :class:`experiments.rank_probe.RankProbe`) in
+        run.json. The training loop runs it and logs its metrics (rank_probe.ProbeSchedule)."""
         layers = list(probe.layers)  # forward order: readers order the ranks by it
         self._record["rank_probe"] = {
             "every": probe.every,
@@ -360,23 +358,13 @@ class ExperimentLogger:
             lambda run: run.config.update({"rank_probe_layers": layers}, allow_val_change=True),
         )
 
-    def log(self, metrics: Mapping[str, Any], step: int | None = None, probe: bool = False) -> int:
-        """Log scalars at ``step`` (default: the next step); the rank probe joins when it is
-        due or ``probe`` asks for it (e.g. at the end of training). Returns the step used."""
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> int:
+        """Log scalars at ``step`` (default: the next step). Returns the step used."""
         if self._stop_reason is not None and not self._finishing:
             raise Interrupted(self._stop_reason)  # a stop request a library call swallowed
         step = self._next_step(step)
         self.step = max(self.step, step)
         values = dict(metrics)
-        rp = self._rank_probe
-        if rp is not None and step != self._probed_step and (probe or rp.due(step)):
-            started = time.perf_counter()
-            values.update(self._rank_probe.measure())  # once per step, however many log calls
-            self._probed_step = step
-            # what the probe costs this run, in its summary (benchmarks/bench_rank_probe.py)
-            spent = self.summary.get("rank_probe_seconds", 0.0) + time.perf_counter() - started
-            values["rank_probe_seconds"] = round(spent, 4)  # in the step's row and both summaries
-            self.summary["rank_probe_seconds"] = values["rank_probe_seconds"]
         self._metrics.write({"_step": step, **values})
         self._log_to_wandb(step, lambda: values)
         return step
@@ -464,7 +452,7 @@ class ExperimentLogger:
         # W&B already holds the steps up to the old last one (the first launch sent them): it
         # gets each step once, from the step after it
         self._wandb_from_step = max(self._wandb_from_step, self.step + 1)
-        self.step, self._probed_step = step, None
+        self.step = step
         return len(dropped)
 
     def finish(self, state: str = "finished", reason: str | None = None) -> None:

@@ -51,10 +51,16 @@ from experiments.multimodal_model import (
     retrieval_top1,
 )
 from experiments.progress import progress
-from experiments.rank_probe import RankProbe, encoder_probe_layers, hooked_features, input_rank
+from experiments.rank_probe import (
+    ProbeSchedule,
+    RankProbe,
+    encoder_probe_layers,
+    hooked_features,
+)
 from experiments.resources import (
     FRACTION,
     NON_NEGATIVE,
+    POSITIVE,
     SEED,
     check_finite,
     check_numbers,
@@ -71,51 +77,41 @@ from experiments.runtime import (
 from experiments.schemas import MultimodalConfig, register_configs
 
 log = logging.getLogger(__name__)
-ALIGNMENTS = ("infonce", "mse", "cosine")
 
 
 def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
-    """Check the config and load the data (errors name the file); the job gets the pairs."""
-    dc, mc, tc = cfg.data, cfg.model, cfg.train
+    """Check the config and load the data (errors name the file); the job gets the pairs.
+    (The choices are the schema's Enums: Hydra rejects a bad one when it composes the config.)"""
+    check_ranges(cfg)
+    check_cross_field_rules(cfg)
+    if cfg.resume:
+        check_resume_config(cfg)
+    dc = cfg.data
+    device = resolve_device(cfg.runtime.device)
+    plan = plan_pairs(cfg)  # the captions and the image files' presence; no image decoded
+    max_len = dc.max_caption_len or plan.longest_caption + 2
+    vocab = min(dc.vocab_size, 4 + plan.longest_caption * plan.num_images)
+    for kind, need in multimodal_memory(
+        cfg, plan.num_images, vocab, max_len, plan.channels, device
+    ).items():
+        need.check(device if kind == "cuda" else "cpu")
+    return load_pairs(cfg, cfg.seed, plan)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Each number on its own: finite, in its range (RULES)."""
+    dc = cfg.data
     check_finite(cfg)  # NaN passes no comparison below
-    if dc.source not in ("synthetic", "folder"):
-        raise UserError(f"data.source must be one of synthetic, folder, got {dc.source!r}")
-    if cfg.loss.alignment not in ALIGNMENTS:
-        raise UserError(f"loss.alignment must be one of {', '.join(ALIGNMENTS)}")
     if dc.vocab_size < 5:
         raise UserError(f"data.vocab_size={dc.vocab_size} is too small: it must be at least 5")
     if dc.channels not in (1, 3):
         raise UserError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {dc.channels}")
-    positive = {
-        "data.image_size": dc.image_size,
-        "data.max_objects": dc.max_objects,
-        "model.image_encoder_layers": mc.image_encoder_layers,
-        "model.conv_width": mc.conv_width,
-        "model.latent_dim": mc.latent_dim,
-        "model.embedding_dim": mc.embedding_dim,
-        "model.num_heads": mc.num_heads,
-        "model.transformer_layers": mc.transformer_layers,
-        "model.prefix_tokens": mc.prefix_tokens,
-        "train.epochs": tc.epochs,
-        "train.batch_size": tc.batch_size,
-        "train.lr": tc.lr,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key} must be positive, got {value}")
-    non_negative = {
-        "train.grad_clip": tc.grad_clip,  # 0: no clipping; below 0 would reverse the step
-        "train.weight_decay": tc.weight_decay,
-        "train.min_lr": tc.min_lr,
-        "train.warmup_steps": tc.warmup_steps,
-        "loss.image_weight": cfg.loss.image_weight,
-        "loss.caption_weight": cfg.loss.caption_weight,
-        "loss.alignment_weight": cfg.loss.alignment_weight,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{key} must be >= 0, got {value}")
     check_numbers(cfg, RULES)
+
+
+def check_cross_field_rules(cfg: DictConfig) -> None:
+    """The rules between fields (and the model's shape constraints), once each number is sane."""
+    dc, mc, tc = cfg.data, cfg.model, cfg.train
     if not (cfg.loss.image_weight or cfg.loss.caption_weight or cfg.loss.alignment_weight):
         raise UserError("loss.image_weight, loss.caption_weight and loss.alignment_weight are "
                         "all 0: the total loss is 0 and nothing would train")  # fmt: skip
@@ -147,21 +143,39 @@ def validate(cfg: DictConfig) -> tuple[PairSet, PairSet]:
             f"model.embedding_dim={mc.embedding_dim} must be divisible by "
             f"model.num_heads={mc.num_heads}"
         )
-    if cfg.resume:
-        check_resume_config(cfg)
-    device = resolve_device(cfg.runtime.device)
-    plan = plan_pairs(cfg)  # the captions and the image files' presence; no image decoded
-    max_len = dc.max_caption_len or plan.longest_caption + 2
-    vocab = min(dc.vocab_size, 4 + plan.longest_caption * plan.num_images)
-    for kind, need in multimodal_memory(
-        cfg, plan.num_images, vocab, max_len, plan.channels, device
-    ).items():
-        need.check(device if kind == "cuda" else "cpu")
-    return load_pairs(cfg, cfg.seed, plan)
 
 
-# Numbers beyond the checks in validate (every number must also be finite)
+# Each number on its own (every number must also be finite)
 RULES = {
+    **dict.fromkeys(
+        [
+            "data.image_size",
+            "data.max_objects",
+            "model.image_encoder_layers",
+            "model.conv_width",
+            "model.latent_dim",
+            "model.embedding_dim",
+            "model.num_heads",
+            "model.transformer_layers",
+            "model.prefix_tokens",
+            "train.epochs",
+            "train.batch_size",
+            "train.lr",
+        ],
+        POSITIVE,
+    ),
+    **dict.fromkeys(
+        [
+            "train.grad_clip",  # 0: no clipping; below 0 would reverse the step
+            "train.weight_decay",
+            "train.min_lr",
+            "train.warmup_steps",
+            "loss.image_weight",
+            "loss.caption_weight",
+            "loss.alignment_weight",
+        ],
+        NON_NEGATIVE,
+    ),
     "seed": SEED,
     "data.val_fraction": FRACTION,
     "data.max_caption_len": NON_NEGATIVE,
@@ -200,7 +214,9 @@ def check_resume_config(cfg: DictConfig) -> None:
     if not saved_path.is_file():
         return  # a run folder from before config.yaml was written: nothing to compare with
     saved, now = (
-        pd.json_normalize(OmegaConf.to_container(c, resolve=True)).iloc[0].to_dict()
+        pd.json_normalize(OmegaConf.to_container(c, resolve=True, enum_to_str=True))
+        .iloc[0]
+        .to_dict()
         for c in (OmegaConf.load(saved_path), cfg)
     )
     changed = [  # keys the run added to its config after it started are not settings
@@ -222,23 +238,9 @@ def check_resume_config(cfg: DictConfig) -> None:
 
 
 def build_model(cfg: DictConfig, tokenizer: Tokenizer, max_len: int, channels: int):
-    mc = cfg.model
-    return MultimodalModel(
-        vocab_size=len(tokenizer),
-        max_len=max_len,
-        channels=channels,
-        image_size=cfg.data.image_size,
-        image_encoder_layers=mc.image_encoder_layers,
-        conv_width=mc.conv_width,
-        latent_dim=mc.latent_dim,
-        embedding_dim=mc.embedding_dim,
-        transformer_layers=mc.transformer_layers,
-        caption_encoder_layers=mc.caption_encoder_layers,
-        num_heads=mc.num_heads,
-        prefix_tokens=mc.prefix_tokens,
-        dropout=mc.dropout,
-        pad_id=tokenizer.pad,
-    )
+    return MultimodalModel(cfg.model, vocab_size=len(tokenizer), max_len=max_len,
+                           channels=channels, image_size=cfg.data.image_size,
+                           pad_id=tokenizer.pad)  # fmt: skip
 
 
 def compute_losses(
@@ -409,8 +411,7 @@ def encoder_rank_probe(
     batch = images[: pc.probe_size].to(device)
     layers = encoder_probe_layers(encoder)  # in forward order: the blocks, then the projection
     features = hooked_features(encoder, layers, batch)
-    return RankProbe(features, pc.every, input_rank(batch), pc.mode, pc.prepend_input_rank,
-                     pc.prop, pc.eps, layers=layers)  # fmt: skip
+    return RankProbe.from_config(features, batch, pc, layers=layers)
 
 
 class Training:
@@ -447,6 +448,7 @@ class Training:
         self.step, self.best_val = 0, math.inf
         self.epoch_loss, self.epoch_batches = 0.0, 0  # the running epoch, for its average
         self.eval_time = 0.0
+        self.probe = ProbeSchedule(None)  # report_setup attaches the rank probe
         if resume is not None:
             self.load(resume)
 
@@ -466,7 +468,7 @@ class Training:
                 "torch_rng": torch.get_rng_state(),
                 "tokenizer": self.tokenizer.state_dict(),
                 "max_len": self.max_len,
-                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
             },
         )
 
@@ -556,7 +558,7 @@ class Training:
             image_caption_loss_ratio=ev["loss_image"] / max(ev["loss_caption"], 1e-12),
         )
         # the last evaluation always probes ranks, so a short run has them too
-        logger.log(epoch_metrics, step=self.step, probe=self.step == self.stop)
+        self.probe.log(logger, epoch_metrics, step=self.step, force=self.step == self.stop)
         rows = sample_table(self.model, self.val, self.tokenizer, self.cfg.train.num_samples,
                             self.device)  # fmt: skip
         logger.log_table(
@@ -588,8 +590,10 @@ def load_resume_point(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def report_setup(cfg: DictConfig, run: Training, logger: ExperimentLogger) -> None:
+    run.probe.spent = logger.summary.get("rank_probe_seconds", 0.0)  # a resumed run's goes on
     if cfg.rank_probe.enabled:
-        logger.attach_rank_probe(encoder_rank_probe(cfg, run.model, run.val.images, run.device))
+        run.probe.probe = encoder_rank_probe(cfg, run.model, run.val.images, run.device)
+        logger.attach_rank_probe(run.probe.probe)
     n_train, n_val = len(run.train.images), len(run.val.images)
     logger.update_config(old_config_names(cfg, n_train, n_val, run.model))
     logger.log_summary(
@@ -623,7 +627,7 @@ def train(run: Training, logger: ExperimentLogger) -> None:
         bar.update(1)
         if metrics is not None:
             metrics.update(hardware_stats(run.device))
-            logger.log(metrics, step=run.step)
+            run.probe.log(logger, metrics, step=run.step)
             bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", refresh=False)
         run.log_media(logger, images)
         if tc.checkpoint_frequency and run.step % tc.checkpoint_frequency == 0:

@@ -74,32 +74,18 @@ def _transformer(dim: int, layers: int, heads: int, dropout: float) -> nn.Transf
 
 
 class MultimodalModel(nn.Module):
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        max_len: int,
-        channels: int,
-        image_size: int,
-        image_encoder_layers: int,
-        conv_width: int,
-        latent_dim: int,
-        embedding_dim: int,
-        transformer_layers: int,
-        caption_encoder_layers: int,
-        num_heads: int,
-        prefix_tokens: int,
-        dropout: float,
-        pad_id: int,
-    ):
+    """The sizes come from ``model`` (the config's MultimodalModelConfig section); the rest
+    from the data and the tokenizer."""
+
+    def __init__(self, model, *, vocab_size: int, max_len: int, channels: int, image_size: int,
+                 pad_id: int):  # fmt: skip
         super().__init__()
+        layers, width, latent_dim = model.image_encoder_layers, model.conv_width, model.latent_dim
+        embedding_dim, prefix_tokens = model.embedding_dim, model.prefix_tokens
+        num_heads, dropout = model.num_heads, model.dropout
         self.pad_id, self.max_len, self.prefix_tokens = pad_id, max_len, prefix_tokens
-        self.encoder = ImageEncoder(
-            channels, image_size, image_encoder_layers, conv_width, latent_dim
-        )
-        self.decoder = ImageDecoder(
-            channels, image_size, image_encoder_layers, conv_width, latent_dim
-        )
+        self.encoder = ImageEncoder(channels, image_size, layers, width, latent_dim)
+        self.decoder = ImageDecoder(channels, image_size, layers, width, latent_dim)
         # The caption decoder reads the image as a prefix (GPT-style): a few tokens from the
         # latent, then one token per cell of the encoder's last conv map (3x3 at 48x48, the
         # scene's grid). Through the latent alone the hatching angle stayed at chance (density
@@ -113,12 +99,12 @@ class MultimodalModel(nn.Module):
         self.tok = nn.Embedding(vocab_size, embedding_dim)
         self.num_prefix = prefix_tokens + self.grid_tokens
         self.pos = nn.Parameter(torch.zeros(1, self.num_prefix + max_len, embedding_dim))
-        self.text = _transformer(embedding_dim, transformer_layers, num_heads, dropout)
+        self.text = _transformer(embedding_dim, model.transformer_layers, num_heads, dropout)
         self.ln = nn.LayerNorm(embedding_dim)
         self.head = nn.Linear(embedding_dim, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied, as in nanoGPT
         self.cap_pos = nn.Parameter(torch.zeros(1, max_len, embedding_dim))
-        self.cap_enc = _transformer(embedding_dim, caption_encoder_layers, num_heads, dropout)
+        self.cap_enc = _transformer(embedding_dim, model.caption_encoder_layers, num_heads, dropout)
         self.cap_proj = nn.Linear(embedding_dim, latent_dim)
         # CLIP's learnable temperature, initialised at 1/0.07
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

@@ -1,8 +1,9 @@
 """A live rank probe: every ``every`` logged steps, the rank measures of chosen layers on a fixed
 probe batch, plus the 12 rank-decay dynamics metrics at the same step (no backfill needed).
 
-Attach it to the shared logger (``logger.attach_rank_probe(probe)``): whenever an experiment
-logs at a step the probe is due, the probe's metrics join that log call:
+The training loop schedules it (:class:`ProbeSchedule`: when it is due, or at the end) and hands
+its metrics to the logger with that step's own; ``logger.attach_rank_probe(probe)`` only records
+the probe's settings in run.json. The metrics:
 
 - ``ranks/{layer}/{measure}`` for each probed layer, in forward order;
 - ``ranks/input_rank``: the probe batch's theoretical rank min(B, D_in);
@@ -11,8 +12,10 @@ logs at a step the probe is due, the probe's metrics join that log call:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +43,15 @@ class RankProbe:
     # in run.json, so that readers order a run's ranks without rebuilding its model
     layers: Sequence[str] = ()
 
+    @classmethod
+    def from_config(cls, features: Features, batch: torch.Tensor, config,
+                    layers: Sequence[str] = (), every: int | None = None):  # fmt: skip
+        """A probe of ``features`` (the ``layers``, in forward order) on ``batch`` with a
+        RankProbeConfig's settings (``every``: another schedule than ``config.every``)."""
+        every = config.every if every is None else every
+        return cls(features, every, input_rank(batch), config.mode, config.prepend_input_rank,
+                   config.prop, config.eps, layers=layers)  # fmt: skip
+
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
@@ -62,6 +74,38 @@ class RankProbe:
             for name in DYNAMICS_METRICS:
                 metrics[f"{measure}_{name}"] = dyn[name]
         return metrics
+
+
+class ProbeSchedule:
+    """The loop's side of a rank probe: it runs when due (or when asked, e.g. at the end of
+    training), at most once per step, and keeps the run's probe time (``rank_probe_seconds``).
+
+    ``spent``: the time an earlier launch of a resumed run already spent probing."""
+
+    def __init__(self, probe: RankProbe | None, spent: float = 0.0):
+        self.probe, self.spent = probe, spent
+        self._probed_step: int | None = None
+
+    def take(self, step: int, force: bool = False) -> dict[str, float]:
+        """The probe's metrics and the time spent so far when it runs at ``step``; else {}."""
+        probe = self.probe
+        if probe is None or step == self._probed_step or not (force or probe.due(step)):
+            return {}
+        started = time.perf_counter()
+        values = probe.measure()
+        self._probed_step = step  # once per step, however many log calls land there
+        self.spent = round(self.spent + time.perf_counter() - started, 4)
+        values["rank_probe_seconds"] = self.spent
+        return values
+
+    def log(self, logger, metrics: Mapping[str, Any], step: int, force: bool = False) -> int:
+        """``logger.log`` of ``metrics`` at ``step``, joined by the probe's when it runs; its
+        cost goes in the step's row and the summary (benchmarks/bench_rank_probe.py reads it)."""
+        ranks = self.take(step, force)
+        logged = logger.log({**metrics, **ranks}, step=step)
+        if ranks:
+            logger.log_summary(rank_probe_seconds=ranks["rank_probe_seconds"])
+        return logged
 
 
 def hooked_features(model: nn.Module, layers: Sequence[str], batch: torch.Tensor) -> Features:

@@ -37,6 +37,7 @@ from experiments.chain_training import (
     validate_config,
 )
 from experiments.logger import ExperimentLogger
+from experiments.rank_probe import ProbeSchedule
 from experiments.rank_sweep_records import LossCurves
 from experiments.runtime import (
     check_override_keys,
@@ -59,21 +60,13 @@ def validate(cfg: DictConfig) -> torch.Tensor:
     return weight
 
 
-def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tensor) -> None:
-    out = job_dir()
-    device = resolve_device(cfg.runtime.device)
-
-    # data: the target weight and its floor
-    weight = weight.to(device)
-    floor, zero_loss = floor_and_baseline(cfg, weight)
-    targets = Targets(weight, floor, zero_loss, cfg.data.input_std)
-    data = ChainData(cfg, weight, device, seed=cfg.seed)
-
-    # model
-    chain = build_chain(cfg, weight, device)
+def report_chain(cfg: DictConfig, chain, weight: torch.Tensor, losses: tuple[float, float],
+                 device: torch.device, logger: ExperimentLogger) -> None:  # fmt: skip
+    """The chain's size and the loss floor, in the summary and the job's log."""
+    floor, zero_loss = losses
     logger.log_summary(
         rank=cfg.rank,
-        structure=cfg.model.structure,
+        structure=str(cfg.model.structure),
         out_features=weight.shape[0],
         in_features=weight.shape[1],
         parameters=chain.num_parameters,
@@ -95,13 +88,30 @@ def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tens
         zero_loss,
     )
 
+
+def rank_sweep_job(cfg: DictConfig, logger: ExperimentLogger, weight: torch.Tensor) -> None:
+    out = job_dir()
+    device = resolve_device(cfg.runtime.device)
+
+    # data: the target weight and its floor
+    weight = weight.to(device)
+    floor, zero_loss = floor_and_baseline(cfg, weight)
+    targets = Targets(weight, floor, zero_loss, cfg.data.input_std)
+    data = ChainData(cfg, weight, device, seed=cfg.seed)
+
+    # model
+    chain = build_chain(cfg, weight, device)
+    report_chain(cfg, chain, weight, (floor, zero_loss), device, logger)
+
+    probe = ProbeSchedule(None, logger.summary.get("rank_probe_seconds", 0.0))
     if cfg.rank_probe.enabled:
-        logger.attach_rank_probe(build_rank_probe(cfg, chain, device))
+        probe.probe = build_rank_probe(cfg, chain, device)
+        logger.attach_rank_probe(probe.probe)
 
     # train
     curves = LossCurves(out, cfg.rank, floor)
     last = out / LAST_CHECKPOINT  # after each epoch; resume=true (a SLURM requeue) goes on there
-    result = train_chain(cfg, chain, targets, data, logger, curves, last)
+    result = train_chain(cfg, chain, targets, data, logger, curves, last, probe)
 
     # report
     if cfg.train.save_checkpoint:

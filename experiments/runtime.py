@@ -15,6 +15,7 @@ An entry point calls :func:`run_job` with its body ``body(cfg, logger, inputs)``
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -25,6 +26,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,11 +34,12 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common import runstore
 from common.cli import UserError, describe_os_error, one_line_warnings
@@ -143,8 +146,9 @@ def _new_logger(cfg: DictConfig, run_dir: Path, run_id: str | None, group: str |
     lc = cfg.logger
     return ExperimentLogger(
         run_dir,
-        OmegaConf.to_container(cfg, resolve=True),
-        mode=lc.mode,
+        # plain strings for the Enums' choices: config.yaml, run.json and W&B's config
+        OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        mode=str(lc.mode),
         project=lc.project,
         entity=lc.entity,
         group=group,
@@ -293,33 +297,28 @@ def check_preset(config, choice: str, where: str) -> None:
 
 def check_override_keys(schema: type, argv: list[str], where: str) -> None:
     """An override Hydra cannot parse, a mistyped key (also with ``+``), an unknown preset, a
-    value of the wrong type or a sweep without ``-m``: one ``error:`` line and exit 2, before
-    Hydra starts (Hydra's own messages span several lines). Hydra's own keys are left to it."""
-    config = OmegaConf.structured(schema)
-    # -m, an abbreviation argparse accepts (--multi), or Hydra's own key
-    multirun = any(
-        a == "-m" or (len(a) > 3 and "--multirun".startswith(a)) or a == "hydra.mode=MULTIRUN"
-        for a in argv
-    )
+    value of the wrong type or outside its choices, or a sweep without ``-m``: one ``error:``
+    line and exit 2, before Hydra starts (Hydra's own messages span several lines). The command
+    line is read by Hydra's own argument parser; Hydra's own keys and flags are left to it."""
+    parser = get_args_parser()
+    parser.exit_on_error = False
     try:
-        for i, arg in enumerate(argv):
-            if i and argv[i - 1] in _FLAGS_WITH_VALUE:
-                continue  # a flag's value (-cd /a=b), not an override
+        args, _ = parser.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return  # a bad flag: Hydra's parser says so itself when it runs
+    multirun = args.multirun or "hydra.mode=MULTIRUN" in args.overrides
+    config = OmegaConf.structured(schema)
+    try:
+        for arg in args.overrides:
             _check_override(config, arg, where, sweep_ok=multirun)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
-# Hydra's flags that take the next argument as their value
-_FLAGS_WITH_VALUE = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-                     "-c", "--cfg", "-p", "--package", "-sc", "--shell-completion",
-                     "--experimental-rerun", "-i", "--info"}  # fmt: skip
-
-
 def _check_override(config, arg: str, where: str, sweep_ok: bool = True) -> None:
     """One override: a UserError if Hydra cannot parse it, or it names a secret, an unknown
-    preset or key, or a value of the wrong type."""
+    preset or key, or a value of the wrong type or outside its choices."""
     if arg.startswith("-") or "=" not in arg:
         return
     try:
@@ -354,11 +353,36 @@ def _check_override(config, arg: str, where: str, sweep_ok: bool = True) -> None
     if override.is_sweep_override():
         if not sweep_ok:
             raise UserError(f"'{arg}' sweeps over several values: add -m (--multirun)")
-        return
-    value = override.value()
+        try:
+            values = list(override.sweep_iterator())
+        except Exception:  # a sweep only a sweeper plugin expands (interval, ...): left to it
+            return
+    else:
+        values = [override.value()]
+    for value in values:  # each value of a sweep: a bad one would otherwise fail its job late
+        _check_value(config, arg, key, value)
+
+
+def _check_value(config, arg: str, key: str, value: Any) -> None:
+    """A value of the wrong type, or a choice outside the key's Enum: a UserError."""
     if isinstance(value, str) and "${" in value:
         return  # an interpolation: resolved later
     try:
         OmegaConf.update(config.copy(), key, value, merge=True)
     except Exception as exc:  # OmegaConf's ValidationError and friends: one line
+        choices = _enum_of(config, key)
+        if choices is not None:
+            allowed = ", ".join(c.value for c in choices)
+            raise UserError(f"{key} must be one of {allowed}, got {value!r}") from None
         raise UserError(f"{arg}: {str(exc).splitlines()[0]}") from None
+
+
+def _enum_of(config, key: str) -> type[Enum] | None:
+    """The Enum ``key`` (a field, or a list's elements) must hold in the schema, if any."""
+    node = config
+    for part in key.split("."):
+        node = node._get_node(part) if isinstance(node, DictConfig) else None
+        if node is None:
+            return None
+    kind = node._metadata.element_type if isinstance(node, ListConfig) else node._metadata.ref_type
+    return kind if isinstance(kind, type) and issubclass(kind, Enum) else None

@@ -21,12 +21,15 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from experiments.schemas import ScalingModelConfig, ScalingOptimConfig, ScalingTrainConfig
+from experiments.schemas import (
+    Noise,
+    ScalingModelConfig,
+    ScalingOptimConfig,
+    ScalingTaskConfig,
+    ScalingTrainConfig,
+)
 
-NOISES = ("gaussian", "laplace", "student_t")
-OPTIMIZERS = ("adam", "sgd")
-MODELS = ("linear", "mlp")
-PROTOCOLS = ("fixed_epochs", "fixed_steps")
+NOISES = tuple(n.value for n in Noise)
 
 # Streams of random numbers per seed; independent of noise family and lr (the paired design).
 _DATA, _INIT, _ORDER = 0, 1, 2
@@ -66,30 +69,26 @@ class Task:
     y_val: Tensor
 
 
-def make_task(
-    n_features: int,
-    n_train: int,
-    n_val: int,
-    noise: str,
-    noise_std: float,
-    student_t_df: float,
-    seed: int,
-) -> Task:
-    """Linear-teacher regression y = x . w* + noise, with x ~ N(0, I) and w* ~ N(0, I/d)."""
+def make_task(task: ScalingTaskConfig, seed: int, noise: str | None = None) -> Task:
+    """Linear-teacher regression y = x . w* + noise, with x ~ N(0, I) and w* ~ N(0, I/d).
+    ``noise``: the family, when not ``task.noise`` (the grid runner's families)."""
+    d, n_train, n_val = task.n_features, task.n_train, task.n_val
     g = generator(seed, _DATA)
-    teacher = torch.randn(n_features, generator=g) / math.sqrt(n_features)
-    x = torch.randn(n_train + n_val, n_features, generator=g)
+    teacher = torch.randn(d, generator=g) / math.sqrt(d)
+    x = torch.randn(n_train + n_val, d, generator=g)
     u = torch.rand(n_train + n_val, generator=g, dtype=torch.float64)
-    y = x @ teacher + noise_from_uniform(u, noise, noise_std, student_t_df)
+    family = task.noise if noise is None else noise
+    y = x @ teacher + noise_from_uniform(u, family, task.noise_std, task.student_t_df)
     return Task(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
 class StackedStudent(torch.nn.Module):
     """K identical copies of a linear or MLP student; forward (B, d) -> (K, B)."""
 
-    def __init__(self, k: int, n_features: int, kind: str, hidden: int, depth: int, seed: int):
+    def __init__(self, k: int, n_features: int, model: ScalingModelConfig, seed: int):
         super().__init__()
-        dims = [n_features, *([hidden] * depth if kind == "mlp" else []), 1]
+        hidden = [model.hidden] * model.depth if model.kind == "mlp" else []
+        dims = [n_features, *hidden, 1]
         g = generator(seed, _INIT)
         self.weights = torch.nn.ParameterList()
         self.biases = torch.nn.ParameterList()
@@ -122,23 +121,15 @@ class StackedStudent(torch.nn.Module):
 class StackedOptimizer:
     """Adam (AdamW-style decay) or SGD with momentum, one lr per slice of the leading axis."""
 
-    def __init__(
-        self,
-        params: Sequence[Tensor],
-        lrs: Tensor,
-        name: str,
-        momentum: float,
-        betas: Sequence[float],
-        eps: float,
-        weight_decay: float,
-    ):
+    def __init__(self, params: Sequence[Tensor], lrs: Tensor, optim: ScalingOptimConfig):
         self.params = list(params)
         self.lrs = lrs
-        self.name, self.momentum, self.eps, self.weight_decay = name, momentum, eps, weight_decay
-        self.beta1, self.beta2 = betas
+        self.name, self.momentum, self.eps = optim.name, optim.momentum, optim.eps
+        self.weight_decay = optim.weight_decay
+        self.beta1, self.beta2 = optim.betas
         self.t = 0
         self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params] if name == "adam" else None
+        self.v = [torch.zeros_like(p) for p in self.params] if self.name == "adam" else None
 
     @torch.no_grad()
     def step(self, active: Tensor) -> None:
@@ -233,6 +224,61 @@ def eval_steps(train: ScalingTrainConfig, steps_per_epoch: int) -> tuple[int, se
     return total, {max(1, round(total * (i + 1) / train.evals)) for i in range(train.evals)}
 
 
+class _Group:
+    """One (batch size, seed) group while it trains: the stacked student, its optimizer, the
+    minibatch order, which slices still train and the curves so far."""
+
+    def __init__(self, task: Task, batch_size: int, lrs: Sequence[float], seed: int,
+                 model: ScalingModelConfig, optim: ScalingOptimConfig):  # fmt: skip
+        self.task, self.batch_size, self.k = task, batch_size, len(lrs)
+        self.student = StackedStudent(self.k, task.x_train.shape[1], model, seed)
+        self.params = [*self.student.weights, *self.student.biases]
+        self.lrs = torch.tensor(list(lrs), dtype=torch.float32)
+        self.opt = StackedOptimizer(self.params, self.lrs, optim)
+        self.steps_per_epoch = len(task.x_train) // batch_size
+        self.order, self.perm = generator(seed, _ORDER), None
+        self.initial = self.val_losses()
+        self.state = Divergence(self.initial)
+        self.train_sum, self.train_n = torch.zeros(self.k), 0
+        self.curves: list[list[float]] = [[] for _ in range(self.k)]
+        self.train_curves: list[list[float]] = [[] for _ in range(self.k)]
+
+    @torch.no_grad()
+    def val_losses(self) -> Tensor:
+        return ((self.student(self.task.x_val) - self.task.y_val) ** 2).mean(1)
+
+    def train_step(self, step: int) -> None:
+        """One minibatch for every active slice (a new permutation at each epoch's start)."""
+        task, state, bs = self.task, self.state, self.batch_size
+        pos = (step - 1) % self.steps_per_epoch
+        if pos == 0:
+            self.perm = torch.randperm(len(task.x_train), generator=self.order)
+        idx = self.perm[pos * bs : (pos + 1) * bs]
+        per_slice = ((self.student(task.x_train[idx]) - task.y_train[idx]) ** 2).mean(1)
+        for j in state.freeze(~torch.isfinite(per_slice), step):
+            state.reasons[j] = f"train loss became {per_slice[j].item()} at step {step}"
+        for p in self.params:
+            p.grad = None
+        torch.where(state.active, per_slice, 0.0).sum().backward()
+        self.opt.step(state.active)
+        state.stopped[state.active] = step
+        self.train_sum += torch.where(state.active, per_slice.detach(), 0.0)
+        self.train_n += 1
+
+    def evaluate(self, step: int) -> EvalPoint:
+        """Val losses (a slice above its initial one diverged), the curves, a new window."""
+        val, state, initial = self.val_losses(), self.state, self.initial
+        for j in state.freeze(~torch.isfinite(val) | (val > initial), step):
+            state.reasons[j] = f"val loss {val[j].item():.4g} above its initial {initial[j]:.4g}"
+        train_mean = self.train_sum / self.train_n
+        for j in range(self.k):
+            self.curves[j].append(float(val[j]))
+            self.train_curves[j].append(float(train_mean[j]))
+        self.train_sum, self.train_n = torch.zeros(self.k), 0
+        return EvalPoint(step, step / self.steps_per_epoch, train_mean, val,
+                         state.active.clone(), self.student)  # fmt: skip
+
+
 def train_group(
     task: Task,
     batch_size: int,
@@ -249,63 +295,33 @@ def train_group(
     A slice diverges when its loss is NaN/Inf or its val loss rises above its initial val loss;
     it is frozen there (diverged=True) and the others go on. The group stops when all diverged.
     """
-    mc, oc = model or ScalingModelConfig(), optim or ScalingOptimConfig()
-    train = train or ScalingTrainConfig()
     _check_group(task, batch_size, lrs)
     started = time.perf_counter()
-    k, n_train = len(lrs), len(task.x_train)
-    student = StackedStudent(k, task.x_train.shape[1], mc.kind, mc.hidden, mc.depth, seed)
-    params = [*student.weights, *student.biases]
-    lr = torch.tensor(list(lrs), dtype=torch.float32)
-    opt = StackedOptimizer(params, lr, oc.name, oc.momentum, list(oc.betas), oc.eps,
-                           oc.weight_decay)  # fmt: skip
-    steps_per_epoch = n_train // batch_size
-    total, eval_at = eval_steps(train, steps_per_epoch)
-
-    @torch.no_grad()
-    def val_losses() -> Tensor:
-        return ((student(task.x_val) - task.y_val) ** 2).mean(1)
-
-    initial = val_losses()
-    state = Divergence(initial)
-    train_sum, train_n = torch.zeros(k), 0
-    curves: list[list[float]] = [[] for _ in range(k)]
-    train_curves: list[list[float]] = [[] for _ in range(k)]
-    order, perm, step = generator(seed, _ORDER), None, 0
+    group = _Group(task, batch_size, lrs, seed, model or ScalingModelConfig(),
+                   optim or ScalingOptimConfig())  # fmt: skip
+    total, eval_at = eval_steps(train or ScalingTrainConfig(), group.steps_per_epoch)
+    step = 0
     for step in range(1, total + 1):
-        pos = (step - 1) % steps_per_epoch
-        if pos == 0:
-            perm = torch.randperm(n_train, generator=order)
-        idx = perm[pos * batch_size : (pos + 1) * batch_size]
-        per_slice = ((student(task.x_train[idx]) - task.y_train[idx]) ** 2).mean(1)
-        for j in state.freeze(~torch.isfinite(per_slice), step):
-            state.reasons[j] = f"train loss became {per_slice[j].item()} at step {step}"
-        for p in params:
-            p.grad = None
-        torch.where(state.active, per_slice, 0.0).sum().backward()
-        opt.step(state.active)
-        state.stopped[state.active] = step
-        train_sum += torch.where(state.active, per_slice.detach(), 0.0)
-        train_n += 1
+        group.train_step(step)
         if step not in eval_at:
             continue
-        val = val_losses()
-        for j in state.freeze(~torch.isfinite(val) | (val > initial), step):
-            state.reasons[j] = f"val loss {val[j].item():.4g} above its initial {initial[j]:.4g}"
-        train_mean = train_sum / train_n
-        for j in range(k):
-            curves[j].append(float(val[j]))
-            train_curves[j].append(float(train_mean[j]))
+        point = group.evaluate(step)
         if on_eval is not None:
-            on_eval(EvalPoint(step, step / steps_per_epoch, train_mean, val,
-                              state.active.clone(), student))  # fmt: skip
-        train_sum, train_n = torch.zeros(k), 0
-        if not state.active.any():
+            on_eval(point)
+        if not group.state.active.any():
             break
-    wall = (time.perf_counter() - started) / k  # the group's time, shared by its cells
+    wall = (time.perf_counter() - started) / group.k  # the group's time, shared by its cells
     return [
         _cell_result(
-            j, float(lr_j), curves[j], train_curves[j], initial, state, step, steps_per_epoch, wall
+            j,
+            float(lr_j),
+            group.curves[j],
+            group.train_curves[j],
+            group.initial,
+            group.state,
+            step,
+            group.steps_per_epoch,
+            wall,
         )  # fmt: skip
         for j, lr_j in enumerate(lrs)
     ]

@@ -1,22 +1,123 @@
-"""Structured-config schemas: a mistyped override key or a wrongly typed value is an error.
+"""Structured-config schemas: a mistyped override key, a wrongly typed value or a choice
+outside its Enum is an error when Hydra composes the config.
 
-Each primary config in ``conf/`` lists its schema first in its defaults list; the YAML files
-only set values. Shared pieces (logger, runtime) are reused by every experiment.
+The defaults live here, once. Each primary config in ``conf/`` lists its schema first in its
+defaults list and sets only what differs from it (tests/test_configs.py checks that no YAML
+value repeats a default). Shared pieces (logger, runtime) are reused by every experiment.
+
+Choices are ``StrEnum``s whose member names equal their values: OmegaConf reads a member from
+its name, and a member is a ``str`` equal to its value, so ``cfg.model.structure == "butterfly"``
+holds and the records (config.yaml, run.json, W&B) get the plain string
+(``OmegaConf.to_container(..., enum_to_str=True)``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 
+class LoggerMode(StrEnum):
+    offline = "offline"  # no network, no login; `wandb sync` later
+    online = "online"
+    disabled = "disabled"  # no W&B at all; the local run record is still written
+
+
+class ProbeMode(StrEnum):  # how the rank-decay dynamics read the per-layer ranks
+    difference = "difference"
+    ratio = "ratio"
+
+
+class WeightInit(StrEnum):  # experiments/weights.py draws each (normal: i.i.d. N(0, 1))
+    xavier_uniform = "xavier_uniform"
+    xavier_normal = "xavier_normal"
+    kaiming_uniform = "kaiming_uniform"
+    kaiming_normal = "kaiming_normal"
+    orthogonal = "orthogonal"
+    normal = "normal"
+    hadamard = "hadamard"  # square power-of-two shapes; ignores the seed
+
+
+class WeightDtype(StrEnum):
+    float16 = "float16"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float64 = "float64"
+
+
+class Structure(StrEnum):
+    butterfly = "butterfly"
+    monarch = "monarch"
+    lowrank = "lowrank"
+
+
+class ChainInit(StrEnum):
+    random = "random"  # variance preserving
+    svd = "svd"  # oracle warm start
+
+
+class DataMode(StrEnum):
+    fresh = "fresh"
+    fixed = "fixed"
+    exact = "exact"
+
+
+class Schedule(StrEnum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Precision(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"  # CUDA only
+
+
+class Runner(StrEnum):
+    cell = "cell"
+    grid = "grid"
+
+
+class Noise(StrEnum):  # label noise, all matched to variance noise_std^2
+    gaussian = "gaussian"
+    laplace = "laplace"
+    student_t = "student_t"
+
+
+class StudentKind(StrEnum):
+    linear = "linear"
+    mlp = "mlp"
+
+
+class Optimizer(StrEnum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class Protocol(StrEnum):  # docs/scaling_fit.md
+    fixed_epochs = "fixed_epochs"
+    fixed_steps = "fixed_steps"
+
+
+class DataSource(StrEnum):
+    synthetic = "synthetic"  # built-in line art
+    folder = "folder"
+
+
+class Alignment(StrEnum):
+    infonce = "infonce"
+    mse = "mse"
+    cosine = "cosine"
+
+
 @dataclass
 class LoggerConfig:
-    # offline (default) | online | disabled. The YAML default reads $WANDB_MODE first.
-    mode: str = "offline"
+    # conf/logger/wandb.yaml (the primary configs' default) reads $WANDB_MODE first.
+    mode: LoggerMode = LoggerMode.offline
     project: str = "ks-experiments"
     entity: str | None = None
     # None: the sweep folder's name under a multirun, so the jobs of one launch group together.
@@ -42,7 +143,7 @@ class RankProbeConfig:
     enabled: bool = True
     every: int = 5  # in logged steps (epochs for the rank sweep)
     probe_size: int = 256  # fixed probe batch; ranks are capped at min(probe_size, width)
-    mode: str = "difference"  # difference | ratio (rank-decay dynamics)
+    mode: ProbeMode = ProbeMode.difference  # rank-decay dynamics
     prepend_input_rank: bool = False  # R_0 = the probe batch's rank in the dynamics
     prop: float = 0.99
     eps: float = 0.01
@@ -53,16 +154,16 @@ class WeightConfig:
     path: str | None = None  # a .pth holding a 2-D tensor or a one-weight state dict
     out_features: int = 1024
     in_features: int = 2048
-    init: str = "normal"
-    dtype: str = "float32"
+    init: WeightInit = WeightInit.normal
+    dtype: WeightDtype = WeightDtype.float32
     seed: int = 0
 
 
 @dataclass
 class ChainModelConfig:
-    structure: str = "butterfly"  # butterfly | monarch | lowrank
+    structure: Structure = Structure.butterfly
     nblocks: int | None = None  # monarch only; None picks the largest k with k*k <= min side
-    init: str = "random"  # random (variance preserving) | svd (oracle warm start)
+    init: ChainInit = ChainInit.random
 
 
 @dataclass
@@ -70,7 +171,7 @@ class ChainDataConfig:
     # fresh: new x ~ N(0, s^2 I) every step, val = the exact expected loss;
     # fixed: num_samples drawn once, split train/val (to compare with fixed-sample results);
     # exact: train on the exact expected loss s^2 ||W - W_hat||^2 / M (no sampling noise).
-    mode: str = "fresh"
+    mode: DataMode = DataMode.fresh
     input_std: float = 1.0
     num_samples: int = 10000
     val_fraction: float = 0.2
@@ -83,10 +184,10 @@ class ChainTrainConfig:
     steps_per_epoch: int | None = None
     batch_size: int = 32
     lr: float = 1e-2
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Schedule = Schedule.cosine
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
-    precision: str = "float32"  # float32 | bfloat16 | float16 (CUDA only)
+    precision: Precision = Precision.float32
     save_checkpoint: bool = True
 
 
@@ -109,6 +210,7 @@ class RankSweepConfig:
     data: ChainDataConfig = field(default_factory=ChainDataConfig)
     train: ChainTrainConfig = field(default_factory=ChainTrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # each factor's output on a fixed probe batch, every 5 epochs (ranks/*, 12 dynamics)
     rank_probe: RankProbeConfig = field(default_factory=RankProbeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -119,22 +221,21 @@ class ScalingTaskConfig:
     n_features: int = 128
     n_train: int = 8192
     n_val: int = 2048
-    # Label noise, all matched to variance noise_std^2: gaussian | laplace | student_t.
-    noise: str = "gaussian"
+    noise: Noise = Noise.gaussian
     noise_std: float = 1.0
     student_t_df: float = 5.0
 
 
 @dataclass
 class ScalingModelConfig:
-    kind: str = "linear"  # linear | mlp
+    kind: StudentKind = StudentKind.linear
     hidden: int = 64
     depth: int = 2  # hidden layers of the mlp
 
 
 @dataclass
 class ScalingOptimConfig:
-    name: str = "adam"  # adam | sgd
+    name: Optimizer = Optimizer.adam
     momentum: float = 0.9  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -143,7 +244,7 @@ class ScalingOptimConfig:
 
 @dataclass
 class ScalingTrainConfig:
-    protocol: str = "fixed_epochs"  # fixed_epochs | fixed_steps (docs/scaling_fit.md)
+    protocol: Protocol = Protocol.fixed_epochs
     epochs: int = 8
     steps: int = 2000  # fixed_steps only
     evals: int = 8  # evaluations per cell (fixed_steps); fixed_epochs evaluates every epoch
@@ -156,14 +257,14 @@ class ScalingGridConfig:
         default_factory=lambda: [3.0e-5, 7.9e-5, 2.1e-4, 5.5e-4, 1.4e-3, 3.8e-3, 1.0e-2]
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    noises: list[str] = field(default_factory=lambda: ["gaussian"])
+    noises: list[Noise] = field(default_factory=lambda: [Noise.gaussian])
 
 
 @dataclass
 class LaplaceScalingConfig:
     # cell: train one (batch_size, lr, seed) cell (a multirun sweeps them);
     # grid: one process trains the whole grid, the lrs of each (batch size, seed) stacked.
-    runner: str = "cell"
+    runner: Runner = Runner.cell
     # go on in the run folder (hydra.run.dir): the grid runner from its finished groups of
     # cells, a cell from its start; a SLURM requeue sets it
     resume: bool = False
@@ -175,7 +276,8 @@ class LaplaceScalingConfig:
     optim: ScalingOptimConfig = field(default_factory=ScalingOptimConfig)
     train: ScalingTrainConfig = field(default_factory=ScalingTrainConfig)
     grid: ScalingGridConfig = field(default_factory=ScalingGridConfig)
-    # the MLP student's hidden layers, every `every` evaluations (a linear student has none)
+    # the MLP student's hidden layers per cell ({cell}/ranks/*), every 4 evaluations (a linear
+    # student has none)
     rank_probe: RankProbeConfig = field(default_factory=lambda: RankProbeConfig(every=4))
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -183,7 +285,7 @@ class LaplaceScalingConfig:
 
 @dataclass
 class MultimodalDataConfig:
-    source: str = "synthetic"  # synthetic (built-in line art) | folder
+    source: DataSource = DataSource.synthetic
     num_train: int = 4627
     num_val: int = 514
     image_size: int = 48
@@ -211,7 +313,7 @@ class MultimodalModelConfig:
 
 @dataclass
 class MultimodalLossConfig:
-    alignment: str = "infonce"  # infonce | mse | cosine
+    alignment: Alignment = Alignment.infonce
     image_weight: float = 10.0
     caption_weight: float = 1.0
     alignment_weight: float = 0.1
@@ -219,7 +321,7 @@ class MultimodalLossConfig:
 
 @dataclass
 class MultimodalTrainConfig:
-    epochs: int = 16
+    epochs: int = 16  # ~3.5 minutes on 2 CPU cores: benchmarks/bench_multimodal.py
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-5
@@ -242,7 +344,8 @@ class MultimodalConfig:
     model: MultimodalModelConfig = field(default_factory=MultimodalModelConfig)
     loss: MultimodalLossConfig = field(default_factory=MultimodalLossConfig)
     train: MultimodalTrainConfig = field(default_factory=MultimodalTrainConfig)
-    # the image encoder's layers on fixed validation images, every `every` steps
+    # each image-encoder block and the latent projection on 256 fixed validation images, every
+    # 200 steps (a multiple of train.log_frequency, so it lands on a logged step)
     rank_probe: RankProbeConfig = field(default_factory=lambda: RankProbeConfig(every=200))
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -15,22 +15,11 @@ import torch
 
 from common.cli import UserError
 from common.runstore import atomic_path
+from experiments.schemas import WeightDtype, WeightInit
 
-INIT_METHODS = (
-    "xavier_uniform",
-    "xavier_normal",
-    "kaiming_uniform",
-    "kaiming_normal",
-    "orthogonal",
-    "normal",
-    "hadamard",
-)
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+# the config's Enums are the one list (generate_test_weight.py's choices too)
+INIT_METHODS = tuple(m.value for m in WeightInit)
+DTYPES: dict[str, torch.dtype] = {d.value: getattr(torch, d.value) for d in WeightDtype}
 
 # The methods torch.nn.init implements; they all accept a generator, so results depend on the seed
 # alone, not on the global RNG state.

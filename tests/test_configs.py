@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from experiments.schemas import register_configs
+from experiments.runtime import check_override_keys
+from experiments.schemas import (
+    LaplaceScalingConfig,
+    LoggerConfig,
+    MultimodalConfig,
+    RankSweepConfig,
+    register_configs,
+)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+SCHEMAS = {
+    "rank_sweep": RankSweepConfig,
+    "laplace_scaling": LaplaceScalingConfig,
+    "multimodal": MultimodalConfig,
+}
+# the entry point each preset in conf/experiment/ is written for
+PRESETS = {
+    "demo": "rank_sweep",
+    "old_default": "rank_sweep",
+    "scaling_grid": "laplace_scaling",
+    "multimodal_large": "multimodal",
+}
 
 
 @pytest.fixture
@@ -92,3 +113,129 @@ def test_laplace_scaling_defaults_and_grid(compose_cfg):
     assert grid.hydra.sweeper.params.seed == "0,1,2"
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
         compose_cfg("laplace_scaling", ["optim.nmae=sgd"])
+
+
+# -- one home per default ---------------------------------------------------------------------
+
+
+def leaves(tree: dict, prefix: str = "") -> dict:
+    """``{dotted.key: value}`` for every leaf of a nested dict (a list is one leaf)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def own_leaves(path: Path) -> dict:
+    """The values a YAML file sets itself: not its defaults list, not Hydra's own section."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {k: v for k, v in leaves(raw).items() if not k.startswith(("defaults", "hydra"))}
+
+
+def repeated(own: dict, reference) -> list[str]:
+    """The keys of ``own`` whose value ``reference`` (a config) already holds."""
+    ref = leaves(OmegaConf.to_container(reference, resolve=False, enum_to_str=True))
+    return [k for k, v in own.items() if k in ref and ref[k] == v and type(ref[k]) is type(v)]
+
+
+def test_the_repeat_check_finds_a_repeated_default():
+    schema = OmegaConf.structured(RankSweepConfig)
+    own = {"rank": 8, "model.structure": "butterfly", "train.lr": 0.01, "weight.seed": "${seed}"}
+    assert repeated(own, schema) == ["rank", "model.structure", "train.lr"]
+    assert repeated({"rank": 16, "train.num_epochs": 50.0}, schema) == []  # 50.0 is no int
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_no_primary_yaml_leaf_repeats_its_schema_default(name):
+    own = own_leaves(Path(CONF) / f"{name}.yaml")
+    assert repeated(own, OmegaConf.structured(SCHEMAS[name])) == []
+
+
+def test_presets_set_only_what_differs(compose_cfg, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    presets = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+    assert presets == sorted(PRESETS), "map each preset to its entry point in PRESETS"
+    for preset, entry in PRESETS.items():
+        own = own_leaves(Path(CONF) / "experiment" / f"{preset}.yaml")
+        assert repeated(own, compose_cfg(entry)) == [], preset
+    for path in (Path(CONF) / "logger").glob("*.yaml"):
+        assert repeated(own_leaves(path), OmegaConf.structured(LoggerConfig)) == [], path.name
+
+
+# -- choices are Enums --------------------------------------------------------------------------
+
+
+def enum_fields(node, prefix: str = "") -> list[tuple[str, type[Enum]]]:
+    """``(key, Enum)`` for every field of a schema that holds a choice (or a list of them)."""
+    found = []
+    for key in node:
+        child, name = node._get_node(key), f"{prefix}{key}"
+        if isinstance(child, DictConfig):
+            found += enum_fields(child, f"{name}.")
+            continue
+        kind = (
+            child._metadata.element_type
+            if isinstance(child, ListConfig)
+            else child._metadata.ref_type
+        )
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            found.append((name, kind))
+    return found
+
+
+CHOICES = [
+    (entry, key, kind)
+    for entry, schema in SCHEMAS.items()
+    for key, kind in enum_fields(OmegaConf.structured(schema))
+]
+
+
+def test_the_choices_found_are_the_schemas_enums():
+    keys = {(entry, key) for entry, key, _ in CHOICES}
+    assert {("rank_sweep", "model.structure"), ("laplace_scaling", "grid.noises"),
+            ("multimodal", "loss.alignment"), ("rank_sweep", "logger.mode")} <= keys  # fmt: skip
+    for _, _, kind in CHOICES:  # OmegaConf reads a member by its name: names are the values
+        assert all(m.name == m.value and isinstance(m, str) for m in kind)
+
+
+@pytest.mark.parametrize(("entry", "key", "kind"), CHOICES, ids=[f"{e}:{k}" for e, k, _ in CHOICES])
+def test_a_bad_choice_is_an_error_naming_the_key_and_the_allowed_values(
+    compose_cfg, capsys, entry, key, kind
+):
+    is_list = isinstance(OmegaConf.select(OmegaConf.structured(SCHEMAS[entry]), key), ListConfig)
+    override = f"{key}=[nope]" if is_list else f"{key}=nope"
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_cfg(entry, [override])
+    with pytest.raises(SystemExit) as exit_info:
+        check_override_keys(SCHEMAS[entry], [override], f"conf/{entry}.yaml")
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    allowed = ", ".join(m.value for m in kind)
+    assert line.startswith(f"error: {key} must be one of {allowed}, got "), line
+    # a good member composes, and reads back as the plain string
+    good = next(iter(kind)).value
+    cfg = compose_cfg(entry, [f"{key}=[{good}]" if is_list else f"{key}={good}"])
+    plain = OmegaConf.select(OmegaConf.create(OmegaConf.to_container(cfg, enum_to_str=True)), key)
+    assert plain == ([good] if is_list else good)
+
+
+def test_a_bad_choice_in_a_sweep_is_one_line_before_any_job(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check_override_keys(RankSweepConfig, ["-m", "model.structure=butterfly,tree"], "here")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: model.structure must be one of butterfly, monarch, lowrank, got 'tree'"
+    )
+
+
+def test_records_get_the_choices_as_plain_strings(compose_cfg, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose_cfg("laplace_scaling", ["model.kind=mlp"])
+    assert cfg.model.kind == "mlp" and isinstance(cfg.model.kind, Enum)  # code compares strings
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert type(plain["model"]["kind"]) is str and type(plain["grid"]["noises"][0]) is str
+    assert type(plain["logger"]["mode"]) is str  # the interpolation from $WANDB_MODE too
+    assert yaml.safe_load(yaml.safe_dump(plain))["model"]["kind"] == "mlp"  # config.yaml

@@ -16,9 +16,15 @@ import torch
 from entrypoint import run_script
 
 from experiments.scaling_training import make_task, noise_from_uniform, train_group
-from experiments.schemas import ScalingModelConfig, ScalingOptimConfig, ScalingTrainConfig
+from experiments.schemas import (
+    ScalingModelConfig,
+    ScalingOptimConfig,
+    ScalingTaskConfig,
+    ScalingTrainConfig,
+)
 
 MLP = ScalingModelConfig(kind="mlp", hidden=8)
+SMALL_TASK = ScalingTaskConfig(n_features=8, n_train=256, n_val=64)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "laplace_scaling.py"
@@ -53,14 +59,14 @@ def test_noise_draws_are_paired():
     order = torch.argsort(u)
     assert (g[order].diff() >= 0).all() and (lap[order].diff() >= 0).all()
     a, b = (
-        make_task(4, 64, 16, "gaussian", 1.0, 5.0, 3),
-        make_task(4, 64, 16, "laplace", 1.0, 5.0, 3),
+        make_task(ScalingTaskConfig(n_features=4, n_train=64, n_val=16), 3),
+        make_task(ScalingTaskConfig(n_features=4, n_train=64, n_val=16), 3, "laplace"),
     )
     assert torch.equal(a.x_train, b.x_train) and not torch.equal(a.y_train, b.y_train)
 
 
 def test_stacked_learning_rates_equal_single_cells():
-    task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
+    task = make_task(SMALL_TASK, 0)
     lrs = [1e-3, 3e-3, 1e-2]
     stacked = train_group(task, 16, lrs, 0, MLP, train=ScalingTrainConfig(epochs=2))
     for lr, cell in zip(lrs, stacked, strict=True):
@@ -70,7 +76,7 @@ def test_stacked_learning_rates_equal_single_cells():
 
 
 def test_divergence_freezes_one_slice_and_the_rest_go_on():
-    task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
+    task = make_task(SMALL_TASK, 0)
     slow, wild = train_group(
         task,
         16,
@@ -127,7 +133,7 @@ def test_grid_runner_results_and_old_names(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("task.noise=cauchy", "noise (task.noise) must be one of"),
+        ("task.noise=cauchy", "task.noise must be one of gaussian, laplace, student_t"),
         ("batch_size=0", "batch sizes (batch_size) must be in"),
         ("lr=-1", "learning rates (lr) must be positive"),
         ("task.noise=student_t task.student_t_df=2", "student_t_df must be > 2"),
@@ -152,7 +158,7 @@ def test_bad_input(tmp_path, override, message):
 def test_a_cell_that_cannot_start_is_diverged_not_finished():
     """Non-finite initial val loss (labels that overflowed): the cell never trained, so it is
     a divergence at step 0 with its reason, never 'finished' with a train loss of 0."""
-    task = make_task(8, 256, 64, "gaussian", 1.0, 5.0, 0)
+    task = make_task(SMALL_TASK, 0)
     task.y_val[3] = float("inf")
     (cell,) = train_group(task, 16, [1e-2], 0, train=ScalingTrainConfig(epochs=2))
     assert cell.diverged and cell.steps == 0 and "initial val loss is inf" in cell.reason
@@ -210,7 +216,7 @@ def test_a_sweep_of_grid_jobs_gathers_their_rows(tmp_path):
 
 
 def test_fixed_steps_protocol_and_mlp_student():
-    task = make_task(8, 256, 64, "laplace", 1.0, 5.0, 0)
+    task = make_task(SMALL_TASK, 0, "laplace")
     steps = ScalingTrainConfig(protocol="fixed_steps", steps=50, evals=5)
     (cell,) = train_group(task, 32, [3e-3], 0, ScalingModelConfig(kind="mlp"), train=steps)
     assert cell.steps == 50 and len(cell.val_curve) == 5 and not cell.diverged

@@ -247,14 +247,14 @@ def test_the_rank_probe_cost_reaches_both_summaries_and_logging_after_finish_is_
     from wandb_records import final_summary, transaction_log
 
     from experiments.logger import RunClosed
-    from experiments.rank_probe import RankProbe, hooked_features, input_rank
+    from experiments.rank_probe import ProbeSchedule, RankProbe, hooked_features, input_rank
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     net, batch = torch.nn.Sequential(torch.nn.Linear(6, 4)), torch.randn(16, 6)
     probe = RankProbe(hooked_features(net, ["0"], batch), every=1, input_rank=input_rank(batch))
     with ExperimentLogger(tmp_path, {}, mode="offline", project="p") as lg:
         lg.attach_rank_probe(probe)
-        lg.log({"loss": 1.0}, step=1)
+        ProbeSchedule(probe).log(lg, {"loss": 1.0}, step=1)
     local = json.loads((tmp_path / "summary.json").read_text())
     assert final_summary(transaction_log(tmp_path))["rank_probe_seconds"] == pytest.approx(
         local["rank_probe_seconds"]

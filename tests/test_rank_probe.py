@@ -1,4 +1,4 @@
-"""The live rank probe: hooks in forward order, metrics through the logger, all experiments."""
+"""The live rank probe: hooks in forward order, scheduled by the loop, all experiments."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from experiments.logger import ExperimentLogger
-from experiments.rank_probe import RankProbe, hooked_features, input_rank
+from experiments.rank_probe import ProbeSchedule, RankProbe, hooked_features, input_rank
 
 
 class Net(nn.Module):
@@ -36,17 +36,26 @@ def test_hooks_follow_forward_order_and_restore_mode():
     assert all(torch.equal(feats[k], again[k]) for k in feats)  # dropout off: deterministic
 
 
-def test_probe_metrics_through_the_logger(tmp_path):
+def test_probe_metrics_scheduled_by_the_loop_through_the_logger(tmp_path):
     net, batch = Net(), torch.randn(64, 10)
     probe = RankProbe(hooked_features(net, ["a", "b", "c"], batch), every=2,
                       input_rank=input_rank(batch), layers=["a", "b", "c"])  # fmt: skip
+    schedule = ProbeSchedule(probe, spent=1.5)  # a resumed run: the earlier launch's time
     with ExperimentLogger(tmp_path, {}, mode="disabled") as lg:
         lg.attach_rank_probe(probe)
+        lg.log({"loss": 0.0}, step=0)  # the logger alone only records: it never probes
         for step in range(1, 5):
-            lg.log({"loss": 1.0 / step}, step=step)
+            schedule.log(lg, {"loss": 1.0 / step}, step=step)
+            schedule.log(lg, {"other": 1.0}, step=step)  # a second call at the step: no probe
+        schedule.log(lg, {"loss": 0.1}, step=5, force=True)  # the end of training
+        schedule.log(lg, {"loss": 0.1}, step=5, force=True)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     probed = [r for r in lines if "ranks/a/effective_rank" in r]
-    assert [r["_step"] for r in probed] == [2, 4]
+    assert [r["_step"] for r in probed] == [2, 4, 5] and "other" not in probed[0]
+    seconds = [r["rank_probe_seconds"] for r in probed]
+    assert 1.5 < seconds[0] <= seconds[1] <= seconds[2]  # the run's running total
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rank_probe_seconds"] == seconds[-1]
     r = probed[0]
     assert r["ranks/input_rank"] == 10
     assert r["ranks/c/numerical_rank"] <= 2 and r["ranks/a/numerical_rank"] <= 8
