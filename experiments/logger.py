@@ -124,7 +124,7 @@ def slurm_ids() -> dict[str, str] | None:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
 
 
 def _safe_name(key: str) -> str:
