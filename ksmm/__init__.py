@@ -2,18 +2,9 @@
 
 from .chain import KSLinearChain, butterfly_patterns, chain_patterns, merge_abcd
 from .factor import KSLinear, KSPattern, ks_apply_fm, ks_dense, ks_einsum
-from .floors import (
-    STRUCTURES,
-    check_structure,
-    dense_parameters,
-    expected_mse,
-    loss_floor,
-    lowrank_factors,
-    monarch_factors,
-    monarch_nblocks,
-    projection,
-    zero_predictor_loss,
-)
+from .floors import expected_mse, loss_floor, zero_predictor_loss
+from .projections import lowrank_factors, monarch_factors, projection
+from .structures import STRUCTURES, check_structure, dense_parameters, monarch_nblocks
 
 __all__ = [
     "KSLinear",

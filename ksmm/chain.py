@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from . import native
 from .factor import KSLinear, KSPattern, ks_apply_fm
-from .floors import check_structure, lowrank_factors, monarch_factors
+from .projections import lowrank_factors, monarch_factors
+from .structures import check_structure
 
 
 def _next_pow2(n: int) -> int:
