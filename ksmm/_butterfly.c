@@ -21,18 +21,31 @@
  * wb[k*2 + j] is the entry from input k to output j of block (i, l). With trans every block is
  * applied transposed.
  */
+#ifndef KS_BODY /* the shared part; the per-dtype body is after the #else */
 #include <stddef.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#ifndef KS_CLONES /* -DKS_CLONES= builds one generic version */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+/* The instruction sets the vector code is compiled for, picked at load time by target_clones
+ * (x86 + gcc): x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and a generic fallback. The levels
+ * include FMA, which the plain "avx2"/"avx512f" clones leave out. -DKS_ISA_AVX2 leaves out the
+ * AVX-512 clone (to measure an AVX2-only CPU on an AVX-512 one); -DKS_ISA_GENERIC builds one
+ * generic version. ks_build_info reports what a build has. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(KS_ISA_GENERIC)
+#ifdef KS_ISA_AVX2
+#define KS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define KS_HAVE_V4 0
+#else
+#define KS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define KS_HAVE_V4 1
+#endif
+#define KS_HAVE_CLONES 1
 #else
 #define KS_CLONES
-#endif
+#define KS_HAVE_CLONES 0
+#define KS_HAVE_V4 0
 #endif
 /* inlined into each clone, so compiled for its instruction set */
 #define KS_INLINE static inline __attribute__((always_inline))
@@ -179,31 +192,37 @@ KS_INLINE void ks_pass_bwd_slots(long da, long db, const float *Aa, const float 
     }
 }
 
-/* each combination as constants, so that each compiles to straight-line code */
-#define KS_SPECIALIZE(call)                                                                    \
-    do {                                                                                       \
-        const int ba_ = da >= KS_V, bb_ = two && db >= KS_V;                                   \
-        if (!two) ba_ ? call(0, 1, 0) : call(0, 0, 0);                                         \
-        else if (ba_) bb_ ? call(1, 1, 1) : call(1, 1, 0);                                     \
-        else bb_ ? call(1, 0, 1) : call(1, 0, 0);                                              \
-    } while (0)
-
+/* Each combination of (two levels, first big, second big) as constants, so that each compiles
+ * to straight-line code. */
 KS_CLONES static void ks_pass_fwd_vec(long da, long db, const float *Aa, const float *Ba,
                                       const float *Ab, const float *Bb, const float *const *x,
                                       float *const *y, long P, int two) {
-#define KS_CALL(T_, A_, B_) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, T_, A_, B_)
-    KS_SPECIALIZE(KS_CALL);
-#undef KS_CALL
+    const int big_a = da >= KS_V, big_b = two && db >= KS_V;
+    if (!two && big_a) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 0, 1, 0);
+    else if (!two) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 0, 0, 0);
+    else if (big_a && big_b) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 1, 1);
+    else if (big_a) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 1, 0);
+    else if (big_b) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 0, 1);
+    else ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 0, 0);
 }
 
 KS_CLONES static void ks_pass_bwd_vec(long da, long db, const float *Aa, const float *Ba,
                                       const float *Ab, const float *Bb, const float *const *x,
                                       const float *const *g, float *const *h, float *sAa,
                                       float *sBa, float *sAb, float *sBb, long P, int two) {
-#define KS_CALL(T_, A_, B_)                                                                    \
-    ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, T_, A_, B_)
-    KS_SPECIALIZE(KS_CALL);
-#undef KS_CALL
+    const int big_a = da >= KS_V, big_b = two && db >= KS_V;
+    if (!two && big_a)
+        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 0, 1, 0);
+    else if (!two)
+        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 0, 0, 0);
+    else if (big_a && big_b)
+        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 1, 1);
+    else if (big_a)
+        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 1, 0);
+    else if (big_b)
+        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 0, 1);
+    else
+        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 0, 0);
 }
 
 /* rows of a strided array are gathered (and scattered) a group at a time: a cache line holds
@@ -226,245 +245,299 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
     return (2 * L + nthreads * per) * pitch;
 }
 
-/* the pairs (p, q = p + d) of a level over P positions, and their blocks e */
-#define KS_PAIRS(P, d, p, q, e)                                                                \
-    for (long p0_ = 0, e = 0; p0_ < (P); p0_ += 2 * (d))                                       \
-        for (long p = p0_, q = p0_ + (d); p < p0_ + (d); ++p, ++q, ++e)
-
-#define KS_DEFINE(T, S, VEC)                                                                   \
-    /* levels in the pass that starts at level t: two when both fit whole vectors and their   \
-     * distances differ (each must own a bit of the position) */                              \
-    static int ks_step_##S(const long *ds, int t, int L, long P) {                             \
-        return VEC && t + 1 < L && ks_vec_ok(ds[t], P) && ks_vec_ok(ds[t + 1], P) &&           \
-                       ds[t] != ds[t + 1]                                                      \
-                   ? 2                                                                         \
-                   : 1;                                                                        \
-    }                                                                                          \
-                                                                                               \
-    /* the pass of levels t .. t+k-1 on a block: x[j] -> y[j]; A, B: planes, pitch apart */    \
-    KS_INLINE void ks_fwd_##S(const long *ds, int t, int k, const T *A, const T *B,            \
-                              long pitch, const T *const *x, T *const *y, long P) {            \
-        const T *a = A + t * pitch, *b = B + t * pitch;                                        \
-        if (VEC && ks_vec_ok(ds[t], P)) {                                                      \
-            ks_pass_fwd_vec(ds[t], k == 2 ? ds[t + 1] : 0, (const float *)a, (const float *)b, \
-                            (const float *)(a + pitch), (const float *)(b + pitch),            \
-                            (const float *const *)x, (float *const *)y, P, k == 2);            \
-            return;                                                                            \
-        }                                                                                      \
-        const long d = ds[t];                                                                  \
-        for (int j = 0; j < KS_R; ++j)                                                         \
-            KS_PAIRS(P, d, p, q, e) {                                                          \
-                    const T u = x[j][p], v = x[j][q];                                          \
-                    y[j][p] = a[p] * u + b[p] * v;                                             \
-                    y[j][q] = a[q] * v + b[q] * u;                                             \
-                }                                                                              \
-    }                                                                                          \
-                                                                                               \
-    /* its backward: g[j], the gradient of y[j] -> h[j], of x[j]; gA, gB accumulate */         \
-    KS_INLINE void ks_bwd_##S(const long *ds, int t, int k, const T *A, const T *B, T *gA,     \
-                              T *gB, long pitch, const T *const *x, const T *const *g,         \
-                              T *const *h, long P) {                                           \
-        const T *a = A + t * pitch, *b = B + t * pitch;                                        \
-        T *sa = gA + t * pitch, *sb = gB + t * pitch;                                          \
-        if (VEC && ks_vec_ok(ds[t], P)) {                                                      \
-            ks_pass_bwd_vec(ds[t], k == 2 ? ds[t + 1] : 0, (const float *)a, (const float *)b, \
-                            (const float *)(a + pitch), (const float *)(b + pitch),            \
-                            (const float *const *)x, (const float *const *)g,                  \
-                            (float *const *)h, (float *)sa, (float *)sb, (float *)(sa + pitch), \
-                            (float *)(sb + pitch), P, k == 2);                                 \
-            return;                                                                            \
-        }                                                                                      \
-        const long d = ds[t];                                                                  \
-        for (int j = 0; j < KS_R; ++j)                                                         \
-            KS_PAIRS(P, d, p, q, e) {                                                          \
-                    const T u = x[j][p], v = x[j][q], gp = g[j][p], gq = g[j][q];              \
-                    h[j][p] = a[p] * gp + b[q] * gq;                                           \
-                    h[j][q] = a[q] * gq + b[p] * gp;                                           \
-                    sa[p] += gp * u, sb[p] += gp * v, sa[q] += gq * v, sb[q] += gq * u;        \
-                }                                                                              \
-    }                                                                                          \
-                                                                                               \
-    /* level t's planes from its weights, times f: position p = i*2d + l (block e = i*d + l,  \
-     * entry 0 of its pair) and q = p + d (entry 1) */                                         \
-    KS_INLINE void ks_planes_##S(T *A, T *B, long P, long d, const T *w, int trans, T f) {     \
-        KS_PAIRS(P, d, p, q, e) {                                                              \
-                const T *wb = w + e * 4;                                                       \
-                A[p] = f * wb[0], A[q] = f * wb[3];                                            \
-                B[p] = f * (trans ? wb[1] : wb[2]), B[q] = f * (trans ? wb[2] : wb[1]);        \
-            }                                                                                  \
-    }                                                                                          \
-                                                                                               \
-    /* dst = src for (n, P) arrays with any strides, in 16 x 16 tiles so that both sides are  \
-     * read and written a cache line at a time (the inner loop runs along a row: rows P apart  \
-     * would all map to one L1 set) */                                                         \
-    KS_INLINE void ks_copy_##S(const T *src, const long *ss, T *dst, const long *sd, long n,   \
-                               long P) {                                                       \
-        /* 16 rows between columns (rows 1 apart) and rows (positions 1 apart), e.g. a         \
-         * rank-r factor's rows into scratch and back: a vector transpose per tile */          \
-        if (VEC && n == 16 && P % 16 == 0 && ss[0] == 1 && sd[1] == 1) {                       \
-            for (long p0 = 0; p0 < P; p0 += 16)                                                \
-                ks_tile16((const float *)src + p0 * ss[1], ss[1], (float *)dst + p0, sd[0]);   \
-            return;                                                                            \
-        }                                                                                      \
-        if (VEC && n == 16 && P % 16 == 0 && ss[1] == 1 && sd[0] == 1) {                       \
-            for (long p0 = 0; p0 < P; p0 += 16)                                                \
-                ks_tile16((const float *)src + p0, ss[0], (float *)dst + p0 * sd[1], sd[1]);   \
-            return;                                                                            \
-        }                                                                                      \
-        for (long p0 = 0; p0 < P; p0 += 16)                                                    \
-            for (long i = 0; i < n; ++i)                                                       \
-                for (long p = p0; p < p0 + 16 && p < P; ++p)                                   \
-                    dst[i * sd[0] + p * sd[1]] = src[i * ss[0] + p * ss[1]];                   \
-    }                                                                                          \
-                                                                                               \
-    /* y = scale * (x through the levels); x and y (n, P) with strides (sx[0], sx[1]) and     \
-     * (sy[0], sy[1]); mem: ks_scratch_size(0, P, L, nthreads) elements of scratch */          \
-    KS_CLONES void ks_butterfly_forward_##S(const T *x, const long *sx, T *y, const long *sy,  \
-                                            long n, long P, int L, const long *ds,             \
-                                            T *const *ws, int trans, T scale, T *mem,          \
-                                            int nthreads) {                                    \
-        const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};         \
-        const long per = (3 * KS_R + 2 * KS_GROUP) * pitch;                                    \
-        T *A = mem, *B = mem + L * pitch;                                                      \
-        _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
-        {                                                                                      \
-            int me = 0;                                                                        \
-            KS_THREAD_ID(me);                                                                  \
-            /* row j of block k: s + (k*KS_R + j)*pitch; blocks 0 and 1 hold alternate        \
-             * passes' outputs, block 2 those of dummy rows; then a group of strided x and y   \
-             * rows */                                                                         \
-            T *s = B + L * pitch + me * per, *xbuf = s + 3 * KS_R * pitch;                     \
-            T *ybuf = xbuf + KS_GROUP * pitch;                                                 \
-            _Pragma("omp for schedule(static)")                                                \
-            for (int t = 0; t < L; ++t)                                                        \
-                ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,            \
-                              t == L - 1 ? scale : 1);                                         \
-            _Pragma("omp for schedule(static)")                                                \
-            for (long g0 = 0; g0 < n; g0 += G) { /* a group of rows: up to KS_GROUP */        \
-                const long gn = n - g0 < G ? n - g0 : G;                                       \
-                const T *xg = x + g0 * sx[0];                                                  \
-                T *yg = sy[1] == 1 ? y + g0 * sy[0] : ybuf;                                    \
-                const long xs = sx[1] == 1 ? sx[0] : pitch, ys = sy[1] == 1 ? sy[0] : pitch;   \
-                if (sx[1] != 1) ks_copy_##S(xg, sx, xbuf, gs, gn, P), xg = xbuf;               \
-                for (long r0 = 0; r0 < gn; r0 += KS_R) {                                       \
-                    const T *cur[KS_R];                                                        \
-                    T *out[KS_R];                                                              \
-                    for (int j = 0; j < KS_R; ++j)                                             \
-                        cur[j] = xg + (r0 + j < gn ? r0 + j : r0) * xs;                        \
-                    for (int t = 0, i = 0, k; t < L; t += k, ++i) { /* pass i: levels t.. */  \
-                        k = ks_step_##S(ds, t, L, P);                                          \
-                        for (int j = 0; j < KS_R; ++j)                                         \
-                            out[j] = t + k < L ? s + (i % 2 * KS_R + j) * pitch                \
-                                     : r0 + j < gn ? yg + (r0 + j) * ys                        \
-                                                   : s + (2 * KS_R + j) * pitch;               \
-                        ks_fwd_##S(ds, t, k, A, B, pitch, cur, out, P);                        \
-                        for (int j = 0; j < KS_R; ++j) cur[j] = out[j];                        \
-                    }                                                                          \
-                }                                                                              \
-                if (sy[1] != 1) ks_copy_##S(ybuf, gs, y + g0 * sy[0], sy, gn, P);              \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-                                                                                               \
-    /* gy: the output's gradient; gx: the input's (NULL: not wanted); gws[t]: level t's      \
-     * weight gradient in the weight's layout (all overwritten). Strides as in the forward     \
-     * pass; mem:                                                                              \
-     * ks_scratch_size(1, P, L, nthreads) elements of scratch. */                              \
-    KS_CLONES void ks_butterfly_backward_##S(const T *x, const long *sx, const T *gy,          \
-                                             const long *sgy, T *gx, const long *sgx, long n,  \
-                                             long P, int L, const long *ds, T *const *ws,      \
-                                             int trans, T scale, T *const *gws, T *mem,        \
-                                             int nthreads) {                                   \
-        /* planes; per thread: gA and gB sums, L + 2 row blocks, a row of zeros, and a group  \
-         * of strided x, gy and gx rows */                                                     \
-        const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};         \
-        const long per = (2 * L + (long)(L + 2) * KS_R + 1 + 3 * KS_GROUP) * pitch;            \
-        T *A = mem, *B = mem + L * pitch;                                                      \
-        int ts[L + 1], np = 0; /* the passes' first levels */                                  \
-        for (int t = 0; t < L; t += ks_step_##S(ds, t, L, P)) ts[np++] = t;                   \
-        ts[np] = L;                                                                            \
-        int team = 1;                                                                          \
-        _Pragma("omp parallel num_threads(nthreads) if (nthreads > 1)")                        \
-        {                                                                                      \
-            int me = 0;                                                                        \
-            KS_THREAD_ID(me);                                                                  \
-            KS_TEAM_SIZE(team);                                                                \
-            /* row j of block k: s + (k*KS_R + j)*pitch. Block i (1 <= i < np): the input of  \
-             * pass i; blocks 0 and np: gradients; block L + 1: dummy rows' gradients */       \
-            T *gA = B + L * pitch + me * per, *gB = gA + L * pitch, *s = gB + L * pitch;       \
-            T *zero = s + (L + 2) * KS_R * pitch, *xbuf = zero + pitch;                        \
-            T *gybuf = xbuf + KS_GROUP * pitch, *gxbuf = gybuf + KS_GROUP * pitch;             \
-            memset(gA, 0, sizeof(T) * 2 * L * pitch);                                          \
-            memset(zero, 0, sizeof(T) * P);                                                    \
-            _Pragma("omp for schedule(static)")                                                \
-            for (int t = 0; t < L; ++t)                                                        \
-                ks_planes_##S(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,            \
-                              t == L - 1 ? scale : 1);                                         \
-            _Pragma("omp for schedule(static)")                                                \
-            for (long g0 = 0; g0 < n; g0 += G) {                                               \
-                const long gn = n - g0 < G ? n - g0 : G;                                       \
-                const T *xg = x + g0 * sx[0], *gyg = gy + g0 * sgy[0];                         \
-                T *gxg = sgx[1] == 1 ? gx + g0 * sgx[0] : gxbuf;                               \
-                const long xs = sx[1] == 1 ? sx[0] : pitch, gys = sgy[1] == 1 ? sgy[0] : pitch; \
-                const long gxs = sgx[1] == 1 ? sgx[0] : pitch;                                 \
-                if (sx[1] != 1) ks_copy_##S(xg, sx, xbuf, gs, gn, P), xg = xbuf;               \
-                if (sgy[1] != 1) ks_copy_##S(gyg, sgy, gybuf, gs, gn, P), gyg = gybuf;         \
-                for (long r0 = 0; r0 < gn; r0 += KS_R) {                                       \
-                    /* dummy rows: row r0's input and a zero gradient, which adds nothing */   \
-                    const T *in0[KS_R], *cur[KS_R], *g[KS_R], *lin[KS_R];                      \
-                    T *out[KS_R];                                                              \
-                    for (int j = 0; j < KS_R; ++j) {                                           \
-                        cur[j] = in0[j] = xg + (r0 + j < gn ? r0 + j : r0) * xs;               \
-                        g[j] = r0 + j < gn ? gyg + (r0 + j) * gys : zero;                      \
-                    }                                                                          \
-                    for (int i = 0; i < np - 1; ++i) { /* the passes' inputs, again */         \
-                        for (int j = 0; j < KS_R; ++j)                                         \
-                            out[j] = s + ((i + 1) * KS_R + j) * pitch;                         \
-                        ks_fwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, pitch, cur, out, P);    \
-                        for (int j = 0; j < KS_R; ++j) cur[j] = out[j];                        \
-                    }                                                                          \
-                    for (int i = np - 1; i >= 0; --i) {                                        \
-                        for (int j = 0; j < KS_R; ++j) {                                       \
-                            lin[j] = i ? s + (i * KS_R + j) * pitch : in0[j];                  \
-                            out[j] = i ? s + ((i % 2 ? 0 : np) * KS_R + j) * pitch             \
-                                     : r0 + j < gn && gx ? gxg + (r0 + j) * gxs                \
-                                                   : s + ((L + 1) * KS_R + j) * pitch;         \
-                        }                                                                      \
-                        ks_bwd_##S(ds, ts[i], ts[i + 1] - ts[i], A, B, gA, gB, pitch, lin, g,  \
-                                   out, P);                                                    \
-                        for (int j = 0; j < KS_R; ++j) g[j] = out[j];                          \
-                    }                                                                          \
-                }                                                                              \
-                if (gx && sgx[1] != 1) ks_copy_##S(gxbuf, gs, gx + g0 * sgx[0], sgx, gn, P);   \
-            }                                                                                  \
-            /* sum the threads' gA, gB into the weights' layout */                             \
-            _Pragma("omp for schedule(static)")                                                \
-            for (int t = 0; t < L; ++t) {                                                      \
-                const long d = ds[t];                                                          \
-                const T f = t == L - 1 ? scale : 1;                                            \
-                T *w = gws[t];                                                                 \
-                KS_PAIRS(P, d, p, q, e) {                                                      \
-                        T ap = 0, aq = 0, bp = 0, bq = 0;                                      \
-                        for (int k = 0; k < team; ++k) {                                       \
-                            const T *a = B + L * pitch + k * per + t * pitch;                  \
-                            ap += a[p], aq += a[q];                                            \
-                            bp += a[L * pitch + p], bq += a[L * pitch + q];                    \
-                        }                                                                      \
-                        T *wb = w + e * 4;                                                     \
-                        wb[0] = f * ap, wb[3] = f * aq;                                        \
-                        wb[trans ? 1 : 2] = f * bp, wb[trans ? 2 : 1] = f * bq;                \
-                    }                                                                          \
-            }                                                                                  \
-        }                                                                                      \
-    }
-
+/* What this build has, as bits: 1 OpenMP, 2 vector clones, 4 an AVX-512 clone. A build that
+ * lost one of them still runs (slower), so the loader reads this and says so. */
+int ks_build_info(void) {
+    int info = 0;
 #ifdef _OPENMP
-#define KS_THREAD_ID(me) me = omp_get_thread_num()
-#define KS_TEAM_SIZE(team) _Pragma("omp single") team = omp_get_num_threads()
-#else
-#define KS_THREAD_ID(me) (void)me
-#define KS_TEAM_SIZE(team) (void)team
+    info |= 1;
 #endif
+    info |= KS_HAVE_CLONES ? 2 : 0;
+    info |= KS_HAVE_V4 ? 4 : 0;
+    return info;
+}
 
-KS_DEFINE(float, f32, 1)
-KS_DEFINE(double, f64, 0)
+/* The instruction set the clones run with on this CPU: 2 x86-64-v4 (AVX-512), 1 x86-64-v3
+ * (AVX2 + FMA), 0 the generic version (also: a build without clones). */
+int ks_isa(void) {
+#if KS_HAVE_CLONES
+    __builtin_cpu_init();
+    if (KS_HAVE_V4 && __builtin_cpu_supports("x86-64-v4")) return 2;
+    if (__builtin_cpu_supports("x86-64-v3")) return 1;
+#endif
+    return 0;
+}
+
+static inline int ks_thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int ks_team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* The per-dtype functions are written once, below the #else, and compiled twice by including
+ * this file into itself with T (the element type), S (the name suffix) and KS_VEC (whether the
+ * 16-float vector code applies) set: unlike a macro body, each line keeps its own line number
+ * for compiler errors and debuggers. */
+#define KS_CAT2(a, b) a##_##b
+#define KS_CAT(a, b) KS_CAT2(a, b)
+#define KS_FN(name) KS_CAT(name, S)
+
+#define KS_BODY
+#define T float
+#define S f32
+#define KS_VEC 1
+#include "_butterfly.c" /* this file: quoted includes look in its own folder first */
+#undef T
+#undef S
+#undef KS_VEC
+#define T double
+#define S f64
+#define KS_VEC 0
+#include "_butterfly.c" /* this file: quoted includes look in its own folder first */
+#undef T
+#undef S
+#undef KS_VEC
+
+#else /* KS_BODY: the per-dtype functions */
+
+/* levels in the pass that starts at level t: two when both fit whole vectors and their
+ * distances differ (each must own a bit of the position) */
+static int KS_FN(ks_step)(const long *ds, int t, int L, long P) {
+    if (KS_VEC && t + 1 < L && ks_vec_ok(ds[t], P) && ks_vec_ok(ds[t + 1], P) &&
+        ds[t] != ds[t + 1])
+        return 2;
+    return 1;
+}
+
+/* the pass of levels t .. t+k-1 on a block: x[j] -> y[j]; A, B: planes, pitch apart */
+KS_INLINE void KS_FN(ks_fwd)(const long *ds, int t, int k, const T *A, const T *B,
+                             long pitch, const T *const *x, T *const *y, long P) {
+    const T *a = A + t * pitch, *b = B + t * pitch;
+#if KS_VEC
+    if (ks_vec_ok(ds[t], P)) {
+        ks_pass_fwd_vec(ds[t], k == 2 ? ds[t + 1] : 0, a, b, a + pitch, b + pitch, x, y, P,
+                        k == 2);
+        return;
+    }
+#endif
+    (void)k; /* the scalar loop runs one level a pass */
+    const long d = ds[t];
+    for (int j = 0; j < KS_R; ++j)
+        for (long p0 = 0; p0 < P; p0 += 2 * d)
+            for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {
+                const T u = x[j][p], v = x[j][q];
+                y[j][p] = a[p] * u + b[p] * v;
+                y[j][q] = a[q] * v + b[q] * u;
+            }
+}
+
+/* its backward: g[j], the gradient of y[j] -> h[j], of x[j]; gA, gB accumulate */
+KS_INLINE void KS_FN(ks_bwd)(const long *ds, int t, int k, const T *A, const T *B, T *gA,
+                             T *gB, long pitch, const T *const *x, const T *const *g,
+                             T *const *h, long P) {
+    const T *a = A + t * pitch, *b = B + t * pitch;
+    T *sa = gA + t * pitch, *sb = gB + t * pitch;
+#if KS_VEC
+    if (ks_vec_ok(ds[t], P)) {
+        ks_pass_bwd_vec(ds[t], k == 2 ? ds[t + 1] : 0, a, b, a + pitch, b + pitch, x, g, h, sa,
+                        sb, sa + pitch, sb + pitch, P, k == 2);
+        return;
+    }
+#endif
+    (void)k; /* the scalar loop runs one level a pass */
+    const long d = ds[t];
+    for (int j = 0; j < KS_R; ++j)
+        for (long p0 = 0; p0 < P; p0 += 2 * d)
+            for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q) {
+                const T u = x[j][p], v = x[j][q], gp = g[j][p], gq = g[j][q];
+                h[j][p] = a[p] * gp + b[q] * gq;
+                h[j][q] = a[q] * gq + b[p] * gp;
+                sa[p] += gp * u, sb[p] += gp * v, sa[q] += gq * v, sb[q] += gq * u;
+            }
+}
+
+/* level t's planes from its weights, times f: position p = i*2d + l (block e = i*d + l, entry
+ * 0 of its pair) and q = p + d (entry 1) */
+KS_INLINE void KS_FN(ks_planes)(T *A, T *B, long P, long d, const T *w, int trans, T f) {
+    long e = 0;
+    for (long p0 = 0; p0 < P; p0 += 2 * d)
+        for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {
+            const T *wb = w + e * 4;
+            A[p] = f * wb[0], A[q] = f * wb[3];
+            B[p] = f * (trans ? wb[1] : wb[2]), B[q] = f * (trans ? wb[2] : wb[1]);
+        }
+}
+
+/* dst = src for (n, P) arrays with any strides, in 16 x 16 tiles so that both sides are read
+ * and written a cache line at a time (the inner loop runs along a row: rows P apart would all
+ * map to one L1 set) */
+KS_INLINE void KS_FN(ks_copy)(const T *src, const long *ss, T *dst, const long *sd, long n,
+                              long P) {
+#if KS_VEC
+    /* 16 rows between columns (rows 1 apart) and rows (positions 1 apart), e.g. a rank-r
+     * factor's rows into scratch and back: a vector transpose per tile */
+    if (n == 16 && P % 16 == 0 && ss[0] == 1 && sd[1] == 1) {
+        for (long p0 = 0; p0 < P; p0 += 16) ks_tile16(src + p0 * ss[1], ss[1], dst + p0, sd[0]);
+        return;
+    }
+    if (n == 16 && P % 16 == 0 && ss[1] == 1 && sd[0] == 1) {
+        for (long p0 = 0; p0 < P; p0 += 16) ks_tile16(src + p0, ss[0], dst + p0 * sd[1], sd[1]);
+        return;
+    }
+#endif
+    for (long p0 = 0; p0 < P; p0 += 16)
+        for (long i = 0; i < n; ++i)
+            for (long p = p0; p < p0 + 16 && p < P; ++p)
+                dst[i * sd[0] + p * sd[1]] = src[i * ss[0] + p * ss[1]];
+}
+
+/* y = scale * (x through the levels); x and y (n, P) with strides (sx[0], sx[1]) and (sy[0],
+ * sy[1]); mem: ks_scratch_size(0, P, L, nthreads) elements of scratch */
+KS_CLONES void KS_FN(ks_butterfly_forward)(const T *x, const long *sx, T *y, const long *sy,
+                                           long n, long P, int L, const long *ds, T *const *ws,
+                                           int trans, T scale, T *mem, int nthreads) {
+    const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};
+    const long per = (3 * KS_R + 2 * KS_GROUP) * pitch;
+    T *A = mem, *B = mem + L * pitch;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        /* row j of block k: s + (k*KS_R + j)*pitch; blocks 0 and 1 hold alternate passes'
+         * outputs, block 2 those of dummy rows; then a group of strided x and y rows */
+        T *s = B + L * pitch + ks_thread_num() * per, *xbuf = s + 3 * KS_R * pitch;
+        T *ybuf = xbuf + KS_GROUP * pitch;
+#pragma omp for schedule(static)
+        for (int t = 0; t < L; ++t)
+            KS_FN(ks_planes)(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,
+                             t == L - 1 ? scale : 1);
+#pragma omp for schedule(static)
+        for (long g0 = 0; g0 < n; g0 += G) { /* a group of rows: up to KS_GROUP */
+            const long gn = n - g0 < G ? n - g0 : G;
+            const T *xg = x + g0 * sx[0];
+            T *yg = sy[1] == 1 ? y + g0 * sy[0] : ybuf;
+            const long xs = sx[1] == 1 ? sx[0] : pitch, ys = sy[1] == 1 ? sy[0] : pitch;
+            if (sx[1] != 1) KS_FN(ks_copy)(xg, sx, xbuf, gs, gn, P), xg = xbuf;
+            for (long r0 = 0; r0 < gn; r0 += KS_R) {
+                const T *cur[KS_R];
+                T *out[KS_R];
+                for (int j = 0; j < KS_R; ++j) cur[j] = xg + (r0 + j < gn ? r0 + j : r0) * xs;
+                for (int t = 0, i = 0, k; t < L; t += k, ++i) { /* pass i: levels t.. */
+                    k = KS_FN(ks_step)(ds, t, L, P);
+                    for (int j = 0; j < KS_R; ++j)
+                        out[j] = t + k < L    ? s + (i % 2 * KS_R + j) * pitch
+                                 : r0 + j < gn ? yg + (r0 + j) * ys
+                                               : s + (2 * KS_R + j) * pitch;
+                    KS_FN(ks_fwd)(ds, t, k, A, B, pitch, cur, out, P);
+                    for (int j = 0; j < KS_R; ++j) cur[j] = out[j];
+                }
+            }
+            if (sy[1] != 1) KS_FN(ks_copy)(ybuf, gs, y + g0 * sy[0], sy, gn, P);
+        }
+    }
+}
+
+/* Level t's weight gradient in the weight's layout from every thread's gA, gB sums (thread k's
+ * start at sums + k * per; gB is L * pitch after gA). */
+KS_INLINE void KS_FN(ks_weight_grad)(const T *sums, long per, int team, int t, int L,
+                                     long pitch, long P, long d, int trans, T f, T *w) {
+    long e = 0;
+    for (long p0 = 0; p0 < P; p0 += 2 * d)
+        for (long p = p0, q = p0 + d; p < p0 + d; ++p, ++q, ++e) {
+            T ap = 0, aq = 0, bp = 0, bq = 0;
+            for (int k = 0; k < team; ++k) {
+                const T *a = sums + k * per + t * pitch;
+                ap += a[p], aq += a[q];
+                bp += a[L * pitch + p], bq += a[L * pitch + q];
+            }
+            T *wb = w + e * 4;
+            wb[0] = f * ap, wb[3] = f * aq;
+            wb[trans ? 1 : 2] = f * bp, wb[trans ? 2 : 1] = f * bq;
+        }
+}
+
+/* gy: the output's gradient; gx: the input's (NULL: not wanted); gws[t]: level t's weight
+ * gradient in the weight's layout (all overwritten). Strides as in the forward pass; mem:
+ * ks_scratch_size(1, P, L, nthreads) elements of scratch. */
+KS_CLONES void KS_FN(ks_butterfly_backward)(const T *x, const long *sx, const T *gy,
+                                            const long *sgy, T *gx, const long *sgx, long n,
+                                            long P, int L, const long *ds, T *const *ws,
+                                            int trans, T scale, T *const *gws, T *mem,
+                                            int nthreads) {
+    /* planes; per thread: gA and gB sums, L + 2 row blocks, a row of zeros, and a group of
+     * strided x, gy and gx rows */
+    const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};
+    const long per = (2 * L + (long)(L + 2) * KS_R + 1 + 3 * KS_GROUP) * pitch;
+    T *A = mem, *B = mem + L * pitch, *sums = B + L * pitch;
+    int ts[L + 1], np = 0; /* the passes' first levels */
+    for (int t = 0; t < L; t += KS_FN(ks_step)(ds, t, L, P)) ts[np++] = t;
+    ts[np] = L;
+    int team = 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp single
+        team = ks_team_size();
+        /* row j of block k: s + (k*KS_R + j)*pitch. Block i (1 <= i < np): the input of pass
+         * i; blocks 0 and np: gradients; block L + 1: dummy rows' gradients */
+        T *gA = sums + ks_thread_num() * per, *gB = gA + L * pitch, *s = gB + L * pitch;
+        T *zero = s + (L + 2) * KS_R * pitch, *xbuf = zero + pitch;
+        T *gybuf = xbuf + KS_GROUP * pitch, *gxbuf = gybuf + KS_GROUP * pitch;
+        memset(gA, 0, sizeof(T) * 2 * L * pitch);
+        memset(zero, 0, sizeof(T) * P);
+#pragma omp for schedule(static)
+        for (int t = 0; t < L; ++t)
+            KS_FN(ks_planes)(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,
+                             t == L - 1 ? scale : 1);
+#pragma omp for schedule(static)
+        for (long g0 = 0; g0 < n; g0 += G) {
+            const long gn = n - g0 < G ? n - g0 : G;
+            const T *xg = x + g0 * sx[0], *gyg = gy + g0 * sgy[0];
+            T *gxg = sgx[1] == 1 ? gx + g0 * sgx[0] : gxbuf;
+            const long xs = sx[1] == 1 ? sx[0] : pitch, gys = sgy[1] == 1 ? sgy[0] : pitch;
+            const long gxs = sgx[1] == 1 ? sgx[0] : pitch;
+            if (sx[1] != 1) KS_FN(ks_copy)(xg, sx, xbuf, gs, gn, P), xg = xbuf;
+            if (sgy[1] != 1) KS_FN(ks_copy)(gyg, sgy, gybuf, gs, gn, P), gyg = gybuf;
+            for (long r0 = 0; r0 < gn; r0 += KS_R) {
+                /* dummy rows: row r0's input and a zero gradient, which adds nothing */
+                const T *in0[KS_R], *cur[KS_R], *g[KS_R], *lin[KS_R];
+                T *out[KS_R];
+                for (int j = 0; j < KS_R; ++j) {
+                    cur[j] = in0[j] = xg + (r0 + j < gn ? r0 + j : r0) * xs;
+                    g[j] = r0 + j < gn ? gyg + (r0 + j) * gys : zero;
+                }
+                for (int i = 0; i < np - 1; ++i) { /* the passes' inputs, again */
+                    for (int j = 0; j < KS_R; ++j) out[j] = s + ((i + 1) * KS_R + j) * pitch;
+                    KS_FN(ks_fwd)(ds, ts[i], ts[i + 1] - ts[i], A, B, pitch, cur, out, P);
+                    for (int j = 0; j < KS_R; ++j) cur[j] = out[j];
+                }
+                for (int i = np - 1; i >= 0; --i) {
+                    for (int j = 0; j < KS_R; ++j) {
+                        lin[j] = i ? s + (i * KS_R + j) * pitch : in0[j];
+                        out[j] = i                   ? s + ((i % 2 ? 0 : np) * KS_R + j) * pitch
+                                 : r0 + j < gn && gx ? gxg + (r0 + j) * gxs
+                                                     : s + ((L + 1) * KS_R + j) * pitch;
+                    }
+                    KS_FN(ks_bwd)(ds, ts[i], ts[i + 1] - ts[i], A, B, gA, gB, pitch, lin, g, out,
+                                  P);
+                    for (int j = 0; j < KS_R; ++j) g[j] = out[j];
+                }
+            }
+            if (gx && sgx[1] != 1) KS_FN(ks_copy)(gxbuf, gs, gx + g0 * sgx[0], sgx, gn, P);
+        }
+        /* sum the threads' gA, gB into the weights' layout */
+#pragma omp for schedule(static)
+        for (int t = 0; t < L; ++t)
+            KS_FN(ks_weight_grad)(sums, per, team, t, L, pitch, P, ds[t], trans,
+                                  t == L - 1 ? scale : 1, gws[t]);
+    }
+}
+
+#endif /* KS_BODY */

@@ -470,7 +470,7 @@ def test_fused_butterfly_refuses_double_backward():
     x = torch.randn(3, 4, requires_grad=True)
     (gx,) = torch.autograd.grad(native.butterfly_rows(x, levels, ws).square().sum(), [x],
                                 create_graph=True)  # fmt: skip
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         gx.sum().backward()
 
 
