@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _SOURCE = Path(__file__).with_name("_butterfly.c")
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -299,6 +300,30 @@ def _check_native(op: str, x: Tensor, scale: Tensor) -> None:
         raise RuntimeError(f"{op}: the native kernel is unavailable (see the earlier warning)")
 
 
+def _levels_forward(op: str, x: Tensor, weights, ds, trans: bool, scale: Tensor) -> Tensor:
+    """The real forward kernel, checked: what the op runs on CPU and the eager path calls."""
+    _check_levels(op, x, weights, ds, scale)
+    _check_native(op, x, scale)
+    y = torch.empty(x.shape, dtype=x.dtype)
+    if x.shape[0]:
+        _c_forward(x, y, ds, [w.contiguous() for w in weights], trans, float(scale))
+    return y
+
+
+def _levels_grads(op, x, grad, weights, ds, trans, scale, input_grad: bool) -> list[Tensor]:
+    """The real backward kernel, checked: [x's gradient (if input_grad), *the weights']."""
+    _check_levels(op, x, weights, ds, scale, grad)
+    _check_native(op, x, scale)
+    gx = torch.empty_like(x) if input_grad else None
+    gws = [torch.empty(w.shape, dtype=w.dtype) for w in weights]
+    if x.shape[0]:
+        _c_backward(x, grad, gx, ds, [w.contiguous() for w in weights], gws, trans, float(scale))
+    else:
+        for w in gws:
+            w.zero_()
+    return [gx, *gws] if input_grad else gws
+
+
 @torch.library.custom_op("ksmm::butterfly_levels", mutates_args=())
 def butterfly_levels(
     x: Tensor, weights: list[Tensor], ds: list[int], trans: bool, scale: Tensor
@@ -309,13 +334,7 @@ def butterfly_levels(
     transposed; ``scale`` is a one-element tensor (a chain's output_scale buffer: a tensor, so
     that torch.compile does not bake its value into the graph). Returns a new contiguous
     (n, P) tensor."""
-    op = "ksmm::butterfly_levels"
-    _check_levels(op, x, weights, ds, scale)
-    _check_native(op, x, scale)
-    y = torch.empty(x.shape, dtype=x.dtype)
-    if x.shape[0]:
-        _c_forward(x, y, ds, [w.contiguous() for w in weights], trans, float(scale))
-    return y
+    return _levels_forward("ksmm::butterfly_levels", x, weights, ds, trans, scale)
 
 
 @butterfly_levels.register_fake
@@ -338,16 +357,7 @@ def butterfly_levels_backward(
     gradient ``grad``: [x's (in x's layout), *the weights'] with ``input_grad``, else only the
     weights' (the kernel then skips x's). Not itself differentiable."""
     op = "ksmm::butterfly_levels_backward"
-    _check_levels(op, x, weights, ds, scale, grad)
-    _check_native(op, x, scale)
-    gx = torch.empty_like(x) if input_grad else None
-    gws = [torch.empty(w.shape, dtype=w.dtype) for w in weights]
-    if x.shape[0]:
-        _c_backward(x, grad, gx, ds, [w.contiguous() for w in weights], gws, trans, float(scale))
-    else:
-        for w in gws:
-            w.zero_()
-    return [gx, *gws] if input_grad else gws
+    return _levels_grads(op, x, grad, weights, ds, trans, scale, input_grad)
 
 
 @butterfly_levels_backward.register_fake
@@ -377,12 +387,70 @@ torch.library.register_autograd(
 )
 
 
-def butterfly_rows(x: Tensor, levels, weights, trans: bool = False, scale=1.0) -> Tensor:
-    """Each row of x (n, P) through 2x2 butterfly levels in order, times ``scale`` (a float or
-    a one-element tensor): level t has
-    KS pattern (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as
-    KSLinear stores it, (a*d, 2, 2); ``trans`` applies every block transposed. Check
-    ``available`` first."""
+# Eager calls skip the dispatcher: a custom op's Python dispatch and autograd wrapper (pytree
+# flattening of the weight list) cost about 0.2 ms a training step, as much as a whole rank-8
+# step at 512 wide. These Functions run the same checked kernels; graph capture (compile,
+# export, dispatch modes, tensor subclasses) goes through the registered op.
+def _use_op(x: Tensor) -> bool:
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or type(x) not in (Tensor, torch.nn.Parameter)
+    )
+
+
+class _EagerLevels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ds, trans, scale, *weights):
+        if scale.requires_grad:
+            raise ValueError("ksmm::butterfly_levels: scale must not require grad (a buffer)")
+        ctx.ds, ctx.trans = ds, trans
+        ctx.save_for_backward(x, scale, *weights)
+        return _levels_forward("ksmm::butterfly_levels", x, weights, ds, trans, scale)
+
+    @staticmethod
+    @once_differentiable  # the kernel's gradients are not themselves differentiable
+    def backward(ctx, g):
+        x, scale, *weights = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        op = "ksmm::butterfly_levels_backward"
+        grads = _levels_grads(op, x, g, weights, ctx.ds, ctx.trans, scale, need_x)
+        gx, gws = (grads[0], grads[1:]) if need_x else (None, grads)
+        return (gx, None, None, None, *gws)
+
+
+class _EagerFold(torch.autograd.Function):
+    """x -> V B -> U in one autograd node: two matmuls and the kernel, without the matmul and
+    transpose nodes that cost more Python than arithmetic at small ranks."""
+
+    @staticmethod
+    def forward(ctx, x, v_rows, u_t, ds, scale, *weights):
+        if scale.requires_grad:
+            raise ValueError("ksmm::butterfly_levels: scale must not require grad (a buffer)")
+        vb = _levels_forward("ksmm::butterfly_levels", v_rows, weights, ds, True, scale)
+        h = x @ vb.t()
+        ctx.ds = ds
+        ctx.save_for_backward(x, v_rows, u_t, vb, h, scale, *weights)
+        return h @ u_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, v_rows, u_t, vb, h, scale, *weights = ctx.saved_tensors
+        gy = gy.contiguous()  # once, not in both products (a sum's gradient is an expand)
+        gh = gy @ u_t.t()
+        gx = gh @ vb if ctx.needs_input_grad[0] else None
+        op = "ksmm::butterfly_levels_backward"
+        gv, *gws = _levels_grads(op, v_rows, gh.t() @ x, weights, ctx.ds, True, scale, True)
+        return (gx, gv, h.t() @ gy, None, None, *gws)
+
+
+def _as_scale(scale) -> Tensor:
+    return scale if isinstance(scale, Tensor) else torch.tensor(float(scale), dtype=torch.float64)
+
+
+def _check_patterns(x: Tensor, levels, weights) -> None:
+    """The levels as KS patterns (a, d) against rows of x: a*2*d = P, weights (a*d, 2, 2)."""
     p = x.shape[-1]
     for (a, d), w in zip(levels, weights, strict=True):
         if a * 2 * d != p or tuple(w.shape) != (a * d, 2, 2):
@@ -392,11 +460,21 @@ def butterfly_rows(x: Tensor, levels, weights, trans: bool = False, scale=1.0) -
             )
         if w.dtype != x.dtype:
             raise ValueError(f"butterfly weights are {w.dtype} but the rows are {x.dtype}")
+
+
+def butterfly_rows(x: Tensor, levels, weights, trans: bool = False, scale=1.0) -> Tensor:
+    """Each row of x (n, P) through 2x2 butterfly levels in order, times ``scale`` (a float or
+    a one-element tensor): level t has
+    KS pattern (a_t, 2, 2, d_t) (``levels[t] = (a_t, d_t)``) and weight ``weights[t]`` stored as
+    KSLinear stores it, (a*d, 2, 2); ``trans`` applies every block transposed. Check
+    ``available`` first."""
+    _check_patterns(x, levels, weights)
     if not levels:  # nothing for the kernel to do
         return x * scale
-    if not isinstance(scale, Tensor):
-        scale = torch.tensor(float(scale), dtype=torch.float64)
-    return butterfly_levels(x, list(weights), [d for _, d in levels], bool(trans), scale)
+    ds, scale = [d for _, d in levels], _as_scale(scale)
+    if _use_op(x):
+        return butterfly_levels(x, list(weights), ds, bool(trans), scale)
+    return _EagerLevels.apply(x, ds, bool(trans), scale, *weights)
 
 
 def fold_output(x: Tensor, v_rows: Tensor, u_t: Tensor, levels, weights, scale=1.0) -> Tensor:
@@ -413,5 +491,9 @@ def fold_output(x: Tensor, v_rows: Tensor, u_t: Tensor, levels, weights, scale=1
         raise ValueError(f"fold_output: u_t {tuple(u_t.shape)} must be (r, m) with r = {r}")
     for name, t in [("x", x), ("u_t", u_t)]:
         _same("fold_output", name, t, v_rows, "v_rows")
-    vb = butterfly_rows(v_rows, levels, weights, True, scale)
-    return (x @ vb.t()) @ u_t
+    if _use_op(x):  # the op and two matmuls: autograd (or the graph) does the rest
+        vb = butterfly_rows(v_rows, levels, weights, True, scale)
+        return (x @ vb.t()) @ u_t
+    _check_patterns(v_rows, levels, weights)
+    ds = [d for _, d in levels]
+    return _EagerFold.apply(x, v_rows, u_t, ds, _as_scale(scale), *weights)

@@ -376,6 +376,10 @@ def test_fused_butterfly_gradcheck(transpose):
         lambda x, *w: native.butterfly_rows(x.t(), levels, w, transpose),
         (x.detach().t().contiguous().requires_grad_(), *ws),
     )
+    ds, scale = [d for _, d in levels], torch.tensor(-1.5, dtype=F64)
+    assert torch.autograd.gradcheck(  # the registered op (what compiled graphs call)
+        lambda x, *w: native.butterfly_levels(x, list(w), ds, transpose, scale), (x, *ws)
+    )
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -465,16 +469,23 @@ def test_fused_kernel_loads_once_when_threads_race_for_it(tmp_path, monkeypatch)
 
 
 def test_fused_butterfly_refuses_double_backward():
-    """Its gradients come from C: a second derivative must fail loudly, not come out as 0."""
+    """Its gradients come from C: a second derivative must fail loudly, not come out as 0, on
+    the eager path and through the registered op (what a compiled graph runs)."""
     if not native.available(torch.zeros(1)):
         pytest.skip("no C compiler: the fused kernel is unavailable")
     levels = [(1, 2), (2, 1)]
     ws = [torch.randn(2, 2, 2, requires_grad=True) for _ in levels]
     x = torch.randn(3, 4, requires_grad=True)
-    (gx,) = torch.autograd.grad(native.butterfly_rows(x, levels, ws).square().sum(), [x],
-                                create_graph=True)  # fmt: skip
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        gx.sum().backward()
+    paths = {
+        "once_differentiable": lambda: native.butterfly_rows(x, levels, ws),
+        "no autograd formula": lambda: native.butterfly_levels(
+            x, ws, [2, 1], False, torch.tensor(1.0)
+        ),
+    }
+    for match, run in paths.items():
+        (gx,) = torch.autograd.grad(run().square().sum(), [x], create_graph=True)
+        with pytest.raises(RuntimeError, match=match):
+            gx.sum().backward()
 
 
 def test_fused_kernel_without_a_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
