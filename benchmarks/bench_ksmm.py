@@ -112,8 +112,8 @@ def cpu_description() -> str:
 def print_header(device, batch, repeats) -> None:
     info = native.kernel_info() if native.available(torch.zeros(1, device=device)) else None
     kernel = "off (PyTorch ops)" if info is None else f"on, {info['isa']}"
-    if info is not None and not (info["openmp"] and info["clones"]):
-        kernel += f" (openmp={info['openmp']}, clones={info['clones']})"
+    if info is not None and not (info["openmp"] and info["x86_variants"]):
+        kernel += f" (openmp={info['openmp']}, x86 variants={info['x86_variants']})"
     print(f"cpu: {cpu_description()}")
     print(
         f"device={device} threads={torch.get_num_threads()} batch={batch} repeats={repeats} "

@@ -7,103 +7,85 @@
  * where the planes A (the block's diagonal) and B (its off-diagonal) are laid out like the row
  * itself. So every level, whatever its d, is the same contiguous vector loop, and the weight
  * gradient is gA[p] += g[p] x[p], gB[p] += g[p] x[partner(p)]: per-position sums over rows,
- * with no horizontal reductions. For d < 16 the partner sits in the same 16-float vector (one
- * shuffle).
+ * with no horizontal reductions. For d < V the partner sits in the same V-float vector (one
+ * shuffle); V is 16 (AVX-512 and the generic build) or 8 (AVX2, whose registers hold 8).
  *
  * Memory traffic, not arithmetic, sets the time, so: rows go through the levels in blocks of
  * KS_R, which share each level's planes and sums; two levels run in one pass where both fit
  * whole vectors (radix 4); the backward pass recomputes a block's level inputs instead of
  * keeping them from the forward pass; strided rows are gathered into scratch a group at a
- * time (16 columns of a rank-r factor by vector transposes); rows in scratch are padded so
+ * time (16 columns of a rank-r factor by V x V vector transposes); rows in scratch are padded so
  * that those a pass streams do not share one L1 set.
  *
  * Weights are stored as KSLinear stores them, (a*d, c=2, b=2): wb = w + (i*d + l)*4 and
  * wb[k*2 + j] is the entry from input k to output j of block (i, l). With trans every block is
  * applied transposed.
  */
-#ifndef KS_BODY /* the shared part; the per-dtype body is after the #else */
+#ifndef KS_BODY /* the shared part; the per-variant body follows the #else */
 #include <stddef.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-/* The instruction sets the vector code is compiled for, picked at load time by target_clones
- * (x86 + gcc): x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and a generic fallback. The levels
- * include FMA, which the plain "avx2"/"avx512f" clones leave out. -DKS_ISA_AVX2 leaves out the
- * AVX-512 clone (to measure an AVX2-only CPU on an AVX-512 one); -DKS_ISA_GENERIC builds one
- * generic version. ks_build_info reports what a build has. */
+/* The float32 code is compiled once per instruction set, each with its own vector width, and
+ * picked at run time (ks_isa): x86-64-v4 (AVX-512 + FMA, 16-float vectors), x86-64-v3 (AVX2 +
+ * FMA, 8-float vectors: gcc lowers the shuffles of a 16-float vector to scalar moves on AVX2,
+ * which made that build 4-7x slower than AVX-512), and a generic build for the compiler's
+ * default target. x86 + gcc only; -DKS_ISA_AVX2 leaves out the AVX-512 code (to measure an
+ * AVX2-only CPU on an AVX-512 one), -DKS_ISA_GENERIC builds the generic code alone.
+ * ks_build_info reports what a build has. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(KS_ISA_GENERIC)
+#define KS_HAVE_V3 1
 #ifdef KS_ISA_AVX2
-#define KS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define KS_HAVE_V4 0
 #else
-#define KS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define KS_HAVE_V4 1
 #endif
-#define KS_HAVE_CLONES 1
 #else
-#define KS_CLONES
-#define KS_HAVE_CLONES 0
+#define KS_HAVE_V3 0
 #define KS_HAVE_V4 0
 #endif
-/* inlined into each clone, so compiled for its instruction set */
+/* inlined into the entry points, so compiled for their instruction set */
 #define KS_INLINE static inline __attribute__((always_inline))
 
-/* 16 floats, unaligned loads and stores */
-#define KS_V 16
-typedef float ks_vf __attribute__((vector_size(64), aligned(4), may_alias));
 #ifdef __clang__
 #define KS_SHUF(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
 #define KS_SHUF2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-typedef int ks_vi __attribute__((vector_size(64)));
-#define KS_SHUF(v, ...) __builtin_shuffle(v, (ks_vi){__VA_ARGS__})
-#define KS_SHUF2(a, b, ...) __builtin_shuffle(a, b, (ks_vi){__VA_ARGS__})
+#define KS_SHUF(v, ...) __builtin_shuffle(v, (VI){__VA_ARGS__})
+#define KS_SHUF2(a, b, ...) __builtin_shuffle(a, b, (VI){__VA_ARGS__})
 #endif
 
-KS_INLINE ks_vf ks_ld(const float *p) { return *(const ks_vf *)p; }
-KS_INLINE void ks_st(float *p, ks_vf v) { *(ks_vf *)p = v; }
-
-/* lane p ^ d, for d in {1, 2, 4, 8} */
-KS_INLINE ks_vf ks_partner(ks_vf v, long d) {
-    switch (d) {
-    case 1: return KS_SHUF(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    case 2: return KS_SHUF(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    case 4: return KS_SHUF(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    default: return KS_SHUF(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    }
-}
-
-/* d[k*dl + j] = s[j*sl + k] for a 16 x 16 tile (the rows of one side are the columns of the
- * other): four rounds that swap blocks of 8, 4, 2 and 1 lanes between vectors b apart. Of
- * vectors a and c = v[i + b], a keeps its lanes j without bit b and takes c's lanes j - b; c
- * keeps its lanes with bit b and takes a's lanes j + b (indices >= 16 are c's). */
-#define KS_LO_8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
-#define KS_HI_8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
-#define KS_LO_4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
-#define KS_HI_4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
-#define KS_LO_2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
-#define KS_HI_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
-#define KS_LO_1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
-#define KS_HI_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
-#define KS_SWAP(b)                                                                             \
-    for (int i = 0; i < 16; ++i)                                                               \
+/* A tile transpose in rounds that swap blocks of b lanes between vectors b apart. Of vectors a
+ * and c = v[i + b], a keeps its lanes j without bit b and takes c's lanes j - b; c keeps its
+ * lanes with bit b and takes a's lanes j + b (indices >= KS_V are c's). */
+#define KS_LO16_8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define KS_HI16_8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define KS_LO16_4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define KS_HI16_4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define KS_LO16_2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define KS_HI16_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define KS_LO16_1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define KS_HI16_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define KS_LO8_4 0, 1, 2, 3, 8, 9, 10, 11
+#define KS_HI8_4 4, 5, 6, 7, 12, 13, 14, 15
+#define KS_LO8_2 0, 1, 8, 9, 4, 5, 12, 13
+#define KS_HI8_2 2, 3, 10, 11, 6, 7, 14, 15
+#define KS_LO8_1 0, 8, 2, 10, 4, 12, 6, 14
+#define KS_HI8_1 1, 9, 3, 11, 5, 13, 7, 15
+#define KS_SWAP(b, lo, hi)                                                                     \
+    for (int i = 0; i < KS_V; ++i)                                                             \
         if (!(i & (b))) {                                                                      \
-            const ks_vf a_ = v[i], c_ = v[i + (b)];                                            \
-            v[i] = KS_SHUF2(a_, c_, KS_LO_##b), v[i + (b)] = KS_SHUF2(a_, c_, KS_HI_##b);      \
+            const VF a_ = v[i], c_ = v[i + (b)];                                               \
+            v[i] = KS_SHUF2(a_, c_, lo), v[i + (b)] = KS_SHUF2(a_, c_, hi);                    \
         }
-KS_INLINE void ks_tile16(const float *s, long sl, float *d, long dl) {
-    ks_vf v[16];
-    for (int k = 0; k < 16; ++k) v[k] = ks_ld(s + k * sl);
-    KS_SWAP(8) KS_SWAP(4) KS_SWAP(2) KS_SWAP(1)
-    for (int k = 0; k < 16; ++k) ks_st(d + k * dl, v[k]);
-}
 
-/* whether a level of distance d over P positions fits whole vectors: d a power of two, its
- * pairs in one vector (d < 16) or in two (then bit d of a position tells the lower slot) */
-static int ks_vec_ok(long d, long P) {
-    return P % KS_V == 0 && (d & (d - 1)) == 0 && (d >= KS_V || KS_V % (2 * d) == 0);
+/* whether a level of distance d over P positions fits whole V-float vectors: d a power of
+ * two, its pairs in one vector (d < V) or in two (then bit d of a position tells the lower
+ * slot) */
+static int ks_vec_ok(long d, long P, int V) {
+    return P % V == 0 && (d & (d - 1)) == 0 && (d >= V || V % (2 * d) == 0);
 }
 
 /* rows a pass carries together (a block; a short last block is filled up with dummy rows) */
@@ -114,116 +96,12 @@ static int ks_vec_ok(long d, long P) {
 #define KS_PITCH(P) ((P) + 16)
 
 /* One or two levels on a block of rows, as slots: a level whose pairs lie in different vectors
- * (big: d >= 16) pairs slot k with slot k ^ bit (bit 1 for the first level, 2 for the second);
+ * (big: d >= V) pairs slot k with slot k ^ bit (bit 1 for the first level, 2 for the second);
  * a small level pairs lanes inside a slot (ks_partner). Slots a level does not spread over are
  * unused. */
 #define KS_SLOT(k) ((!((k) & 1) || bigA) && (!((k) & 2) || bigB))
-#define KS_MIX(v, k, bit, big, d) ((big) ? (v)[(k) ^ (bit)] : ks_partner((v)[k], d))
+#define KS_MIX(v, k, bit, big, d) ((big) ? (v)[(k) ^ (bit)] : KS_FN(ks_partner)((v)[k], d))
 #define KS_EACH(k) for (int k = 0; k < 4; ++k) if (KS_SLOT(k))
-
-/* x[j] -> y[j] through level a (planes Aa, Ba) and, if two, level b: one read and one write
- * of each row */
-KS_INLINE void ks_pass_fwd_slots(long da, long db, const float *Aa, const float *Ba,
-                                 const float *Ab, const float *Bb, const float *const *x,
-                                 float *const *y, long P, const int two, const int bigA,
-                                 const int bigB) {
-    const long oa = bigA ? da : 0, ob = bigB ? db : 0, off[4] = {0, oa, ob, oa + ob};
-    for (long p = 0; p < P; p += KS_V) {
-        if (p & (oa | ob)) continue; /* the upper slot of a big pair */
-        ks_vf aa[4], ba[4], ab[4], bb[4];
-        KS_EACH(k) {
-            aa[k] = ks_ld(Aa + p + off[k]), ba[k] = ks_ld(Ba + p + off[k]);
-            if (two) ab[k] = ks_ld(Ab + p + off[k]), bb[k] = ks_ld(Bb + p + off[k]);
-        }
-        for (int j = 0; j < KS_R; ++j) {
-            ks_vf v[4], m[4];
-            KS_EACH(k) v[k] = ks_ld(x[j] + p + off[k]);
-            KS_EACH(k) m[k] = aa[k] * v[k] + ba[k] * KS_MIX(v, k, 1, bigA, da);
-            if (two) KS_EACH(k) v[k] = ab[k] * m[k] + bb[k] * KS_MIX(m, k, 2, bigB, db);
-            KS_EACH(k) ks_st(y[j] + p + off[k], two ? v[k] : m[k]);
-        }
-    }
-}
-
-/* x: level a's inputs, g: the gradients of the pass's outputs -> h: of its inputs; sAa .. sBb
- * accumulate the planes' gradients. Level a's outputs (level b's inputs) are recomputed. */
-KS_INLINE void ks_pass_bwd_slots(long da, long db, const float *Aa, const float *Ba,
-                                 const float *Ab, const float *Bb, const float *const *x,
-                                 const float *const *g, float *const *h, float *sAa, float *sBa,
-                                 float *sAb, float *sBb, long P, const int two, const int bigA,
-                                 const int bigB) {
-    const long oa = bigA ? da : 0, ob = bigB ? db : 0, off[4] = {0, oa, ob, oa + ob};
-    for (long p = 0; p < P; p += KS_V) {
-        if (p & (oa | ob)) continue;
-        ks_vf aa[4], ba[4], ab[4], bb[4], saa[4], sba[4], sab[4], sbb[4];
-        KS_EACH(k) {
-            const long q = p + off[k];
-            aa[k] = ks_ld(Aa + q), ba[k] = ks_ld(Ba + q);
-            saa[k] = ks_ld(sAa + q), sba[k] = ks_ld(sBa + q);
-            if (two) {
-                ab[k] = ks_ld(Ab + q), bb[k] = ks_ld(Bb + q);
-                sab[k] = ks_ld(sAb + q), sbb[k] = ks_ld(sBb + q);
-            }
-        }
-        for (int j = 0; j < KS_R; ++j) {
-            ks_vf v[4], m[4], gm[4], t[4];
-            KS_EACH(k) v[k] = ks_ld(x[j] + p + off[k]), gm[k] = ks_ld(g[j] + p + off[k]);
-            if (two) {
-                KS_EACH(k) m[k] = aa[k] * v[k] + ba[k] * KS_MIX(v, k, 1, bigA, da);
-                KS_EACH(k) t[k] = bb[k] * gm[k];
-                KS_EACH(k) { /* through level b: gm becomes the gradient of level a's output */
-                    sab[k] += gm[k] * m[k];
-                    sbb[k] += gm[k] * KS_MIX(m, k, 2, bigB, db);
-                    gm[k] = ab[k] * gm[k] + KS_MIX(t, k, 2, bigB, db);
-                }
-            }
-            KS_EACH(k) t[k] = ba[k] * gm[k];
-            KS_EACH(k) {
-                ks_st(h[j] + p + off[k], aa[k] * gm[k] + KS_MIX(t, k, 1, bigA, da));
-                saa[k] += gm[k] * v[k];
-                sba[k] += gm[k] * KS_MIX(v, k, 1, bigA, da);
-            }
-        }
-        KS_EACH(k) {
-            const long q = p + off[k];
-            ks_st(sAa + q, saa[k]), ks_st(sBa + q, sba[k]);
-            if (two) ks_st(sAb + q, sab[k]), ks_st(sBb + q, sbb[k]);
-        }
-    }
-}
-
-/* Each combination of (two levels, first big, second big) as constants, so that each compiles
- * to straight-line code. */
-KS_CLONES static void ks_pass_fwd_vec(long da, long db, const float *Aa, const float *Ba,
-                                      const float *Ab, const float *Bb, const float *const *x,
-                                      float *const *y, long P, int two) {
-    const int big_a = da >= KS_V, big_b = two && db >= KS_V;
-    if (!two && big_a) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 0, 1, 0);
-    else if (!two) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 0, 0, 0);
-    else if (big_a && big_b) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 1, 1);
-    else if (big_a) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 1, 0);
-    else if (big_b) ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 0, 1);
-    else ks_pass_fwd_slots(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 0, 0);
-}
-
-KS_CLONES static void ks_pass_bwd_vec(long da, long db, const float *Aa, const float *Ba,
-                                      const float *Ab, const float *Bb, const float *const *x,
-                                      const float *const *g, float *const *h, float *sAa,
-                                      float *sBa, float *sAb, float *sBb, long P, int two) {
-    const int big_a = da >= KS_V, big_b = two && db >= KS_V;
-    if (!two && big_a)
-        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 0, 1, 0);
-    else if (!two)
-        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 0, 0, 0);
-    else if (big_a && big_b)
-        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 1, 1);
-    else if (big_a)
-        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 1, 0);
-    else if (big_b)
-        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 0, 1);
-    else
-        ks_pass_bwd_slots(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 0, 0);
-}
 
 /* rows of a strided array are gathered (and scattered) a group at a time: a cache line holds
  * the same position of 16 rows */
@@ -245,27 +123,32 @@ long ks_scratch_size(int backward, long P, int L, int nthreads) {
     return (2 * L + nthreads * per) * pitch;
 }
 
-/* What this build has, as bits: 1 OpenMP, 2 vector clones, 4 an AVX-512 clone. A build that
+/* What this build has, as bits: 1 OpenMP, 2 the AVX2 code, 4 the AVX-512 code. A build that
  * lost one of them still runs (slower), so the loader reads this and says so. */
 int ks_build_info(void) {
     int info = 0;
 #ifdef _OPENMP
     info |= 1;
 #endif
-    info |= KS_HAVE_CLONES ? 2 : 0;
+    info |= KS_HAVE_V3 ? 2 : 0;
     info |= KS_HAVE_V4 ? 4 : 0;
     return info;
 }
 
-/* The instruction set the clones run with on this CPU: 2 x86-64-v4 (AVX-512), 1 x86-64-v3
- * (AVX2 + FMA), 0 the generic version (also: a build without clones). */
+/* The float32 code this CPU runs: 2 x86-64-v4 (AVX-512), 1 x86-64-v3 (AVX2 + FMA), 0 generic.
+ * Worked out once (a benign race: every thread computes the same value). */
 int ks_isa(void) {
-#if KS_HAVE_CLONES
-    __builtin_cpu_init();
-    if (KS_HAVE_V4 && __builtin_cpu_supports("x86-64-v4")) return 2;
-    if (__builtin_cpu_supports("x86-64-v3")) return 1;
+    static int isa = -1;
+    if (isa < 0) {
+        int found = 0;
+#if KS_HAVE_V3
+        __builtin_cpu_init();
+        if (KS_HAVE_V4 && __builtin_cpu_supports("x86-64-v4")) found = 2;
+        else if (__builtin_cpu_supports("x86-64-v3")) found = 1;
 #endif
-    return 0;
+        isa = found;
+    }
+    return isa;
 }
 
 static inline int ks_thread_num(void) {
@@ -284,36 +167,284 @@ static inline int ks_team_size(void) {
 #endif
 }
 
-/* The per-dtype functions are written once, below the #else, and compiled twice by including
- * this file into itself with T (the element type), S (the name suffix) and KS_VEC (whether the
- * 16-float vector code applies) set: unlike a macro body, each line keeps its own line number
- * for compiler errors and debuggers. */
+/* The per-variant functions are written once, after the #else, and compiled once per variant
+ * by including this file into itself with T (the element type), S (the name suffix), KS_VEC
+ * (whether the vector code applies), KS_V (its width) and KS_ENTRY (the entry points' linkage)
+ * set: unlike a macro body, each line keeps its own line number for compiler errors and
+ * debuggers. The x86 variants are compiled under #pragma GCC target for their instruction
+ * set. */
 #define KS_CAT2(a, b) a##_##b
 #define KS_CAT(a, b) KS_CAT2(a, b)
 #define KS_FN(name) KS_CAT(name, S)
-
+#define VF KS_FN(ks_vf)
+#define VI KS_FN(ks_vi)
 #define KS_BODY
+
+#if KS_HAVE_V4
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
 #define T float
-#define S f32
+#define S f32_v4
 #define KS_VEC 1
+#define KS_V 16
+#define KS_ENTRY static
 #include "_butterfly.c" /* this file: quoted includes look in its own folder first */
 #undef T
 #undef S
 #undef KS_VEC
+#undef KS_V
+#undef KS_ENTRY
+#pragma GCC pop_options
+#endif
+
+#if KS_HAVE_V3
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define T float
+#define S f32_v3
+#define KS_VEC 1
+#define KS_V 8
+#define KS_ENTRY static
+#include "_butterfly.c"
+#undef T
+#undef S
+#undef KS_VEC
+#undef KS_V
+#undef KS_ENTRY
+#pragma GCC pop_options
+#endif
+
+#define T float
+#define S f32_generic
+#define KS_VEC 1
+#define KS_V 16
+#define KS_ENTRY static
+#include "_butterfly.c"
+#undef T
+#undef S
+#undef KS_VEC
+#undef KS_V
+#undef KS_ENTRY
+
 #define T double
 #define S f64
 #define KS_VEC 0
-#include "_butterfly.c" /* this file: quoted includes look in its own folder first */
+#define KS_V 16
+#define KS_ENTRY
+#include "_butterfly.c"
 #undef T
 #undef S
 #undef KS_VEC
+#undef KS_V
+#undef KS_ENTRY
 
-#else /* KS_BODY: the per-dtype functions */
+/* y = scale * (x through the levels), float32, with the code for this CPU's instruction set;
+ * arguments as ks_butterfly_forward_f64 takes them */
+void ks_butterfly_forward_f32(const float *x, const long *sx, float *y, const long *sy, long n,
+                              long P, int L, const long *ds, float *const *ws, int trans,
+                              float scale, float *mem, int nthreads) {
+    switch (ks_isa()) {
+#if KS_HAVE_V4
+    case 2:
+        ks_butterfly_forward_f32_v4(x, sx, y, sy, n, P, L, ds, ws, trans, scale, mem, nthreads);
+        return;
+#endif
+#if KS_HAVE_V3
+    case 1:
+        ks_butterfly_forward_f32_v3(x, sx, y, sy, n, P, L, ds, ws, trans, scale, mem, nthreads);
+        return;
+#endif
+    default:
+        ks_butterfly_forward_f32_generic(x, sx, y, sy, n, P, L, ds, ws, trans, scale, mem,
+                                         nthreads);
+    }
+}
+
+/* its backward pass, float32; arguments as ks_butterfly_backward_f64 takes them */
+void ks_butterfly_backward_f32(const float *x, const long *sx, const float *gy, const long *sgy,
+                               float *gx, const long *sgx, long n, long P, int L, const long *ds,
+                               float *const *ws, int trans, float scale, float *const *gws,
+                               float *mem, int nthreads) {
+    switch (ks_isa()) {
+#if KS_HAVE_V4
+    case 2:
+        ks_butterfly_backward_f32_v4(x, sx, gy, sgy, gx, sgx, n, P, L, ds, ws, trans, scale, gws,
+                                     mem, nthreads);
+        return;
+#endif
+#if KS_HAVE_V3
+    case 1:
+        ks_butterfly_backward_f32_v3(x, sx, gy, sgy, gx, sgx, n, P, L, ds, ws, trans, scale, gws,
+                                     mem, nthreads);
+        return;
+#endif
+    default:
+        ks_butterfly_backward_f32_generic(x, sx, gy, sgy, gx, sgx, n, P, L, ds, ws, trans, scale,
+                                          gws, mem, nthreads);
+    }
+}
+
+#else /* KS_BODY: the per-variant functions */
+
+#if KS_VEC
+/* KS_V floats, unaligned loads and stores */
+typedef float VF __attribute__((vector_size(4 * KS_V), aligned(4), may_alias));
+#ifndef __clang__
+typedef int VI __attribute__((vector_size(4 * KS_V)));
+#endif
+
+KS_INLINE VF KS_FN(ks_ld)(const float *p) { return *(const VF *)p; }
+KS_INLINE void KS_FN(ks_st)(float *p, VF v) { *(VF *)p = v; }
+
+/* lane p ^ d, for d < KS_V (a power of two) */
+KS_INLINE VF KS_FN(ks_partner)(VF v, long d) {
+#if KS_V == 16
+    switch (d) {
+    case 1: return KS_SHUF(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    case 2: return KS_SHUF(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    case 4: return KS_SHUF(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    default: return KS_SHUF(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    }
+#else
+    switch (d) {
+    case 1: return KS_SHUF(v, 1, 0, 3, 2, 5, 4, 7, 6);
+    case 2: return KS_SHUF(v, 2, 3, 0, 1, 6, 7, 4, 5);
+    default: return KS_SHUF(v, 4, 5, 6, 7, 0, 1, 2, 3);
+    }
+#endif
+}
+
+/* d[k*dl + j] = s[j*sl + k] for a KS_V x KS_V tile (the rows of one side are the columns of
+ * the other) */
+KS_INLINE void KS_FN(ks_tile)(const float *s, long sl, float *d, long dl) {
+    VF v[KS_V];
+    for (int k = 0; k < KS_V; ++k) v[k] = KS_FN(ks_ld)(s + k * sl);
+#if KS_V == 16
+    KS_SWAP(8, KS_LO16_8, KS_HI16_8)
+    KS_SWAP(4, KS_LO16_4, KS_HI16_4)
+    KS_SWAP(2, KS_LO16_2, KS_HI16_2)
+    KS_SWAP(1, KS_LO16_1, KS_HI16_1)
+#else
+    KS_SWAP(4, KS_LO8_4, KS_HI8_4)
+    KS_SWAP(2, KS_LO8_2, KS_HI8_2)
+    KS_SWAP(1, KS_LO8_1, KS_HI8_1)
+#endif
+    for (int k = 0; k < KS_V; ++k) KS_FN(ks_st)(d + k * dl, v[k]);
+}
+
+/* x[j] -> y[j] through level a (planes Aa, Ba) and, if two, level b: one read and one write
+ * of each row */
+KS_INLINE void KS_FN(ks_pass_fwd_slots)(long da, long db, const float *Aa, const float *Ba,
+                                        const float *Ab, const float *Bb, const float *const *x,
+                                        float *const *y, long P, const int two, const int bigA,
+                                        const int bigB) {
+    const long oa = bigA ? da : 0, ob = bigB ? db : 0, off[4] = {0, oa, ob, oa + ob};
+    for (long p = 0; p < P; p += KS_V) {
+        if (p & (oa | ob)) continue; /* the upper slot of a big pair */
+        VF aa[4], ba[4], ab[4], bb[4];
+        KS_EACH(k) {
+            aa[k] = KS_FN(ks_ld)(Aa + p + off[k]), ba[k] = KS_FN(ks_ld)(Ba + p + off[k]);
+            if (two) ab[k] = KS_FN(ks_ld)(Ab + p + off[k]), bb[k] = KS_FN(ks_ld)(Bb + p + off[k]);
+        }
+        for (int j = 0; j < KS_R; ++j) {
+            VF v[4], m[4];
+            KS_EACH(k) v[k] = KS_FN(ks_ld)(x[j] + p + off[k]);
+            KS_EACH(k) m[k] = aa[k] * v[k] + ba[k] * KS_MIX(v, k, 1, bigA, da);
+            if (two) KS_EACH(k) v[k] = ab[k] * m[k] + bb[k] * KS_MIX(m, k, 2, bigB, db);
+            KS_EACH(k) KS_FN(ks_st)(y[j] + p + off[k], two ? v[k] : m[k]);
+        }
+    }
+}
+
+/* x: level a's inputs, g: the gradients of the pass's outputs -> h: of its inputs; sAa .. sBb
+ * accumulate the planes' gradients. Level a's outputs (level b's inputs) are recomputed. */
+KS_INLINE void KS_FN(ks_pass_bwd_slots)(long da, long db, const float *Aa, const float *Ba,
+                                        const float *Ab, const float *Bb, const float *const *x,
+                                        const float *const *g, float *const *h, float *sAa,
+                                        float *sBa, float *sAb, float *sBb, long P, const int two,
+                                        const int bigA, const int bigB) {
+    const long oa = bigA ? da : 0, ob = bigB ? db : 0, off[4] = {0, oa, ob, oa + ob};
+    for (long p = 0; p < P; p += KS_V) {
+        if (p & (oa | ob)) continue;
+        VF aa[4], ba[4], ab[4], bb[4], saa[4], sba[4], sab[4], sbb[4];
+        KS_EACH(k) {
+            const long q = p + off[k];
+            aa[k] = KS_FN(ks_ld)(Aa + q), ba[k] = KS_FN(ks_ld)(Ba + q);
+            saa[k] = KS_FN(ks_ld)(sAa + q), sba[k] = KS_FN(ks_ld)(sBa + q);
+            if (two) {
+                ab[k] = KS_FN(ks_ld)(Ab + q), bb[k] = KS_FN(ks_ld)(Bb + q);
+                sab[k] = KS_FN(ks_ld)(sAb + q), sbb[k] = KS_FN(ks_ld)(sBb + q);
+            }
+        }
+        for (int j = 0; j < KS_R; ++j) {
+            VF v[4], m[4], gm[4], t[4];
+            KS_EACH(k) {
+                v[k] = KS_FN(ks_ld)(x[j] + p + off[k]);
+                gm[k] = KS_FN(ks_ld)(g[j] + p + off[k]);
+            }
+            if (two) {
+                KS_EACH(k) m[k] = aa[k] * v[k] + ba[k] * KS_MIX(v, k, 1, bigA, da);
+                KS_EACH(k) t[k] = bb[k] * gm[k];
+                KS_EACH(k) { /* through level b: gm becomes the gradient of level a's output */
+                    sab[k] += gm[k] * m[k];
+                    sbb[k] += gm[k] * KS_MIX(m, k, 2, bigB, db);
+                    gm[k] = ab[k] * gm[k] + KS_MIX(t, k, 2, bigB, db);
+                }
+            }
+            KS_EACH(k) t[k] = ba[k] * gm[k];
+            KS_EACH(k) {
+                KS_FN(ks_st)(h[j] + p + off[k], aa[k] * gm[k] + KS_MIX(t, k, 1, bigA, da));
+                saa[k] += gm[k] * v[k];
+                sba[k] += gm[k] * KS_MIX(v, k, 1, bigA, da);
+            }
+        }
+        KS_EACH(k) {
+            const long q = p + off[k];
+            KS_FN(ks_st)(sAa + q, saa[k]), KS_FN(ks_st)(sBa + q, sba[k]);
+            if (two) KS_FN(ks_st)(sAb + q, sab[k]), KS_FN(ks_st)(sBb + q, sbb[k]);
+        }
+    }
+}
+
+/* Each combination of (two levels, first big, second big) as constants, so that each compiles
+ * to straight-line code. */
+static void KS_FN(ks_pass_fwd_vec)(long da, long db, const float *Aa, const float *Ba,
+                                            const float *Ab, const float *Bb, const float *const *x,
+                                            float *const *y, long P, int two) {
+    const int big_a = da >= KS_V, big_b = two && db >= KS_V;
+    if (!two && big_a) KS_FN(ks_pass_fwd_slots)(da, db, Aa, Ba, Ab, Bb, x, y, P, 0, 1, 0);
+    else if (!two) KS_FN(ks_pass_fwd_slots)(da, db, Aa, Ba, Ab, Bb, x, y, P, 0, 0, 0);
+    else if (big_a && big_b) KS_FN(ks_pass_fwd_slots)(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 1, 1);
+    else if (big_a) KS_FN(ks_pass_fwd_slots)(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 1, 0);
+    else if (big_b) KS_FN(ks_pass_fwd_slots)(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 0, 1);
+    else KS_FN(ks_pass_fwd_slots)(da, db, Aa, Ba, Ab, Bb, x, y, P, 1, 0, 0);
+}
+
+static void KS_FN(ks_pass_bwd_vec)(long da, long db, const float *Aa, const float *Ba,
+                                            const float *Ab, const float *Bb, const float *const *x,
+                                            const float *const *g, float *const *h, float *sAa,
+                                            float *sBa, float *sAb, float *sBb, long P, int two) {
+    const int big_a = da >= KS_V, big_b = two && db >= KS_V;
+    if (!two && big_a)
+        KS_FN(ks_pass_bwd_slots)(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 0, 1, 0);
+    else if (!two)
+        KS_FN(ks_pass_bwd_slots)(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 0, 0, 0);
+    else if (big_a && big_b)
+        KS_FN(ks_pass_bwd_slots)(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 1, 1);
+    else if (big_a)
+        KS_FN(ks_pass_bwd_slots)(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 1, 0);
+    else if (big_b)
+        KS_FN(ks_pass_bwd_slots)(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 0, 1);
+    else
+        KS_FN(ks_pass_bwd_slots)(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 1, 0, 0);
+}
+
+#endif /* KS_VEC */
 
 /* levels in the pass that starts at level t: two when both fit whole vectors and their
  * distances differ (each must own a bit of the position) */
 static int KS_FN(ks_step)(const long *ds, int t, int L, long P) {
-    if (KS_VEC && t + 1 < L && ks_vec_ok(ds[t], P) && ks_vec_ok(ds[t + 1], P) &&
+    if (KS_VEC && t + 1 < L && ks_vec_ok(ds[t], P, KS_V) && ks_vec_ok(ds[t + 1], P, KS_V) &&
         ds[t] != ds[t + 1])
         return 2;
     return 1;
@@ -324,9 +455,9 @@ KS_INLINE void KS_FN(ks_fwd)(const long *ds, int t, int k, const T *A, const T *
                              long pitch, const T *const *x, T *const *y, long P) {
     const T *a = A + t * pitch, *b = B + t * pitch;
 #if KS_VEC
-    if (ks_vec_ok(ds[t], P)) {
-        ks_pass_fwd_vec(ds[t], k == 2 ? ds[t + 1] : 0, a, b, a + pitch, b + pitch, x, y, P,
-                        k == 2);
+    if (ks_vec_ok(ds[t], P, KS_V)) {
+        KS_FN(ks_pass_fwd_vec)(ds[t], k == 2 ? ds[t + 1] : 0, a, b, a + pitch, b + pitch, x, y,
+                               P, k == 2);
         return;
     }
 #endif
@@ -348,9 +479,9 @@ KS_INLINE void KS_FN(ks_bwd)(const long *ds, int t, int k, const T *A, const T *
     const T *a = A + t * pitch, *b = B + t * pitch;
     T *sa = gA + t * pitch, *sb = gB + t * pitch;
 #if KS_VEC
-    if (ks_vec_ok(ds[t], P)) {
-        ks_pass_bwd_vec(ds[t], k == 2 ? ds[t + 1] : 0, a, b, a + pitch, b + pitch, x, g, h, sa,
-                        sb, sa + pitch, sb + pitch, P, k == 2);
+    if (ks_vec_ok(ds[t], P, KS_V)) {
+        KS_FN(ks_pass_bwd_vec)(ds[t], k == 2 ? ds[t + 1] : 0, a, b, a + pitch, b + pitch, x, g,
+                               h, sa, sb, sa + pitch, sb + pitch, P, k == 2);
         return;
     }
 #endif
@@ -384,14 +515,18 @@ KS_INLINE void KS_FN(ks_planes)(T *A, T *B, long P, long d, const T *w, int tran
 KS_INLINE void KS_FN(ks_copy)(const T *src, const long *ss, T *dst, const long *sd, long n,
                               long P) {
 #if KS_VEC
-    /* 16 rows between columns (rows 1 apart) and rows (positions 1 apart), e.g. a rank-r
-     * factor's rows into scratch and back: a vector transpose per tile */
-    if (n == 16 && P % 16 == 0 && ss[0] == 1 && sd[1] == 1) {
-        for (long p0 = 0; p0 < P; p0 += 16) ks_tile16(src + p0 * ss[1], ss[1], dst + p0, sd[0]);
+    /* rows between columns (rows 1 apart) and rows (positions 1 apart), e.g. a rank-r
+     * factor's rows into scratch and back: a vector transpose per V x V tile */
+    if (n % KS_V == 0 && P % KS_V == 0 && ss[0] == 1 && sd[1] == 1) {
+        for (long i0 = 0; i0 < n; i0 += KS_V)
+            for (long p0 = 0; p0 < P; p0 += KS_V)
+                KS_FN(ks_tile)(src + i0 + p0 * ss[1], ss[1], dst + i0 * sd[0] + p0, sd[0]);
         return;
     }
-    if (n == 16 && P % 16 == 0 && ss[1] == 1 && sd[0] == 1) {
-        for (long p0 = 0; p0 < P; p0 += 16) ks_tile16(src + p0, ss[0], dst + p0 * sd[1], sd[1]);
+    if (n % KS_V == 0 && P % KS_V == 0 && ss[1] == 1 && sd[0] == 1) {
+        for (long i0 = 0; i0 < n; i0 += KS_V)
+            for (long p0 = 0; p0 < P; p0 += KS_V)
+                KS_FN(ks_tile)(src + i0 * ss[0] + p0, ss[0], dst + i0 + p0 * sd[1], sd[1]);
         return;
     }
 #endif
@@ -403,7 +538,7 @@ KS_INLINE void KS_FN(ks_copy)(const T *src, const long *ss, T *dst, const long *
 
 /* y = scale * (x through the levels); x and y (n, P) with strides (sx[0], sx[1]) and (sy[0],
  * sy[1]); mem: ks_scratch_size(0, P, L, nthreads) elements of scratch */
-KS_CLONES void KS_FN(ks_butterfly_forward)(const T *x, const long *sx, T *y, const long *sy,
+KS_ENTRY void KS_FN(ks_butterfly_forward)(const T *x, const long *sx, T *y, const long *sy,
                                            long n, long P, int L, const long *ds, T *const *ws,
                                            int trans, T scale, T *mem, int nthreads) {
     const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};
@@ -467,7 +602,7 @@ KS_INLINE void KS_FN(ks_weight_grad)(const T *sums, long per, int team, int t, i
 /* gy: the output's gradient; gx: the input's (NULL: not wanted); gws[t]: level t's weight
  * gradient in the weight's layout (all overwritten). Strides as in the forward pass; mem:
  * ks_scratch_size(1, P, L, nthreads) elements of scratch. */
-KS_CLONES void KS_FN(ks_butterfly_backward)(const T *x, const long *sx, const T *gy,
+KS_ENTRY void KS_FN(ks_butterfly_backward)(const T *x, const long *sx, const T *gy,
                                             const long *sgy, T *gx, const long *sgx, long n,
                                             long P, int L, const long *ds, T *const *ws,
                                             int trans, T scale, T *const *gws, T *mem,

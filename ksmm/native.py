@@ -15,8 +15,8 @@ their arguments (device, dtype, shapes) before any pointer reaches C; the ctypes
 The library is compiled with the system C compiler (``CC``, else ``cc`` or ``gcc``) into a
 per-user cache the first time it is needed (a few seconds); the cache key holds the source, the
 compiler's path and ``--version``, and the flags. ``KSMM_ISA`` picks the vector code:
-``auto`` (default: AVX-512, AVX2 or generic, chosen at load time), ``avx2`` (no AVX-512 clone:
-what an AVX2-only CPU runs) or ``generic``. With no compiler, on other devices and dtypes, or
+``auto`` (default: AVX-512, AVX2 or generic code, chosen at run time for the CPU), ``avx2`` (no
+AVX-512 code: what an AVX2-only CPU runs) or ``generic``. With no compiler, on other devices and dtypes, or
 with ``KSMM_NATIVE=0``, chains run the pure PyTorch path, which computes the same thing.
 """
 
@@ -44,9 +44,9 @@ _lib = None  # the loaded library, False when it cannot be built
 _load_lock = threading.Lock()
 
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-Wno-psabi"]
-# KSMM_ISA -> the defines that pick the target_clones list in _butterfly.c
+# KSMM_ISA -> the defines that pick the x86 variants _butterfly.c compiles
 _ISA_DEFINES = {"auto": [], "avx2": ["-DKS_ISA_AVX2"], "generic": ["-DKS_ISA_GENERIC"]}
-# ks_isa() -> the instruction set the clones run with on this CPU
+# ks_isa() -> the variant the float32 kernel runs on this CPU
 ISA_NAMES = {2: "avx512 (x86-64-v4)", 1: "avx2+fma (x86-64-v3)", 0: "generic"}
 
 _ptr, _long, _int = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -107,7 +107,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> str:
         first_error = ""
         # -fopenmp links libgomp.so.1, which resolves to the copy torch has loaded: the
         # kernel's threads are torch's own pool (a second pool would fight torch's spinning
-        # workers for the cores). The fallbacks drop the vector clones, then OpenMP.
+        # workers for the cores). The fallbacks drop the x86 variants, then OpenMP.
         for extra in (["-fopenmp"], ["-fopenmp", "-DKS_ISA_GENERIC"], [], ["-DKS_ISA_GENERIC"]):
             cmd = [cc, *flags, *extra, str(_SOURCE), "-o", str(so)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -157,13 +157,13 @@ def _build_and_configure():
 
 
 def _warn_if_degraded(lib, isa: str, reason: str) -> None:
-    """One warning when the build runs without OpenMP or without the vector clones it was
+    """One warning when the build runs without OpenMP or without the x86 vector code it was
     meant to have: it works, several times slower, and nothing else would say so."""
     info, lost = lib.ks_build_info(), []
     if not info & 1:
         lost.append("OpenMP (it runs on one thread)")
     if isa != "generic" and platform.machine().lower() in ("x86_64", "amd64") and not info & 2:
-        lost.append("the AVX-512/AVX2 vector clones (it runs generic code)")
+        lost.append("the AVX-512/AVX2 vector code (it runs generic code)")
     if lost:
         why = f" (the full build failed: {reason})" if reason else ""
         warnings.warn(
@@ -174,7 +174,7 @@ def _warn_if_degraded(lib, isa: str, reason: str) -> None:
 
 
 def kernel_info() -> dict | None:
-    """What the loaded kernel runs with (``isa``, ``openmp``, ``clones``, ``requested``), or
+    """What the loaded kernel runs with (``isa``, ``openmp``, ``x86_variants``, ``requested``), or
     None when it is unavailable: the benchmark prints it next to its timings."""
     lib = _load()
     if lib is None:
@@ -184,7 +184,7 @@ def kernel_info() -> dict | None:
         "isa": ISA_NAMES[lib.ks_isa()],
         "requested": _isa_request(),
         "openmp": bool(info & 1),
-        "clones": bool(info & 2),
+        "x86_variants": bool(info & 2),
     }
 
 
