@@ -654,23 +654,37 @@ def _fresh_build(monkeypatch, tmp_path, **env):
         monkeypatch.setenv(k, v)
 
 
-def test_a_build_without_openmp_warns_once(tmp_path, monkeypatch):
-    """A compiler that rejects -fopenmp: the fallback build works (one thread) and says so."""
+# shell tests that make a wrapped compiler fail: one rejecting -fopenmp, one rejecting any
+# build that keeps the x86 vector code (that is, without -DKS_ISA_GENERIC)
+_REJECTS = {
+    "openmp": 'for a; do [ "$a" = -fopenmp ] && exit 1; done',
+    "vector code": 'case " $* " in *" -DKS_ISA_GENERIC "*) ;; *) exit 1;; esac',
+}
+
+
+@pytest.mark.parametrize("lost", list(_REJECTS))
+def test_a_degraded_build_warns_once(lost, tmp_path, monkeypatch):
+    """A compiler that rejects -fopenmp (or the AVX code): the fallback build works (one
+    thread, or generic code), says so once, and is keyed on the compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
+    if lost == "vector code" and platform.machine() != "x86_64":
+        pytest.skip("the x86 vector variants exist on x86 only")
     _needs_kernel()
     default_build = Path(native._load()._name).name
-    wrapper = tmp_path / "cc-without-openmp"
-    wrapper.write_text(
-        f'#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && exit 1; done\nexec {cc} "$@"\n'
-    )
+    wrapper = tmp_path / "cc-wrapper"
+    wrapper.write_text(f'#!/bin/sh\n{_REJECTS[lost]}\nexec {cc} "$@"\n')
     wrapper.chmod(0o755)
     _fresh_build(monkeypatch, tmp_path / "cache", CC=str(wrapper))
-    with pytest.warns(UserWarning, match="built without OpenMP") as record:
+    match = "built without OpenMP" if lost == "openmp" else "without the AVX-512/AVX2 vector code"
+    with pytest.warns(UserWarning, match=match) as record:
         assert native.available(torch.zeros(1))
     assert len([w for w in record if "ksmm" in str(w.message)]) == 1
-    assert native.kernel_info()["openmp"] is False
+    info = native.kernel_info()
+    assert (info["openmp"], info["x86_variants"]) == (
+        (False, True) if lost == "openmp" else (True, False)
+    )
     chain = KSLinearChain(64, 48, 8).double()
     x = torch.randn(32, 64, dtype=F64)
     torch.testing.assert_close(chain(x), x @ ks_chain_reference(chain).T)
