@@ -409,8 +409,8 @@ KS_INLINE void KS_FN(ks_pass_bwd_slots)(long da, long db, const float *Aa, const
 /* Each combination of (two levels, first big, second big) as constants, so that each compiles
  * to straight-line code. */
 static void KS_FN(ks_pass_fwd_vec)(long da, long db, const float *Aa, const float *Ba,
-                                            const float *Ab, const float *Bb, const float *const *x,
-                                            float *const *y, long P, int two) {
+                                   const float *Ab, const float *Bb, const float *const *x,
+                                   float *const *y, long P, int two) {
     const int big_a = da >= KS_V, big_b = two && db >= KS_V;
     if (!two && big_a) KS_FN(ks_pass_fwd_slots)(da, db, Aa, Ba, Ab, Bb, x, y, P, 0, 1, 0);
     else if (!two) KS_FN(ks_pass_fwd_slots)(da, db, Aa, Ba, Ab, Bb, x, y, P, 0, 0, 0);
@@ -421,9 +421,9 @@ static void KS_FN(ks_pass_fwd_vec)(long da, long db, const float *Aa, const floa
 }
 
 static void KS_FN(ks_pass_bwd_vec)(long da, long db, const float *Aa, const float *Ba,
-                                            const float *Ab, const float *Bb, const float *const *x,
-                                            const float *const *g, float *const *h, float *sAa,
-                                            float *sBa, float *sAb, float *sBb, long P, int two) {
+                                   const float *Ab, const float *Bb, const float *const *x,
+                                   const float *const *g, float *const *h, float *sAa, float *sBa,
+                                   float *sAb, float *sBb, long P, int two) {
     const int big_a = da >= KS_V, big_b = two && db >= KS_V;
     if (!two && big_a)
         KS_FN(ks_pass_bwd_slots)(da, db, Aa, Ba, Ab, Bb, x, g, h, sAa, sBa, sAb, sBb, P, 0, 1, 0);
