@@ -262,15 +262,17 @@ def _check_levels(op: str, x: Tensor, weights, ds, scale, grad: Tensor | None = 
         raise ValueError(f"{op}: {len(weights)} weights for {len(ds)} levels (ds); need >= 1")
     if p < 2 or p % 2:
         raise ValueError(f"{op}: rows of {p} values; a butterfly level needs an even P >= 2")
+    shape, dtype, device = (p // 2, 2, 2), x.dtype, x.device
     for t, (d, w) in enumerate(zip(ds, weights, strict=True)):
         if d < 1 or p % (2 * d):
             raise ValueError(f"{op}: ds[{t}] = {d} does not divide rows of P = {p} into 2d pairs")
-        if tuple(w.shape) != (p // 2, 2, 2):
+        if w.shape != shape:
             raise ValueError(
                 f"{op}: weights[{t}] has shape {tuple(w.shape)}; rows of P = {p} need "
-                f"(P/2, 2, 2) = {(p // 2, 2, 2)}"
+                f"(P/2, 2, 2) = {shape}"
             )
-        _same(op, f"weights[{t}]", w, x)
+        if w.dtype != dtype or w.device != device:  # the message only when it is needed
+            _same(op, f"weights[{t}]", w, x)
     if not isinstance(scale, Tensor) or scale.numel() != 1 or not scale.is_floating_point():
         raise TypeError(f"{op}: scale must be a one-element float tensor, got {_describe(scale)}")
     if grad is not None:
@@ -450,16 +452,15 @@ def _as_scale(scale) -> Tensor:
 
 
 def _check_patterns(x: Tensor, levels, weights) -> None:
-    """The levels as KS patterns (a, d) against rows of x: a*2*d = P, weights (a*d, 2, 2)."""
+    """The levels as KS patterns (a, d) against rows of x: a*2*d = P (the op checks the rest:
+    weights of shape (a*d, 2, 2) = (P/2, 2, 2) in x's dtype, on x's device)."""
     p = x.shape[-1]
     for (a, d), w in zip(levels, weights, strict=True):
-        if a * 2 * d != p or tuple(w.shape) != (a * d, 2, 2):
+        if a * 2 * d != p:
             raise ValueError(
                 f"butterfly level (a={a}, d={d}) with a {tuple(w.shape)} weight does not fit "
                 f"rows of {p} values (it needs a*2*d = {p} and a weight of shape (a*d, 2, 2))"
             )
-        if w.dtype != x.dtype:
-            raise ValueError(f"butterfly weights are {w.dtype} but the rows are {x.dtype}")
 
 
 def butterfly_rows(x: Tensor, levels, weights, trans: bool = False, scale=1.0) -> Tensor:

@@ -439,7 +439,7 @@ def test_fused_butterfly_checks_its_inputs_and_takes_an_empty_batch():
     if not native.available(torch.zeros(1)):
         pytest.skip("no C compiler: the fused kernel is unavailable")
     levels, x = [(1, 2), (2, 1)], torch.randn(3, 4)
-    with pytest.raises(ValueError, match="are torch.float64 but the rows are torch.float32"):
+    with pytest.raises(TypeError, match=r"weights\[0\] is torch.float64 but x is torch.float32"):
         native.butterfly_rows(x, levels, [torch.randn(2, 2, 2, dtype=F64) for _ in levels])
     with pytest.raises(ValueError, match=r"needs a\*2\*d = 4"):
         native.butterfly_rows(x, [(1, 4)], [torch.randn(4, 2, 2)])
