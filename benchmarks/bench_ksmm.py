@@ -122,25 +122,40 @@ def print_header(device, batch, repeats) -> None:
     print(f"load average (1, 5, 15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("ms = median forward+backward; grad: what the backward pass computes (x and weights:")
     print("pair and dense without biases; weights only: x is data and pair and dense have biases,")
-    print("as the rank sweep trains); FLOP = forward 2*B*params; the models of one shape, rank")
-    print("and grad run in turns; a ratio is the median over repeats of the two models' times in")
-    print("the same repeat; min ms shows the noise floor; b2b /lowrank: the same ratio with each")
-    print(f"model's turn {BLOCK} steps back to back (hot caches: the pair's best case)")
+    print("as the rank sweep trains); step GF = 2*B*params for the forward pass, the weight and")
+    print("the input gradients, less the first layer's input gradient where x needs none; the")
+    print("models of one shape, rank and grad run in turns; a ratio is the median over repeats of")
+    print("the two models' times in the same repeat; min ms shows the noise floor; b2b /lowrank:")
+    print(f"the same ratio with each model's turn {BLOCK} steps back to back (hot caches: the")
+    print("pair's best case)")
+
+
+def step_flops(batch, params: int, first: int, input_grad: bool) -> int:
+    """A training step's FLOPs from the parameter count: forward, weight gradients and input
+    gradients, 2*B*params each, less the first layer's (``first`` parameters) input gradient
+    when x needs none: without it a dense layer skips a third of its step, a chain far less."""
+    return 2 * batch * (3 * params - (0 if input_grad else first))
 
 
 def build_models(m, n, r, batch, device, bias: bool, ref: bool):
-    """(models, forward FLOPs) of one shape and rank; the dense layer is built by the caller."""
+    """(models, step FLOPs) of one shape and rank, the dense layer first."""
+    input_grad = not bias  # the two modes: see GRAD_MODES and measure_shape
     models = {
+        "dense": nn.Linear(n, m, bias=bias, device=device),
         "lowrank pair": nn.Sequential(
             nn.Linear(n, r, bias=bias, device=device), nn.Linear(r, m, bias=bias, device=device)
         ),
     }
-    flops = {"lowrank pair": 2 * batch * r * (m + n)}
+    flops = {
+        "dense": step_flops(batch, m * n, m * n, input_grad),
+        "lowrank pair": step_flops(batch, r * (m + n), r * n, input_grad),
+    }
     for name in ["butterfly", "monarch"]:
         chain = KSLinearChain(n, m, r, name, device=device)
         label = f"{name} chain" + (f" k={chain.nblocks}" if name == "monarch" else "")
         models[label] = chain
-        flops[label] = 2 * batch * chain.num_parameters
+        first = chain.patterns[0].nnz
+        flops[label] = step_flops(batch, chain.num_parameters, first, input_grad)
         if name == "butterfly" and ref:
             models["butterfly einsum ref"] = EinsumChain(chain)
             flops["butterfly einsum ref"] = flops[label]
@@ -152,11 +167,9 @@ def measure_shape(m, n, ranks, args, device, grad: str) -> list[tuple]:
     min ms, /lowrank, /dense, b2b /lowrank)."""
     batch, bias = args.batch, grad == "weights"
     x = torch.randn(batch, n, device=device, requires_grad=grad == "input")
-    dense = nn.Linear(n, m, bias=bias, device=device)
     rows = []
     for r in ranks:
         models, flops = build_models(m, n, r, batch, device, bias, not args.no_ref)
-        models, flops["dense"] = {"dense": dense, **models}, 2 * batch * m * n
         times = time_together(models, x, args.repeats, device)
         # the target pair once more, each model back to back in its turn
         target = {k: models[k] for k in ["lowrank pair", "butterfly chain"]}
@@ -177,7 +190,7 @@ def measure_shape(m, n, ranks, args, device, grad: str) -> list[tuple]:
 
 def print_table(rows) -> None:
     head = (
-        f"{'out x in':>11} {'rank':>5} {'grad':<13} {'method':<22} {'GFLOP':>7} {'ms':>9} "
+        f"{'out x in':>11} {'rank':>5} {'grad':<13} {'method':<22} {'step GF':>7} {'ms':>9} "
         f"{'min ms':>9} {'/lowrank':>9} {'/dense':>7} {'b2b /lowrank':>12}"
     )
     print(head)
@@ -195,6 +208,7 @@ def check_targets(rows, batch) -> tuple[dict, list[str]]:
     """The targets per grad mode: chain within 1.5x of the pair (in turns, back to back) and
     faster than dense wherever it has fewer FLOPs."""
     verdict, misses = {}, []
+    dense_flops = {(m, n, g): f for m, n, _, g, name, f, *_ in rows if name == "dense"}
     for m, n, r, grad, name, f, _, _, vs_low, vs_dense, b2b in rows:
         v = verdict.setdefault(grad, {"in turns": True, "back to back": True, "dense": True})
         for way, ratio in [("in turns", vs_low), ("back to back", b2b)]:
@@ -204,7 +218,7 @@ def check_targets(rows, batch) -> tuple[dict, list[str]]:
                     f"butterfly {m}x{n} r={r} ({GRAD_MODES[grad]}): {ratio:.2f}x the low-rank "
                     f"pair ({way})"
                 )
-        if " chain" in name and f < 2 * batch * m * n and vs_dense >= 1:
+        if " chain" in name and f < dense_flops[m, n, grad] and vs_dense >= 1:
             v["dense"] = False
             misses.append(
                 f"{name} {m}x{n} r={r} ({GRAD_MODES[grad]}): fewer FLOPs but {vs_dense:.2f}x "
