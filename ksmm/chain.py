@@ -225,8 +225,9 @@ class KSLinearChain(nn.Module):
         """
         nfly = self._butterfly_span()
         fused = nfly is not None and native.available(self.factors[0].weight)
-        # the chain is linear: the fused kernel applies the output scale for free
-        scale = float(self.output_scale) if fused else None
+        # the chain is linear: the fused kernel applies the output scale for free (the buffer
+        # itself, not its float: torch.compile then keeps it an input of the graph)
+        scale = self.output_scale if fused else None
         if nfly is None:
             ops = self._merged()
         elif self.rank >= rows:  # the butterfly runs on the batch
@@ -281,7 +282,7 @@ class KSLinearChain(nn.Module):
         weights = [f.weight for f in list(self.factors)[start:stop]]
         return (levels[::-1], weights[::-1]) if transpose else (levels, weights)
 
-    def _fold_output(self, i0: int, i1: int, scale: float):
+    def _fold_output(self, i0: int, i1: int, scale: Tensor):
         """x -> U (V B)^T... as one op: native.fold_output on the parameters' own storage (V is
         stored (1, P, r), so its rows are strided; U is stored (1, r, m), i.e. U^T)."""
         levels, weights = self._levels(i0, i1, transpose=True)

@@ -1,7 +1,10 @@
 import concurrent.futures
 import math
+import platform
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,6 +376,10 @@ def test_fused_butterfly_gradcheck(transpose):
         lambda x, *w: native.butterfly_rows(x.t(), levels, w, transpose),
         (x.detach().t().contiguous().requires_grad_(), *ws),
     )
+    ds, scale = [d for _, d in levels], torch.tensor(-1.5, dtype=F64)
+    assert torch.autograd.gradcheck(  # the registered op (what compiled graphs call)
+        lambda x, *w: native.butterfly_levels(x, list(w), ds, transpose, scale), (x, *ws)
+    )
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -389,10 +396,17 @@ def test_fused_butterfly_gradcheck(transpose):
     ids=["P64", "P48", "P64-mixed", "P64-repeated", "P96", "P2"],
 )
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_fused_butterfly_float32_matches_float64_reference(levels, transpose, layout):
-    """The float32 kernel (16-wide vector loops where a level allows them) against the float64
-    einsum reference; "columns": x and the gradient are strided, as a rank-r factor's rows are
-    the columns of its stored weight, and the input gradient comes back in x's layout."""
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+def test_fused_butterfly_float32_matches_float64_reference(
+    levels, transpose, layout, isa, monkeypatch
+):
+    """The float32 kernel (vector loops where a level allows them: 16 wide on AVX-512, 8 wide
+    in the AVX2 build) against the float64 einsum reference; "columns": x and the gradient are
+    strided, as a rank-r factor's rows are the columns of its stored weight, and the input
+    gradient comes back in x's layout."""
+    if isa != "auto":  # its own build (cached on disk after the first case)
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setenv("KSMM_ISA", isa)
     if not native.available(torch.zeros(1)):
         pytest.skip("no C compiler: the fused kernel is unavailable")
     torch.manual_seed(0)
@@ -425,7 +439,7 @@ def test_fused_butterfly_checks_its_inputs_and_takes_an_empty_batch():
     if not native.available(torch.zeros(1)):
         pytest.skip("no C compiler: the fused kernel is unavailable")
     levels, x = [(1, 2), (2, 1)], torch.randn(3, 4)
-    with pytest.raises(ValueError, match="are torch.float64 but the rows are torch.float32"):
+    with pytest.raises(TypeError, match=r"weights\[0\] is torch.float64 but x is torch.float32"):
         native.butterfly_rows(x, levels, [torch.randn(2, 2, 2, dtype=F64) for _ in levels])
     with pytest.raises(ValueError, match=r"needs a\*2\*d = 4"):
         native.butterfly_rows(x, [(1, 4)], [torch.randn(4, 2, 2)])
@@ -462,16 +476,23 @@ def test_fused_kernel_loads_once_when_threads_race_for_it(tmp_path, monkeypatch)
 
 
 def test_fused_butterfly_refuses_double_backward():
-    """Its gradients come from C: a second derivative must fail loudly, not come out as 0."""
+    """Its gradients come from C: a second derivative must fail loudly, not come out as 0, on
+    the eager path and through the registered op (what a compiled graph runs)."""
     if not native.available(torch.zeros(1)):
         pytest.skip("no C compiler: the fused kernel is unavailable")
     levels = [(1, 2), (2, 1)]
     ws = [torch.randn(2, 2, 2, requires_grad=True) for _ in levels]
     x = torch.randn(3, 4, requires_grad=True)
-    (gx,) = torch.autograd.grad(native.butterfly_rows(x, levels, ws).square().sum(), [x],
-                                create_graph=True)  # fmt: skip
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
-        gx.sum().backward()
+    paths = {
+        "once_differentiable": lambda: native.butterfly_rows(x, levels, ws),
+        "no autograd formula": lambda: native.butterfly_levels(
+            x, ws, [2, 1], False, torch.tensor(1.0)
+        ),
+    }
+    for match, run in paths.items():
+        (gx,) = torch.autograd.grad(run().square().sum(), [x], create_graph=True)
+        with pytest.raises(RuntimeError, match=match):
+            gx.sum().backward()
 
 
 def test_fused_kernel_without_a_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
@@ -501,3 +522,194 @@ def test_fused_two_forwards_before_one_backward():
     for g, p in zip(got, chain.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad)
     assert torch.allclose(dense, ref)
+
+
+def _needs_kernel():
+    if not native.available(torch.zeros(1)):
+        pytest.skip("no C compiler: the fused kernel is unavailable")
+
+
+def _chain_grads(model, chain, x):
+    y = model(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *chain.parameters()])
+    return y, grads
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_chain_under_torch_compile_matches_eager(backend):
+    """torch.compile traces the chain through the registered op in one graph (fullgraph: no
+    break at the ctypes call), forward and backward, folded (rows > rank) and on the batch;
+    a changed output_scale reaches the compiled graph (it is an input, not a constant)."""
+    _needs_kernel()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ops = []
+
+    def spy(gm, inputs):  # the ops dynamo put in the graph, then the backend under test
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.lookup_backend(backend)(gm, inputs)
+
+    rows_cases = (32,) if backend == "inductor" else (32, 4)  # inductor: one case, ~3 s
+    for rows in rows_cases:
+        chain = KSLinearChain(64, 48, 8, output_scale=1.5)
+        compiled = torch.compile(chain, backend=spy, fullgraph=True)
+        x = torch.randn(rows, 64, requires_grad=True)
+        y, grads = _chain_grads(compiled, chain, x)
+        y_ref, ref = _chain_grads(chain, chain, x)
+        torch.testing.assert_close(y, y_ref)
+        for g, r in zip(grads, ref, strict=True):
+            torch.testing.assert_close(g, r)
+        chain.output_scale.fill_(-2.0)
+        torch.testing.assert_close(compiled(x), chain(x))
+    assert "ksmm.butterfly_levels.default" in ops
+
+
+def test_chain_exports_with_the_op():
+    _needs_kernel()
+    chain = KSLinearChain(64, 48, 8, output_scale=1.5)
+    x = torch.randn(32, 64)
+    exported = torch.export.export(chain, (x,))
+    targets = [str(n.target) for n in exported.graph.nodes]
+    assert "ksmm.butterfly_levels.default" in targets
+    torch.testing.assert_close(exported.module()(x), chain(x))
+
+
+def test_op_checks_its_arguments_before_the_kernel():
+    """Wrong dtypes, shapes and devices are errors naming the argument, not a read past a
+    buffer; meta tensors stand in for another device on a CUDA-less machine."""
+    _needs_kernel()
+    op, one = native.butterfly_levels, torch.tensor(1.0)
+    x, ws, ds = torch.randn(3, 4), [torch.randn(2, 2, 2), torch.randn(2, 2, 2)], [2, 1]
+    torch.testing.assert_close(
+        op(x, ws, ds, False, one), native.butterfly_rows(x, [(1, 2), (2, 1)], ws)
+    )
+    cases = [
+        ((x.half(), [w.half() for w in ws], ds), TypeError, "x is torch.float16"),
+        ((x, [ws[0], ws[1].double()], ds), TypeError, r"weights\[1\] is torch.float64"),
+        ((x, [ws[0], torch.randn(4, 2, 2)], ds), ValueError, r"weights\[1\] has shape \(4, 2, 2\)"),
+        ((x, ws, [2, 3]), ValueError, r"ds\[1\] = 3 does not divide"),
+        ((x, ws, [2]), ValueError, "2 weights for 1 levels"),
+        ((x[0], ws, ds), ValueError, "x must be a 2-D"),
+        ((torch.randn(3, 5), ws, ds), ValueError, "an even P"),
+        (
+            (x, [ws[0].to("meta"), ws[1]], ds),
+            ValueError,
+            r"weights\[0\] is on meta but x is on cpu",
+        ),
+        ((x.to("meta"), ws, ds), ValueError, r"weights\[0\] is on cpu but x is on meta"),
+    ]
+    for (xx, wws, dds), exc, match in cases:
+        with pytest.raises(exc, match=match):
+            op(xx, wws, dds, False, one)
+    with pytest.raises(TypeError, match="scale must be a one-element float tensor"):
+        op(x, ws, ds, False, torch.ones(2))
+    # all on meta: the fake kernel gives the output's shape and runs no C
+    y = op(x.to("meta"), [w.to("meta") for w in ws], ds, False, one.to("meta"))
+    assert y.device.type == "meta" and y.shape == x.shape
+    bwd = native.butterfly_levels_backward
+    with pytest.raises(ValueError, match=r"grad has shape \(3, 2\)"):
+        bwd(x, torch.randn(3, 2), ws, ds, False, one, True)
+    with pytest.raises(TypeError, match="grad is torch.float64"):
+        bwd(x, x.double(), ws, ds, False, one, True)
+    with pytest.raises(ValueError, match="scale must not require grad"):
+        op(x, ws, ds, False, torch.tensor(1.0, requires_grad=True))
+
+
+def test_fold_output_checks_its_arguments():
+    _needs_kernel()
+    levels = [(1, 2), (2, 1)]
+    ws = [torch.randn(2, 2, 2) for _ in levels]
+    x, v, u = torch.randn(5, 4), torch.randn(3, 4), torch.randn(3, 6)
+    y = native.fold_output(x, v, u, levels, ws, 2.0)
+    vb = 2.0 * ks_einsum(ks_einsum(v, ws[0].view(1, 2, 2, 2).permute(0, 3, 2, 1).transpose(1, 2)),
+                         ws[1].view(2, 1, 2, 2).permute(0, 3, 2, 1).transpose(1, 2))  # fmt: skip
+    torch.testing.assert_close(y, x @ vb.t() @ u)
+    with pytest.raises(ValueError, match="do not chain"):
+        native.fold_output(torch.randn(5, 8), v, u, levels, ws, 1.0)
+    with pytest.raises(ValueError, match=r"u_t \(2, 6\) must be \(r, m\) with r = 3"):
+        native.fold_output(x, v, torch.randn(2, 6), levels, ws, 1.0)
+    with pytest.raises(TypeError, match="u_t is torch.float64 but v_rows is torch.float32"):
+        native.fold_output(x, v, u.double(), levels, ws, 1.0)
+    with pytest.raises(ValueError, match="x is on meta but v_rows is on cpu"):
+        native.fold_output(x.to("meta"), v, u, levels, ws, 1.0)
+
+
+def test_every_c_function_has_a_declared_signature():
+    """A call with a missing argument fails in ctypes instead of reading a stray register."""
+    _needs_kernel()
+    lib = native._load()
+    for name, (restype, argtypes) in native._SIGNATURES.items():
+        fn = getattr(lib, name)
+        assert fn.argtypes == argtypes and fn.restype == restype, name
+    with pytest.raises(TypeError, match="takes at least 4 arguments"):
+        lib.ks_scratch_size(1, 16, 4)
+    assert lib.ks_build_info() & 1, "the default build has OpenMP"
+
+
+def _fresh_build(monkeypatch, tmp_path, **env):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.delenv("KSMM_NATIVE", raising=False)
+    monkeypatch.setenv("KSMM_CACHE", str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+# shell tests that make a wrapped compiler fail: one rejecting -fopenmp, one rejecting any
+# build that keeps the x86 vector code (that is, without -DKS_ISA_GENERIC)
+_REJECTS = {
+    "openmp": 'for a; do [ "$a" = -fopenmp ] && exit 1; done',
+    "vector code": 'case " $* " in *" -DKS_ISA_GENERIC "*) ;; *) exit 1;; esac',
+}
+
+
+@pytest.mark.parametrize("lost", list(_REJECTS))
+def test_a_degraded_build_warns_once(lost, tmp_path, monkeypatch):
+    """A compiler that rejects -fopenmp (or the AVX code): the fallback build works (one
+    thread, or generic code), says so once, and is keyed on the compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    if lost == "vector code" and platform.machine() != "x86_64":
+        pytest.skip("the x86 vector variants exist on x86 only")
+    _needs_kernel()
+    default_build = Path(native._load()._name).name
+    wrapper = tmp_path / "cc-wrapper"
+    wrapper.write_text(f'#!/bin/sh\n{_REJECTS[lost]}\nexec {cc} "$@"\n')
+    wrapper.chmod(0o755)
+    _fresh_build(monkeypatch, tmp_path / "cache", CC=str(wrapper))
+    match = "built without OpenMP" if lost == "openmp" else "without the AVX-512/AVX2 vector code"
+    with pytest.warns(UserWarning, match=match) as record:
+        assert native.available(torch.zeros(1))
+    assert len([w for w in record if "ksmm" in str(w.message)]) == 1
+    info = native.kernel_info()
+    assert (info["openmp"], info["x86_variants"]) == (
+        (False, True) if lost == "openmp" else (True, False)
+    )
+    chain = KSLinearChain(64, 48, 8).double()
+    x = torch.randn(32, 64, dtype=F64)
+    torch.testing.assert_close(chain(x), x @ ks_chain_reference(chain).T)
+    # the compiler is in the cache key: this build's file is not the default compiler's
+    assert Path(native._load()._name).name != default_build
+    assert len(list((tmp_path / "cache").rglob("*.so"))) == 1
+
+
+def test_avx2_build_runs_avx2_and_agrees(tmp_path, monkeypatch):
+    """KSMM_ISA=avx2 (an AVX2-only CPU's code on this one) is its own cached build, runs the
+    x86-64-v3 code where the CPU has it, and computes what the default build does."""
+    _needs_kernel()
+    torch.manual_seed(0)
+    chain = KSLinearChain(256, 96, 64, output_scale=1.3)
+    x = torch.randn(100, 256, requires_grad=True)
+    y, grads = _chain_grads(chain, chain, x)
+    _fresh_build(monkeypatch, tmp_path, KSMM_ISA="avx2")
+    info = native.kernel_info()
+    assert info["requested"] == "avx2" and "avx512" not in info["isa"]
+    if platform.machine() == "x86_64" and "avx2" in Path("/proc/cpuinfo").read_text():
+        assert info["isa"].startswith("avx2")
+    y2, grads2 = _chain_grads(chain, chain, x)
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads2, grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+    _fresh_build(monkeypatch, tmp_path, KSMM_ISA="avx3000")
+    with pytest.warns(UserWarning, match="KSMM_ISA='avx3000'"):
+        assert not native.available(torch.zeros(1))
