@@ -1,4 +1,6 @@
-"""Kronecker-sparse (KS) factors and chains in pure PyTorch."""
+"""Kronecker-sparse (KS) factors and chains: PyTorch modules, with a fused CPU kernel for the
+butterfly levels behind registered ops (ksmm/native.py) and a PyTorch path that computes the
+same thing."""
 
 from .chain import KSLinearChain, butterfly_patterns, chain_patterns, merge_abcd
 from .factor import KSLinear, KSPattern, ks_apply_fm, ks_dense, ks_einsum
