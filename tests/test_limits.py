@@ -212,15 +212,24 @@ def test_the_estimate_bounds_the_real_peak(tmp_path, config):
     process refusing bad input (interpreter, torch and the entry point imported), stays under
     it, and not by an absurd margin."""
     script = f"{config}.py"
-    base = [f"hydra.run.dir={tmp_path / 'base'}", "logger=disabled"]
-    code, stderr, _, idle = run_measured(script, [*base, BASELINE[config]], tmp_path)
-    assert code == 2, stderr[-2000:]
-    args = [*ESTIMATED[config], "logger=disabled", f"hydra.run.dir={tmp_path / 'job'}"]
-    code, stderr, _, peak = run_measured(script, args, tmp_path)
-    assert code == 0, stderr[-2000:]
-    used, estimate = peak - idle, estimated_peak(config, ESTIMATED[config])
-    assert used > 200 * MiB, used / MiB  # the case measures tensors, not noise
-    assert used <= estimate <= 4 * used, (used / MiB, estimate / MiB)
+    idles, peaks = [], []
+    for attempt in range(2):  # each twice: the lower idle, the higher peak (CI once read 128 MiB
+        # less used than every other run, with the same code)
+        base = [f"hydra.run.dir={tmp_path / f'base{attempt}'}", "logger=disabled"]
+        code, stderr, _, idle = run_measured(script, [*base, BASELINE[config]], tmp_path)
+        assert code == 2, stderr[-2000:]
+        args = [
+            *ESTIMATED[config],
+            "logger=disabled",
+            f"hydra.run.dir={tmp_path / f'job{attempt}'}",
+        ]
+        code, stderr, _, peak = run_measured(script, args, tmp_path)
+        assert code == 0, stderr[-2000:]
+        idles.append(idle / MiB)
+        peaks.append(peak / MiB)
+    used, estimate = max(peaks) - min(idles), estimated_peak(config, ESTIMATED[config]) / MiB
+    assert used > 200, (idles, peaks)  # the case measures tensors, not noise
+    assert used <= estimate <= 4 * used, (used, estimate, idles, peaks)
 
 
 WEIGHT = "the 64x128 weight"
