@@ -356,15 +356,17 @@ def test_a_requeued_multimodal_job_ends_with_the_numbers_of_an_uninterrupted_one
 
 
 def test_a_rank_sweep_job_warned_before_its_time_limit_goes_on_after_a_requeue(tmp_path):
-    """The real time-limit path: timeout_min=5 and signal_delay_s=200, so SLURM itself sends
+    """The real time-limit path: timeout_min=8 and signal_delay_s=380, so SLURM itself sends
     SIGUSR2 100 s into the job (up to 60 s earlier: SLURM's event resolution), while the job
-    needs ~2 minutes. With one requeue allowed the job stops, is requeued and goes on from its
-    last epoch, and finishes inside the limit. Each epoch is recorded once
-    (tests/test_run_records.py shows the curves equal an uninterrupted run's)."""
-    epochs = 2000
+    needs about 3 minutes on an idle 2-core machine (5000 epochs at ~36 ms; 2000 epochs took
+    71 s once, finishing before the warning). With one requeue allowed the job stops, is
+    requeued and goes on from its last epoch, and finishes inside its next 8 minutes. Each
+    epoch is recorded once (tests/test_run_records.py shows the curves equal an uninterrupted
+    run's)."""
+    epochs = 5000
     args = ["rank=2", *RANK_SMALL[:2], f"train.num_epochs={epochs}", "train.steps_per_epoch=40",
-            "logger=disabled", ONE_CPU, "hydra.launcher.timeout_min=5",
-            "hydra.launcher.signal_delay_s=200", "hydra.launcher.max_num_timeout=1"]  # fmt: skip
+            "logger=disabled", ONE_CPU, "hydra.launcher.timeout_min=8",
+            "hydra.launcher.signal_delay_s=380", "hydra.launcher.max_num_timeout=1"]  # fmt: skip
     out = tmp_path / "sweep"
     proc = sweep(RANK_SWEEP, args, out, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
