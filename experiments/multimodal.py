@@ -630,10 +630,10 @@ def train(run: Training, logger: ExperimentLogger) -> None:
             run.probe.log(logger, metrics, step=run.step)
             bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", refresh=False)
         run.log_media(logger, images)
-        if tc.checkpoint_frequency and run.step % tc.checkpoint_frequency == 0:
+        if run.epoch_ends():  # saves last.pt once the step's records are written: a resume
+            run.evaluate_epoch(logger)  # from it never skips them
+        elif tc.checkpoint_frequency and run.step % tc.checkpoint_frequency == 0:
             run.save(job_dir() / "last.pt")
-        if run.epoch_ends():
-            run.evaluate_epoch(logger)
     bar.close()
 
 

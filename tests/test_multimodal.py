@@ -309,3 +309,43 @@ def test_a_sweep_with_a_failed_job_exits_non_zero(tmp_path):
         "1 of 1 jobs did not finish: run/0 (not run: its folder holds an earlier" in reused.stdout
     )
     assert (sweep / "run" / "0" / "metrics.jsonl").read_text() == before
+
+
+def test_a_checkpoint_at_an_epoch_end_comes_after_the_evaluation(tmp_path, monkeypatch):
+    """A periodic checkpoint at a step that also ends an epoch was saved before the epoch's
+    records: a run stopped during that evaluation (SLURM's SIGUSR2, in the SLURM suite) resumed
+    from it past the step and never logged its evaluation or sample captions."""
+    from types import SimpleNamespace
+
+    from experiments import multimodal
+
+    calls: list[tuple[str, int]] = []
+
+    class Run:  # the steps train() strings together, recording their order
+        cfg = SimpleNamespace(train=SimpleNamespace(checkpoint_frequency=2))
+        model, device = torch.nn.Linear(1, 1), torch.device("cpu")
+        probe = SimpleNamespace(log=lambda *a, **k: None)
+        step, stop = 0, 8
+
+        def batch(self):
+            return None, None
+
+        def train_step(self, images, tokens):
+            self.step += 1
+
+        def log_media(self, logger, images):
+            pass
+
+        def epoch_ends(self):
+            return self.step % 4 == 0  # 4 steps an epoch, a checkpoint every 2
+
+        def evaluate_epoch(self, logger):
+            calls.append(("evaluate, then save last.pt", self.step))
+
+        def save(self, path):
+            calls.append((f"save {path.name}", self.step))
+
+    monkeypatch.setattr(multimodal, "job_dir", lambda: tmp_path)
+    multimodal.train(Run(), logger=None)
+    assert calls == [("save last.pt", 2), ("evaluate, then save last.pt", 4),
+                     ("save last.pt", 6), ("evaluate, then save last.pt", 8)]  # fmt: skip
