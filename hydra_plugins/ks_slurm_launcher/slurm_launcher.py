@@ -110,15 +110,16 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             submitit.AutoExecutor.map_array = executor_map_array
         returns = []
         for idx, (job, overrides) in enumerate(zip(submitted, job_overrides, strict=True)):
-            folder = self._job_folder(list(overrides), initial_job_idx + idx)
-            ended_as = wait_for(job)
-            if ended_as is not None:  # gone without a result, and sacct cannot say so
-                returns.append(self._ended_by_slurm(job, folder, list(overrides), ended_as))
-                continue
+            ended_as = wait_for(job)  # a state: gone without a result, and sacct cannot say so
             try:
-                returns.append(job.results()[0])
+                if ended_as is None:
+                    returns.append(job.results()[0])
+                    continue
             except submitit.core.utils.UncompletedJobError:
-                returns.append(self._ended_by_slurm(job, folder, list(overrides)))
+                pass
+            # composed only for a job SLURM ended: a config load per job would slow a big sweep
+            folder = self._job_folder(list(overrides), initial_job_idx + idx)
+            returns.append(self._ended_by_slurm(job, folder, list(overrides), ended_as))
         return returns
 
     def _job_folder(self, overrides: list[str], num: int) -> Path:
