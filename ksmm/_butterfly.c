@@ -114,13 +114,19 @@ static long ks_group(long n, int nthreads) {
     return g < KS_R ? KS_R : g < KS_GROUP ? g : KS_GROUP; /* never 0: it is a loop step */
 }
 
-/* elements of scratch a pass needs: the planes, then each thread's row blocks, group rows
- * (and sums and a row of zeros) */
+/* rows of scratch each thread of a pass owns, pitch apart: its own copy of the planes (built
+ * by the thread that reads them: planes built by another core cost a cross-core transfer per
+ * cache line, which on a VM whose two vCPUs sit on different dies doubled a rank-8 call), row
+ * blocks and group rows, and for the backward pass the planes' gradient sums and a row of
+ * zeros */
+static long ks_rows_per_thread(int backward, int L) {
+    return backward ? 4 * L + (long)(L + 2) * KS_R + 1 + 3 * KS_GROUP
+                    : 2 * L + 3 * KS_R + 2 * KS_GROUP;
+}
+
+/* elements of scratch a pass needs */
 long ks_scratch_size(int backward, long P, int L, int nthreads) {
-    const long pitch = KS_PITCH(P);
-    const long per = backward ? 2 * L + (long)(L + 2) * KS_R + 1 + 3 * KS_GROUP
-                              : 3 * KS_R + 2 * KS_GROUP;
-    return (2 * L + nthreads * per) * pitch;
+    return nthreads * ks_rows_per_thread(backward, L) * KS_PITCH(P);
 }
 
 /* What this build has, as bits: 1 OpenMP, 2 the AVX2 code, 4 the AVX-512 code. A build that
@@ -509,6 +515,14 @@ KS_INLINE void KS_FN(ks_planes)(T *A, T *B, long P, long d, const T *w, int tran
         }
 }
 
+/* every level's planes, the last one's times scale (the chain's output scale, for free) */
+KS_INLINE void KS_FN(ks_all_planes)(T *A, T *B, long pitch, long P, int L, const long *ds,
+                                    T *const *ws, int trans, T scale) {
+    for (int t = 0; t < L; ++t)
+        KS_FN(ks_planes)(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,
+                         t == L - 1 ? scale : 1);
+}
+
 /* dst = src for (n, P) arrays with any strides, in 16 x 16 tiles so that both sides are read
  * and written a cache line at a time (the inner loop runs along a row: rows P apart would all
  * map to one L1 set) */
@@ -542,18 +556,15 @@ KS_ENTRY void KS_FN(ks_butterfly_forward)(const T *x, const long *sx, T *y, cons
                                            long n, long P, int L, const long *ds, T *const *ws,
                                            int trans, T scale, T *mem, int nthreads) {
     const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};
-    const long per = (3 * KS_R + 2 * KS_GROUP) * pitch;
-    T *A = mem, *B = mem + L * pitch;
+    const long per = ks_rows_per_thread(0, L) * pitch;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        /* row j of block k: s + (k*KS_R + j)*pitch; blocks 0 and 1 hold alternate passes'
-         * outputs, block 2 those of dummy rows; then a group of strided x and y rows */
-        T *s = B + L * pitch + ks_thread_num() * per, *xbuf = s + 3 * KS_R * pitch;
-        T *ybuf = xbuf + KS_GROUP * pitch;
-#pragma omp for schedule(static)
-        for (int t = 0; t < L; ++t)
-            KS_FN(ks_planes)(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,
-                             t == L - 1 ? scale : 1);
+        /* the planes; then row j of block k: s + (k*KS_R + j)*pitch; blocks 0 and 1 hold
+         * alternate passes' outputs, block 2 those of dummy rows; then a group of strided x and
+         * y rows */
+        T *A = mem + ks_thread_num() * per, *B = A + L * pitch, *s = B + L * pitch;
+        T *xbuf = s + 3 * KS_R * pitch, *ybuf = xbuf + KS_GROUP * pitch;
+        KS_FN(ks_all_planes)(A, B, pitch, P, L, ds, ws, trans, scale);
 #pragma omp for schedule(static)
         for (long g0 = 0; g0 < n; g0 += G) { /* a group of rows: up to KS_GROUP */
             const long gn = n - g0 < G ? n - g0 : G;
@@ -610,8 +621,8 @@ KS_ENTRY void KS_FN(ks_butterfly_backward)(const T *x, const long *sx, const T *
     /* planes; per thread: gA and gB sums, L + 2 row blocks, a row of zeros, and a group of
      * strided x, gy and gx rows */
     const long pitch = KS_PITCH(P), G = ks_group(n, nthreads), gs[2] = {pitch, 1};
-    const long per = (2 * L + (long)(L + 2) * KS_R + 1 + 3 * KS_GROUP) * pitch;
-    T *A = mem, *B = mem + L * pitch, *sums = B + L * pitch;
+    const long per = ks_rows_per_thread(1, L) * pitch;
+    T *const sums = mem + 2 * L * pitch; /* thread k's gA: sums + k * per */
     int ts[L + 1], np = 0; /* the passes' first levels */
     for (int t = 0; t < L; t += KS_FN(ks_step)(ds, t, L, P)) ts[np++] = t;
     ts[np] = L;
@@ -620,17 +631,16 @@ KS_ENTRY void KS_FN(ks_butterfly_backward)(const T *x, const long *sx, const T *
     {
 #pragma omp single
         team = ks_team_size();
-        /* row j of block k: s + (k*KS_R + j)*pitch. Block i (1 <= i < np): the input of pass
-         * i; blocks 0 and np: gradients; block L + 1: dummy rows' gradients */
-        T *gA = sums + ks_thread_num() * per, *gB = gA + L * pitch, *s = gB + L * pitch;
+        /* the planes, their gradient sums, then row j of block k: s + (k*KS_R + j)*pitch.
+         * Block i (1 <= i < np): the input of pass i; blocks 0 and np: gradients; block
+         * L + 1: dummy rows' gradients */
+        T *A = mem + ks_thread_num() * per, *B = A + L * pitch;
+        T *gA = B + L * pitch, *gB = gA + L * pitch, *s = gB + L * pitch;
         T *zero = s + (L + 2) * KS_R * pitch, *xbuf = zero + pitch;
         T *gybuf = xbuf + KS_GROUP * pitch, *gxbuf = gybuf + KS_GROUP * pitch;
         memset(gA, 0, sizeof(T) * 2 * L * pitch);
         memset(zero, 0, sizeof(T) * P);
-#pragma omp for schedule(static)
-        for (int t = 0; t < L; ++t)
-            KS_FN(ks_planes)(A + t * pitch, B + t * pitch, P, ds[t], ws[t], trans,
-                             t == L - 1 ? scale : 1);
+        KS_FN(ks_all_planes)(A, B, pitch, P, L, ds, ws, trans, scale);
 #pragma omp for schedule(static)
         for (long g0 = 0; g0 < n; g0 += G) {
             const long gn = n - g0 < G ? n - g0 : G;
