@@ -204,14 +204,15 @@ def available(x: Tensor) -> bool:
 _local = threading.local()
 
 
-def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
-    """This thread's scratch buffer, reused between calls: a fresh multi-MB buffer each step
-    costs more in page faults (~2 us per 4 KB page on a VM) than the kernel itself."""
+def _scratch(numel: int, dtype: torch.dtype, use: str = "kernel") -> Tensor:
+    """This thread's scratch buffer for ``use``, reused between calls: a fresh multi-MB buffer
+    each step costs more in page faults (~2 us per 4 KB page on a VM) than the kernel itself.
+    Only for values no autograd node keeps: the next call overwrites it."""
     bufs = _local.__dict__.setdefault("scratch", {})
-    buf = bufs.get(dtype)
+    buf = bufs.get((use, dtype))
     if buf is None or buf.numel() < numel:
-        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
-    return buf
+        buf = bufs[use, dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def _longs_of(values) -> ctypes.Array:
@@ -302,11 +303,12 @@ def _check_native(op: str, x: Tensor, scale: Tensor) -> None:
         raise RuntimeError(f"{op}: the native kernel is unavailable (see the earlier warning)")
 
 
-def _levels_forward(op: str, x: Tensor, weights, ds, trans: bool, scale: Tensor) -> Tensor:
-    """The real forward kernel, checked: what the op runs on CPU and the eager path calls."""
+def _levels_forward(op, x: Tensor, weights, ds, trans: bool, scale: Tensor, y=None) -> Tensor:
+    """The real forward kernel, checked: what the op runs on CPU and the eager path calls;
+    into ``y`` (contiguous, x's shape) if given."""
     _check_levels(op, x, weights, ds, scale)
     _check_native(op, x, scale)
-    y = torch.empty(x.shape, dtype=x.dtype)
+    y = torch.empty(x.shape, dtype=x.dtype) if y is None else y
     if x.shape[0]:
         _c_forward(x, y, ds, [w.contiguous() for w in weights], trans, float(scale))
     return y
@@ -425,14 +427,18 @@ class _EagerFold(torch.autograd.Function):
     """x -> V B -> U in one autograd node: two matmuls and the kernel, without the matmul and
     transpose nodes that cost more Python than arithmetic at small ranks."""
 
+    # Without x's gradient (x is data) vb is not kept, and it and V B's gradient live in
+    # reused scratch: two (r, P) buffers fewer to allocate, and page-fault, each step.
     @staticmethod
     def forward(ctx, x, v_rows, u_t, ds, scale, *weights):
         if scale.requires_grad:
             raise ValueError("ksmm::butterfly_levels: scale must not require grad (a buffer)")
-        vb = _levels_forward("ksmm::butterfly_levels", v_rows, weights, ds, True, scale)
+        need_x = ctx.needs_input_grad[0]
+        out = None if need_x else _scratch(v_rows.numel(), v_rows.dtype, "vb").view(v_rows.shape)
+        vb = _levels_forward("ksmm::butterfly_levels", v_rows, weights, ds, True, scale, out)
         h = x @ vb.t()
         ctx.ds = ds
-        ctx.save_for_backward(x, v_rows, u_t, vb, h, scale, *weights)
+        ctx.save_for_backward(x, v_rows, u_t, vb if need_x else None, h, scale, *weights)
         return h @ u_t
 
     @staticmethod
@@ -442,8 +448,9 @@ class _EagerFold(torch.autograd.Function):
         gy = gy.contiguous()  # once, not in both products (a sum's gradient is an expand)
         gh = gy @ u_t.t()
         gx = gh @ vb if ctx.needs_input_grad[0] else None
+        gvb = torch.mm(gh.t(), x, out=_scratch(v_rows.numel(), x.dtype, "gvb").view(v_rows.shape))
         op = "ksmm::butterfly_levels_backward"
-        gv, *gws = _levels_grads(op, v_rows, gh.t() @ x, weights, ctx.ds, True, scale, True)
+        gv, *gws = _levels_grads(op, v_rows, gvb, weights, ctx.ds, True, scale, True)
         return (gx, gv, h.t() @ gy, None, None, *gws)
 
 

@@ -337,6 +337,23 @@ def test_fused_paths_in_both_dtypes(dtype, rows, input_grad):
         torch.testing.assert_close(x.grad.double(), x_ref.grad, **tol)
 
 
+def test_folded_chains_on_the_same_data_keep_their_own_gradients():
+    """Two folded chains of one shape on training data (no input gradient) share the reused
+    scratch for V B and its gradient: each one's gradients still match its own reference."""
+    torch.manual_seed(0)
+    chains = [KSLinearChain(256, 96, 8, output_scale=s) for s in (1.0, 0.5)]
+    x = torch.randn(100, 256)
+    (chains[0](x) * chains[1](x)).sum().backward()
+    got = [[p.grad for p in c.parameters()] for c in chains]
+    ref = [ks_chain_reference(c.double()) for c in chains]  # the chains' own weights, in f64
+    for c in chains:
+        c.zero_grad()
+    ((x.double() @ ref[0].T) * (x.double() @ ref[1].T)).sum().backward()
+    for c, grads in zip(chains, got, strict=True):
+        for g, p in zip(grads, c.parameters(), strict=True):
+            torch.testing.assert_close(g.double(), p.grad, rtol=2e-4, atol=2e-3)
+
+
 def ks_chain_reference(chain):
     """The chain's dense matrix from ks_dense of each factor (no fast path involved)."""
     dense = torch.eye(chain.in_features, dtype=torch.float64)
