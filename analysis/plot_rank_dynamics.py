@@ -131,7 +131,7 @@ def load_history(
 
 def plot(dynamics: dict[str, dict[str, np.ndarray]], steps: dict[str, np.ndarray], title: str,
          out: Path) -> Path:  # fmt: skip
-    """The notebook's three panels against step, one line per scope."""
+    """Three panels (Gini, centroid, AURC) against step, one line per scope."""
     fig = Figure(figsize=(10, 10), layout="tight")
     axes = fig.subplots(3, 1, sharex=True)
     panels = [
