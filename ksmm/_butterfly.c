@@ -176,9 +176,9 @@ static inline int ks_team_size(void) {
 /* The per-variant functions are written once, after the #else, and compiled once per variant
  * by including this file into itself with T (the element type), S (the name suffix), KS_VEC
  * (whether the vector code applies), KS_V (its width) and KS_ENTRY (the entry points' linkage)
- * set: unlike a macro body, each line keeps its own line number for compiler errors and
- * debuggers. The x86 variants are compiled under #pragma GCC target for their instruction
- * set. */
+ * set; the body #undefs them at its end. Unlike a macro body, each line keeps its own line
+ * number for compiler errors and debuggers. The x86 variants are compiled under #pragma GCC
+ * target for their instruction set. */
 #define KS_CAT2(a, b) a##_##b
 #define KS_CAT(a, b) KS_CAT2(a, b)
 #define KS_FN(name) KS_CAT(name, S)
@@ -195,11 +195,6 @@ static inline int ks_team_size(void) {
 #define KS_V 16
 #define KS_ENTRY static
 #include "_butterfly.c" /* this file: quoted includes look in its own folder first */
-#undef T
-#undef S
-#undef KS_VEC
-#undef KS_V
-#undef KS_ENTRY
 #pragma GCC pop_options
 #endif
 
@@ -212,11 +207,6 @@ static inline int ks_team_size(void) {
 #define KS_V 8
 #define KS_ENTRY static
 #include "_butterfly.c"
-#undef T
-#undef S
-#undef KS_VEC
-#undef KS_V
-#undef KS_ENTRY
 #pragma GCC pop_options
 #endif
 
@@ -226,11 +216,6 @@ static inline int ks_team_size(void) {
 #define KS_V 16
 #define KS_ENTRY static
 #include "_butterfly.c"
-#undef T
-#undef S
-#undef KS_VEC
-#undef KS_V
-#undef KS_ENTRY
 
 #define T double
 #define S f64
@@ -238,11 +223,6 @@ static inline int ks_team_size(void) {
 #define KS_V 16
 #define KS_ENTRY
 #include "_butterfly.c"
-#undef T
-#undef S
-#undef KS_VEC
-#undef KS_V
-#undef KS_ENTRY
 
 /* y = scale * (x through the levels), float32, with the code for this CPU's instruction set;
  * arguments as ks_butterfly_forward_f64 takes them */
@@ -684,5 +664,12 @@ KS_ENTRY void KS_FN(ks_butterfly_backward)(const T *x, const long *sx, const T *
                                   t == L - 1 ? scale : 1, gws[t]);
     }
 }
+
+/* the variant's parameters, so that the next #include can set them again */
+#undef T
+#undef S
+#undef KS_VEC
+#undef KS_V
+#undef KS_ENTRY
 
 #endif /* KS_BODY */

@@ -371,10 +371,14 @@ def _(x, grad, weights, ds, trans, scale, input_grad):
     return [torch.empty_like(x), *gws] if input_grad else gws
 
 
-def _levels_setup(ctx, inputs, output):
-    x, weights, ctx.ds, ctx.trans, scale = inputs
+def _check_scale_is_buffer(scale: Tensor) -> None:
     if scale.requires_grad:  # its gradient is not computed: refuse rather than drop it
         raise ValueError("ksmm::butterfly_levels: scale must not require grad (a buffer)")
+
+
+def _levels_setup(ctx, inputs, output):
+    x, weights, ctx.ds, ctx.trans, scale = inputs
+    _check_scale_is_buffer(scale)
     ctx.save_for_backward(x, scale, *weights)
 
 
@@ -406,8 +410,7 @@ def _use_op(x: Tensor) -> bool:
 class _EagerLevels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ds, trans, scale, *weights):
-        if scale.requires_grad:
-            raise ValueError("ksmm::butterfly_levels: scale must not require grad (a buffer)")
+        _check_scale_is_buffer(scale)
         ctx.ds, ctx.trans = ds, trans
         ctx.save_for_backward(x, scale, *weights)
         return _levels_forward("ksmm::butterfly_levels", x, weights, ds, trans, scale)
@@ -431,8 +434,7 @@ class _EagerFold(torch.autograd.Function):
     # reused scratch: two (r, P) buffers fewer to allocate, and page-fault, each step.
     @staticmethod
     def forward(ctx, x, v_rows, u_t, ds, scale, *weights):
-        if scale.requires_grad:
-            raise ValueError("ksmm::butterfly_levels: scale must not require grad (a buffer)")
+        _check_scale_is_buffer(scale)
         need_x = ctx.needs_input_grad[0]
         out = None if need_x else _scratch(v_rows.numel(), v_rows.dtype, "vb").view(v_rows.shape)
         vb = _levels_forward("ksmm::butterfly_levels", v_rows, weights, ds, True, scale, out)
